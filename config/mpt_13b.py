@@ -1,0 +1,31 @@
+# MPT-13B: d_model 5120, 40 heads of 128, 40 layers -> 12.84B parameters (12,840,883,200, vocab 50304, tied).
+# Schedule from llm-foundry's mpt-13b.yaml: 124000 steps x 1024 sequences x 2048 tokens = 260.0B tokens
+# (about 20 tokens per parameter), warmup 100 steps, cosine to 10% of the peak, grad clip 1.0.
+# Lion: peak lr = MPT's AdamW lr (1e-4) / 3, the Lion paper's "3-10x smaller"; weight decay = lr, i.e.
+# each step at the peak shrinks weights by lr (the paper's lambda = 1 for language models).
+#   torchrun --standalone --nproc_per_node=8 train.py config/mpt_13b.py
+out_dir = 'out-mpt-13b'
+data_dir = 'data/c4'  # python prepare.py c4 (MPT's pretraining mix started from C4)
+
+# model
+d_model = 5120
+n_heads = 40
+n_layers = 40
+max_seq_len = 2048
+
+# batch: 1024 sequences per step = batch_size x gradient_accumulation_steps (over all GPUs)
+batch_size = 8  # micro-batch per GPU (llm-foundry's device_train_microbatch_size)
+gradient_accumulation_steps = 128
+activation_checkpointing = True
+
+# schedule and optimizer
+max_iters = 124000
+lr_decay_iters = 124000
+warmup_iters = 100
+learning_rate = 3.3e-5
+min_lr = 3.3e-6
+weight_decay = 3.3e-5
+beta1, beta2 = 0.9, 0.99
+grad_clip = 1.0
+eval_interval = 5000
+eval_iters = 100
