@@ -33,7 +33,7 @@ def configure(settings, argv, verbose=True):
         _check_known(key, keys, arg)
         value = _parse(key, text, settings[key])
         if verbose:
-            print(f"override: {key} = {value!r}")
+            print(f"override: {key} = {value!r}", file=sys.stderr)
         settings[key] = value
     return {k: settings[k] for k in keys}
 
@@ -46,7 +46,7 @@ def _apply_file(settings, keys, path, verbose):
                  f"--key=value; a bare argument must be a config file such as config/mpt_125m.py")
     before = dict(settings)
     if verbose:
-        print(f"config: {path}")
+        print(f"config: {path}", file=sys.stderr)
     exec(compile(source, path, 'exec'), settings)
     for key, value in settings.items():
         if key.startswith('_') or not isinstance(value, SETTING_TYPES):

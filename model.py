@@ -85,23 +85,25 @@ def alibi_slopes(n_heads, alibi_bias_max=8):
 # Queries are the last Tq positions of the Tk keys (bottom-right aligned), so the same code serves
 # training (Tq == Tk) and generation with a KV cache (Tq < Tk).
 
-def torch_attention(q, k, v, slopes=None, causal=True, softmax_scale=None, dropout_p=0.0):
-    """The reference: SDPA with ALiBi (and the causal mask) given as an additive float mask."""
+def torch_attention(q, k, v, slopes=None, causal=True, softmax_scale=None, dropout_p=0.0, key_start=None):
+    """The reference: SDPA with ALiBi (and the masks) given as an additive float mask.
+    key_start (B,): keys before it are padding (left-padded prompts in generate) and are masked."""
     Tq, Tk = q.size(-2), k.size(-2)
     i = torch.arange(Tk - Tq, Tk, device=q.device).view(-1, 1)  # absolute query positions
     j = torch.arange(Tk, device=q.device).view(1, -1)
     bias = torch.zeros(1, Tq, Tk, device=q.device)
     if slopes is not None:
         bias = slopes.view(-1, 1, 1).float() * (j - i)  # (H, Tq, Tk)
-    if causal:
-        # a query with no key left (only when Tq > Tk) keeps its bias unmasked and is zeroed below
-        # instead, so softmax never sees a row of -inf (which would make NaN, also in backward)
-        bias = bias.masked_fill((j > i) & (i >= 0), float('-inf'))
+    masked = (j > i) if causal else torch.zeros(Tq, Tk, dtype=torch.bool, device=q.device)
+    if key_start is not None:
+        masked = masked | (j < key_start.view(-1, 1, 1, 1))  # (B, 1, Tq, Tk)
+    # a query with no key at all (Tq > Tk, or a padding query) outputs 0; its row stays unmasked
+    # for SDPA, since softmax over a row of -inf gives NaN, also in the backward
+    empty = masked.all(dim=-1, keepdim=True)
+    bias = bias.masked_fill(masked & ~empty, float('-inf'))
     y = F.scaled_dot_product_attention(q, k, v, attn_mask=bias.to(q.dtype), dropout_p=dropout_p,
                                        scale=softmax_scale, enable_gqa=k.size(1) != q.size(1))
-    if causal and Tq > Tk:
-        y = y.masked_fill(i < 0, 0.0)
-    return y
+    return y.masked_fill(empty, 0.0)
 
 
 def flash_package_attention(q, k, v, slopes=None, causal=True, softmax_scale=None, dropout_p=0.0):
@@ -125,7 +127,7 @@ def flash_package_attention(q, k, v, slopes=None, causal=True, softmax_scale=Non
 _notified = set()
 
 
-def attention(q, k, v, slopes, config, causal=True, dropout_p=0.0):
+def attention(q, k, v, slopes, config, causal=True, dropout_p=0.0, key_start=None):
     """The one place where config.attn_impl picks an implementation."""
     impl = config.attn_impl
     if impl == 'triton' and not q.is_cuda and os.environ.get('TRITON_INTERPRET') != '1':
@@ -133,13 +135,15 @@ def attention(q, k, v, slopes, config, causal=True, dropout_p=0.0):
             print("note: attn_impl='triton' needs a CUDA device; using attn_impl='torch' on CPU")
             _notified.add('cpu')
         impl = 'torch'
+    if key_start is not None:
+        impl = 'torch'  # only the reference takes a padding mask (generate with prompts of unequal length)
     if impl == 'triton':
         if dropout_p > 0:
             raise ValueError("attn_pdrop > 0 needs attn_impl='torch': the Triton kernel has no dropout")
         return flash_attn_alibi(q, k, v, slopes, causal, config.softmax_scale)
     if impl == 'flash':
         return flash_package_attention(q, k, v, slopes, causal, config.softmax_scale, dropout_p)
-    return torch_attention(q, k, v, slopes, causal, config.softmax_scale, dropout_p)
+    return torch_attention(q, k, v, slopes, causal, config.softmax_scale, dropout_p, key_start)
 
 
 # -----------------------------------------------------------------------------
@@ -175,10 +179,12 @@ class Attention(nn.Module):
         q = q.view(B, T, cfg.n_heads, cfg.head_dim).transpose(1, 2)  # (B, nh, T, hs)
         k = k.view(B, T, cfg.kv_n_heads, cfg.head_dim).transpose(1, 2)  # (B, n_kv, T, hs)
         v = v.view(B, T, cfg.kv_n_heads, cfg.head_dim).transpose(1, 2)  # (B, n_kv, T, hs)
+        key_start = None
         if kv_cache is not None:
             k, v = kv_cache.update(k, v)  # (B, n_kv, T_past + T, hs)
+            key_start = kv_cache.key_start
         dropout_p = cfg.attn_pdrop if self.training else 0.0
-        y = attention(q, k, v, slopes, cfg, causal=True, dropout_p=dropout_p)  # (B, nh, T, hs)
+        y = attention(q, k, v, slopes, cfg, dropout_p=dropout_p, key_start=key_start)  # (B, nh, T, hs)
         y = y.transpose(1, 2).reshape(B, T, C)
         return self.out_proj(y)
 
@@ -223,10 +229,16 @@ class MPT(nn.Module):
                 blocks=nn.ModuleList([Block(config) for _ in range(config.n_layers)]),
                 norm_f=LayerNorm(config.d_model, config.layer_norm_epsilon),
             ))
-            # (n_heads,) fp32; not saved in checkpoints, recomputed by init_weights()
-            self.register_buffer('alibi_slopes', torch.empty(config.n_heads), persistent=False)
+        self._slopes = None  # see alibi()
         if config.init_device != 'meta':
             self.init_weights()
+
+    def alibi(self, device):
+        """The ALiBi slopes, (n_heads,) fp32 on device. A plain attribute rather than a buffer, so that
+        model.to(bfloat16) cannot round them (2^(-k/8), for 64 heads, is not exact in bf16)."""
+        if self._slopes is None or self._slopes.device != device:
+            self._slopes = alibi_slopes(self.config.n_heads, self.config.alibi_bias_max).to(device)
+        return self._slopes
 
     def init_weights(self):
         """MPT's default initialization: Kaiming-normal with fan_in (std = sqrt(2 / fan_in)) on every
@@ -241,7 +253,6 @@ class MPT(nn.Module):
                         module.weight.div_(math.sqrt(2 * self.config.n_layers))
                 elif isinstance(module, nn.LayerNorm):
                     nn.init.ones_(module.weight)
-            self.alibi_slopes.copy_(alibi_slopes(self.config.n_heads, self.config.alibi_bias_max))
 
     def num_params(self):
         """Number of parameters; the output head is the token embedding, so it counts once."""
@@ -257,8 +268,9 @@ class MPT(nn.Module):
                              f"is outside the vocabulary [0, {self.config.vocab_size}): "
                              f"the data was made with another tokenizer, or vocab_size is too small")
         x = self.transformer.emb_drop(self.transformer.wte(idx))  # (B, T, C)
+        slopes = self.alibi(x.device)
         for i, block in enumerate(self.transformer.blocks):
-            x = block(x, self.alibi_slopes, None if kv_cache is None else kv_cache[i])
+            x = block(x, slopes, None if kv_cache is None else kv_cache[i])
         x = self.transformer.norm_f(x)
         if targets is None:
             x = x[:, [-1], :]  # inference: only the last position's logits are needed
@@ -271,6 +283,70 @@ class MPT(nn.Module):
             # fp32 cross-entropy: bf16 logits would round the loss (and its gradient) visibly
             loss = F.cross_entropy(logits.float().view(-1, logits.size(-1)), targets.view(-1), ignore_index=-1)
         return logits, loss
+
+    # -------------------------------------------------------------------------
+    # generation with a KV cache
+
+    @torch.no_grad()
+    def generate(self, idx, max_new_tokens, temperature=1.0, top_k=None, top_p=None, eos_token=None,
+                 max_len=None, generator=None, stream=None):
+        """Continue prompts by up to max_new_tokens tokens. The prompts run through the model once
+        (prefill, filling a preallocated KV cache), then each step feeds only the newest token.
+        idx: a (B, T) tensor, or a list of prompts (lists or 1-D tensors) of different lengths.
+        temperature 0 is greedy; top_k / top_p sample only among the k likeliest tokens / the smallest
+        set of tokens holding probability top_p. A row that emits eos_token then repeats it, and
+        generation stops once every row has. max_len bounds prompt + new tokens (default the training
+        max_seq_len; ALiBi has no position table, so it may be set beyond). stream(tokens) is called
+        with each step's (B,) new tokens. Returns (B, T + n) for a tensor, else a list of 1-D tensors."""
+        cfg, device = self.config, self.transformer.wte.weight.device
+        prompts = [torch.as_tensor(p, dtype=torch.long).flatten().cpu() for p in idx]
+        lengths = [len(p) for p in prompts]
+        B, T = len(prompts), max(lengths, default=0)
+        max_len = max_len or cfg.max_seq_len
+        if B == 0 or min(lengths) == 0:
+            raise ValueError("generate needs at least one prompt, and no empty prompt")
+        if T + max_new_tokens > max_len:
+            raise ValueError(f"prompt ({T} tokens) + max_new_tokens ({max_new_tokens}) exceeds max_len={max_len}: "
+                             f"shorten the prompt, lower max_new_tokens, or raise max_len (the model trained on "
+                             f"{cfg.max_seq_len}; ALiBi extrapolates past it, with some loss of quality)")
+        bad = next((int(t) for p in prompts for t in p if not 0 <= t < cfg.vocab_size), None)
+        if bad is not None:
+            raise ValueError(f"prompt token id {bad} is outside the vocabulary [0, {cfg.vocab_size}): "
+                             f"wrong tokenizer for this checkpoint?")
+        # left padding: all rows end at the same column, so each step appends one column. ALiBi sees
+        # only distances j - i, so a row's tokens need not start at position 0; the padding is masked
+        batch = torch.zeros(B, T, dtype=torch.long)
+        for r, p in enumerate(prompts):
+            batch[r, T - len(p):] = p
+        key_start = None if min(lengths) == T else torch.tensor([T - n for n in lengths], device=device)
+        dtype = self.transformer.wte.weight.dtype
+        nbytes = 2 * cfg.n_layers * B * cfg.kv_n_heads * max_len * cfg.head_dim * dtype.itemsize
+        check_memory(nbytes, device, f"the KV cache ({B} x {max_len} tokens x {cfg.n_layers} layers)")
+        kv_cache = [KVCache(B, max_len, cfg, dtype, device, key_start) for _ in range(cfg.n_layers)]
+
+        tokens, out = batch.to(device), [batch.to(device)]
+        done = torch.zeros(B, dtype=torch.bool, device=device)
+        for _ in range(max_new_tokens):
+            logits, _ = self(tokens, kv_cache=kv_cache)  # (B, 1, V)
+            tokens = sample_next(logits[:, -1].float(), temperature, top_k, top_p, generator)  # (B,)
+            if eos_token is not None:
+                tokens = tokens.masked_fill(done, eos_token)
+                done |= tokens == eos_token
+            out.append(tokens[:, None])
+            if stream is not None:
+                stream(tokens)
+            if eos_token is not None and done.all():
+                break
+            tokens = tokens[:, None]
+        out = torch.cat(out, dim=1)  # (B, T + n)
+        if isinstance(idx, torch.Tensor):
+            return out
+        rows = []
+        for row, n in zip(out, lengths):  # drop the padding; cut after the first eos_token
+            row = row[T - n:]
+            ends = (row[n:] == eos_token).nonzero() if eos_token is not None else []
+            rows.append(row[:n + int(ends[0]) + 1] if len(ends) else row)
+        return rows
 
     # -------------------------------------------------------------------------
     # FLOPs and MFU
@@ -303,19 +379,28 @@ class MPT(nn.Module):
                                     f"save_pretrained (or a downloaded MPT checkpoint)")
         hf = json.loads((path / 'config.json').read_text())
         config = MPTConfig(**{**config_from_hf(hf), **overrides})
-        init_device, config.init_device = config.init_device, 'meta'  # no memory, no random init:
-        model = cls(config)                                             # the weights are assigned below
+        return cls.from_state_dict(config, load_hf_state_dict(path), source=str(path))
+
+    @classmethod
+    def from_state_dict(cls, config, state, source='checkpoint'):
+        """A model holding the tensors of `state` (MPT names) without first allocating and randomly
+        initializing its own: it is built on the meta device and the tensors are assigned."""
+        init_device, config.init_device = config.init_device, 'meta'
+        model = cls(config)
         config.init_device = init_device
-        state = load_hf_state_dict(path)
         tied = state.pop('lm_head.weight', None)
         if tied is not None and not torch.equal(tied, state.get('transformer.wte.weight', tied)):
-            raise ValueError(f"{path}: lm_head.weight differs from transformer.wte.weight; MPT ties them")
+            raise ValueError(f"{source}: lm_head.weight differs from transformer.wte.weight; MPT ties them")
         missing, unexpected = model.state_dict().keys() - state.keys(), state.keys() - model.state_dict().keys()
         if missing or unexpected:
-            raise ValueError(f"{path}: weights do not match the MPT layout of its config.json: "
+            raise ValueError(f"{source}: weights do not match the MPT layout of its config: "
                              f"missing {sorted(missing)[:5]}, unexpected {sorted(unexpected)[:5]}")
-        model.load_state_dict(state, assign=True)  # shape mismatches are reported by torch, with names
-        model.alibi_slopes = alibi_slopes(config.n_heads, config.alibi_bias_max)
+        expected = {k: tuple(v.shape) for k, v in model.state_dict().items()}
+        wrong = [f"{k} {tuple(v.shape)} (config says {expected[k]})" for k, v in state.items()
+                 if tuple(v.shape) != expected[k]]
+        if wrong:
+            raise ValueError(f"{source}: weight shapes do not match its config: {', '.join(wrong[:3])}")
+        model.load_state_dict(state, assign=True)
         return model
 
     def save_hf(self, path):
@@ -349,6 +434,57 @@ class MPT(nn.Module):
         (path / 'config.json').write_text(json.dumps(hf, indent=2) + '\n')
         state = {k: v.detach().contiguous().cpu() for k, v in self.state_dict().items()}
         save_file(state, str(path / 'model.safetensors'), metadata={'format': 'pt'})
+
+
+class KVCache:
+    """One layer's keys and values, preallocated for a whole generation: (B, n_kv, max_len, hs)."""
+
+    def __init__(self, batch_size, max_len, config, dtype, device, key_start=None):
+        shape = (batch_size, config.kv_n_heads, max_len, config.head_dim)
+        self.k = torch.empty(shape, dtype=dtype, device=device)
+        self.v = torch.empty(shape, dtype=dtype, device=device)
+        self.len = 0
+        self.key_start = key_start  # (B,) where each row's tokens start (left padding), or None
+
+    def update(self, k, v):
+        """Append (B, n_kv, T, hs) keys and values; return all of them so far."""
+        T = k.size(2)
+        self.k[:, :, self.len:self.len + T] = k
+        self.v[:, :, self.len:self.len + T] = v
+        self.len += T
+        return self.k[:, :, :self.len], self.v[:, :, :self.len]
+
+
+def sample_next(logits, temperature=1.0, top_k=None, top_p=None, generator=None):
+    """(B, V) logits -> (B,) token ids: greedy at temperature 0, else sampled within top_k / top_p."""
+    if temperature == 0:
+        return logits.argmax(dim=-1)
+    logits = logits / temperature
+    if top_k is not None:
+        kth = torch.topk(logits, min(top_k, logits.size(-1))).values[:, [-1]]
+        logits = logits.masked_fill(logits < kth, float('-inf'))
+    if top_p is not None:
+        sorted_logits, order = torch.sort(logits, dim=-1, descending=True)
+        probs = F.softmax(sorted_logits, dim=-1)
+        # drop a token when the likelier ones before it already hold top_p (the first is always kept)
+        drop = probs.cumsum(dim=-1) - probs >= top_p
+        logits = logits.scatter(-1, order, sorted_logits.masked_fill(drop, float('-inf')))
+    probs = F.softmax(logits, dim=-1)
+    return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
+
+
+def check_memory(nbytes, device, what):
+    """A clear error before allocating more than the device has free (CUDA, or Linux RAM)."""
+    device = torch.device(device)
+    if device.type == 'cuda':
+        free = torch.cuda.mem_get_info(device)[0]
+    elif hasattr(os, 'sysconf') and 'SC_AVPHYS_PAGES' in os.sysconf_names:
+        free = os.sysconf('SC_AVPHYS_PAGES') * os.sysconf('SC_PAGE_SIZE')
+    else:
+        return
+    if nbytes > free:
+        raise ValueError(f"{what} needs {nbytes / 2**30:.1f} GiB but only {free / 2**30:.1f} GiB is free on "
+                         f"{device}: generate fewer samples at once or lower max_len")
 
 
 def config_from_hf(hf):

@@ -250,8 +250,16 @@ def test_meta_init_then_init_weights():
     assert model.transformer.wte.weight.is_meta
     model.to_empty(device='cpu')
     model.init_weights()
-    assert torch.equal(model.alibi_slopes, alibi_slopes(6))
+    assert torch.equal(model.alibi(torch.device('cpu')), alibi_slopes(6))
     assert torch.isfinite(model(torch.randint(0, 97, (1, 5)))[0]).all()
+
+
+def test_slopes_stay_float32_when_the_model_is_cast():
+    # 64 heads have slopes 2^(-k/8), which bf16 would round; they must not follow model.to(bfloat16)
+    model = MPT(tiny(d_model=128, n_heads=64, n_layers=1)).to(torch.bfloat16)
+    slopes = model.alibi(torch.device('cpu'))
+    assert slopes.dtype == torch.float32 and torch.equal(slopes, alibi_slopes(64))
+    assert not torch.equal(slopes.bfloat16().float(), slopes)  # the rounding this avoids is real
 
 
 def test_num_params_and_flops():

@@ -1,0 +1,151 @@
+"""
+Generate text from a trained MPT: a checkpoint of ours (out_dir/ckpt.pt, written by train.py) or a
+local Hugging Face MPT directory (e.g. a downloaded mpt-7b).
+
+    python sample.py --out_dir=out-shakespeare-char
+    python sample.py --init_from=path/to/mpt-7b --start="FILE:prompt.txt" --max_new_tokens=200
+"""
+import json
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+from configurator import configure
+from model import MPT, MPTConfig
+
+# -----------------------------------------------------------------------------
+init_from = 'resume'  # 'resume' = out_dir/ckpt.pt from train.py; or the path of a Hugging Face MPT directory
+out_dir = 'out'  # where train.py wrote ckpt.pt
+start = "\n"  # the prompt; "FILE:prompt.txt" reads it from a file
+num_samples = 3  # samples, one after the other
+max_new_tokens = 500  # per sample; fewer when the end-of-text token comes first
+temperature = 0.8  # 1.0 = the model's own distribution, lower = more conservative, 0 = greedy
+top_k = 200  # sample only among the top_k likeliest tokens (None = all)
+top_p = None  # sample only among the likeliest tokens holding probability top_p (None = all)
+max_len = None  # limit on prompt + new tokens (the KV cache size); None = the model's max_seq_len
+seed = 1337
+device = 'cuda' if torch.cuda.is_available() else 'cpu'
+dtype = 'bfloat16' if torch.cuda.is_available() and torch.cuda.is_bf16_supported() else 'float32'
+compile = False  # torch.compile the model (pays off only for long generations)
+attn_impl = None  # None = the checkpoint's; 'torch' | 'triton' | 'flash'
+configure(globals(), sys.argv[1:])
+# -----------------------------------------------------------------------------
+
+
+def load_model():
+    """(model, tokenizer name, meta) from init_from; meta is the dataset's meta.json, if known."""
+    overrides = {} if attn_impl is None else {'attn_impl': attn_impl}
+    if init_from != 'resume':
+        return MPT.from_hf(init_from, **overrides), None
+    path = Path(out_dir) / 'ckpt.pt'
+    if not path.is_file():
+        raise FileNotFoundError(f"no checkpoint at {path}: train one first (python train.py ...), or point "
+                                f"--out_dir at it, or use --init_from=<Hugging Face MPT directory>")
+    try:
+        ckpt = torch.load(path, map_location='cpu', weights_only=True)
+        config = MPTConfig(**{**ckpt['config'], **overrides})
+    except Exception as e:  # a truncated or foreign file: say which, not torch's unpickling internals
+        raise ValueError(f"{path} is not a checkpoint written by train.py ({type(e).__name__}: {e})") from None
+    meta = ckpt.get('meta')
+    data_dir = ckpt.get('settings', {}).get('data_dir')
+    if meta is None and data_dir and (Path(data_dir) / 'meta.json').is_file():
+        meta = json.loads((Path(data_dir) / 'meta.json').read_text())
+    return MPT.from_state_dict(config, ckpt['model'], source=str(path)), meta
+
+
+def load_tokenizer(model, meta):
+    """(encode, decode, eot id, description). Char-level checkpoints use their meta.json vocabulary;
+    a Hugging Face directory its own tokenizer.json (with the `tokenizers` package); else GPT-2 BPE."""
+    vocab_size = model.config.vocab_size
+    if meta is not None and meta.get('tokenizer') == 'char':
+        chars = meta['chars']
+        stoi = {c: i for i, c in enumerate(chars)}
+
+        def encode(text):
+            unknown = sorted(set(text) - stoi.keys())
+            if unknown:
+                raise ValueError(f"the prompt has characters outside this model's vocabulary: {unknown[:10]}")
+            return [stoi[c] for c in text]
+        tokenizer = (encode, lambda ids: ''.join(chars[i] for i in ids), None, f"characters ({len(chars)})")
+        n_vocab = len(chars)
+    elif init_from != 'resume' and (Path(init_from) / 'tokenizer.json').is_file() and has_tokenizers():
+        from tokenizers import Tokenizer
+        tok = Tokenizer.from_file(str(Path(init_from) / 'tokenizer.json'))
+        eot = json.loads((Path(init_from) / 'config.json').read_text()).get('eos_token_id')
+        eot = eot if isinstance(eot, int) else tok.token_to_id('<|endoftext|>')
+        tokenizer = (lambda text: tok.encode(text).ids, lambda ids: tok.decode(list(ids)), eot,
+                     f"{init_from}/tokenizer.json")
+        n_vocab = tok.get_vocab_size()
+    else:
+        import tiktoken
+        enc = tiktoken.get_encoding('r50k_base')  # GPT-2's BPE; r50k_base is what tiktoken caches offline
+        tokenizer = (lambda text: enc.encode(text, allowed_special={'<|endoftext|>'}), enc.decode, enc.eot_token,
+                     "GPT-2 BPE (tiktoken r50k_base)")
+        n_vocab = enc.n_vocab
+    if n_vocab > vocab_size:
+        raise ValueError(f"the tokenizer ({tokenizer[3]}) has {n_vocab} tokens but the model only {vocab_size}: "
+                         f"this checkpoint was trained with another tokenizer (is its data_dir/meta.json there?)")
+    return tokenizer
+
+
+def has_tokenizers():
+    try:
+        import tokenizers  # noqa: F401
+        return True
+    except ImportError:
+        return False
+
+
+def printer(decode):
+    """A stream callback for generate: decodes the whole continuation each step and prints what is
+    new, holding back a trailing partial UTF-8 character. Works for any tokenizer; the O(n^2)
+    decoding is negligible next to the model."""
+    ids, shown = [], 0
+
+    def stream(tokens):
+        nonlocal shown
+        ids.append(int(tokens[0]))
+        text = decode(ids).rstrip('\ufffd')
+        print(text[shown:], end='', flush=True)
+        shown = max(shown, len(text))
+    return stream
+
+
+def main():
+    torch.manual_seed(seed)
+    model, meta = load_model()
+    encode, decode, eot, name = load_tokenizer(model, meta)
+    print(f"tokenizer: {name}", file=sys.stderr)
+    model.eval().to(device=device, dtype={'float32': torch.float32, 'bfloat16': torch.bfloat16,
+                                          'float16': torch.float16}[dtype])
+    if compile:
+        model.forward = torch.compile(model.forward, dynamic=True)  # the KV cache grows every step
+    prompt = Path(start[5:]).read_text() if start.startswith('FILE:') else start
+    ids = encode(prompt)
+    if not ids:
+        raise ValueError("the prompt is empty: give --start=... (the default is a newline)")
+    limit = max_len or model.config.max_seq_len
+    if len(ids) >= limit:
+        raise ValueError(f"the prompt is {len(ids)} tokens, the context allows {limit}: shorten it or raise --max_len")
+    new_tokens = min(max_new_tokens, limit - len(ids))
+    if new_tokens < max_new_tokens:
+        print(f"note: {new_tokens} new tokens fit in max_len={limit} after the prompt", file=sys.stderr)
+    generator = torch.Generator(device=device).manual_seed(seed)
+    made, t0 = 0, time.time()
+    for _ in range(num_samples):
+        print(prompt, end='', flush=True)
+        out = model.generate([ids], new_tokens, temperature=temperature, top_k=top_k, top_p=top_p, eos_token=eot,
+                  max_len=limit, generator=generator, stream=printer(decode))
+        made += len(out[0]) - len(ids)
+        print('\n---------------')
+    dt = time.time() - t0
+    print(f"{made} tokens in {dt:.2f} s: {made / dt:.1f} tokens/s ({device}, {dtype})", file=sys.stderr)
+
+
+if __name__ == '__main__':
+    try:
+        main()
+    except (ValueError, FileNotFoundError) as e:
+        sys.exit(f"error: {e}")
