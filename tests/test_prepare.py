@@ -1,0 +1,251 @@
+"""Tests for prepare.py, with no network: GPT-2 BPE from ../shared/tiktoken, tiny Shakespeare from
+../shared/data. References are independent of prepare.py: tiktoken on the raw text, the text itself,
+np.fromfile on the .bin files."""
+import json
+import os
+import random
+import subprocess
+import sys
+import types
+from pathlib import Path
+
+import numpy as np
+import pytest
+import tiktoken
+
+repo = Path(__file__).resolve().parents[1]
+shared = Path(__file__).resolve().parents[2] / "shared"
+os.environ["TIKTOKEN_CACHE_DIR"] = str(shared / "tiktoken")  # for tiktoken here and in prepare.py's subprocesses
+sys.path.insert(0, str(repo))
+import prepare  # noqa: E402
+
+shakespeare = shared / "data" / "tinyshakespeare.txt"
+enc = tiktoken.get_encoding("r50k_base")
+EOT = 50256
+
+
+def run(*args, env=None):
+    """prepare.py as users run it."""
+    return subprocess.run([sys.executable, str(repo / "prepare.py"), *map(str, args)],
+                          capture_output=True, text=True, env={**os.environ, **(env or {})})
+
+
+def load(out_dir):
+    meta = json.loads((out_dir / "meta.json").read_text())
+    train, val = (np.fromfile(out_dir / f"{s}.bin", dtype="<u2") for s in ("train", "val"))
+    return meta, train, val
+
+
+def prepare_here(*args):
+    """prepare.py in this process: faster, and settings like piece_chars can be patched."""
+    return prepare.prepare(prepare.parse_args(list(map(str, args))))
+
+
+def split_documents(tokens):
+    """Decode a document-split stream back into its documents (each ends with EOT)."""
+    ends = np.flatnonzero(tokens == EOT)
+    assert len(tokens) == 0 or ends[-1] == len(tokens) - 1
+    starts = np.concatenate([[0], ends[:-1] + 1])
+    return [enc.decode(tokens[s:e].tolist()) for s, e in zip(starts, ends)]
+
+
+def test_shakespeare_gpt2(tmp_path):
+    text = shakespeare.read_text(encoding="utf-8")
+    reference = enc.encode_ordinary(text)
+    assert len(reference) == 338_025
+    r = run("shakespeare", f"--input={shakespeare}", f"--out_dir={tmp_path}", "--num_proc=2")
+    assert r.returncode == 0, r.stderr
+    meta, train, val = load(tmp_path)
+    # one document, so split by position: nanoGPT's first 90% train, and the EOT ends val
+    assert np.concatenate([train, val]).tolist() == reference + [EOT]
+    assert len(train) == int(338_026 * 0.9) and val[-1] == EOT
+    assert enc.decode(train.tolist()) + enc.decode(val.tolist()) == text + "<|endoftext|>"
+    assert meta["tokenizer"] == "gpt2" and meta["encoding"] == "r50k_base"
+    assert (meta["vocab_size"], meta["eot_token"], meta["dtype"]) == (50257, EOT, "uint16")
+    assert (meta["train_tokens"], meta["val_tokens"]) == (len(train), len(val))
+    assert (tmp_path / "train.bin").stat().st_size == 2 * meta["train_tokens"]
+    assert (meta["split"], meta["documents"], meta["val_fraction"], meta["source"]) == ("position", 1, 0.1, "shakespeare")
+    assert meta["text_bytes"] == shakespeare.stat().st_size
+    for name, tokens in (("train", train), ("val", val)):
+        assert np.array_equal(np.memmap(tmp_path / f"{name}.bin", dtype=np.uint16, mode="r"), tokens)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["meta.json", "train.bin", "val.bin"]
+    assert "304,223 tokens" in r.stdout and "bytes/token  3.30" in r.stdout
+
+
+def test_shakespeare_char(tmp_path):
+    text = shakespeare.read_text(encoding="utf-8")
+    r = run("shakespeare_char", f"--input={shakespeare}", f"--out_dir={tmp_path}")
+    assert r.returncode == 0, r.stderr
+    meta, train, val = load(tmp_path)
+    assert meta["chars"] == "".join(sorted(set(text))) and meta["vocab_size"] == 65
+    assert meta["tokenizer"] == "char" and meta["eot_token"] is None
+    assert "".join(meta["chars"][i] for i in np.concatenate([train, val])) == text
+    assert len(train) == int(len(text) * 0.9) == 1_003_854  # nanoGPT's shakespeare_char split
+    assert (meta["train_tokens"], meta["val_tokens"]) == (len(train), len(val))
+
+
+def test_big_document_cut_into_pieces_for_workers(tmp_path, monkeypatch):
+    monkeypatch.setattr(prepare, "piece_chars", 5000)  # ~220 pieces of one document, 2 processes
+    prepare_here(f"--input={shakespeare}", f"--out_dir={tmp_path}", "--num_proc=2")
+    meta, train, val = load(tmp_path)
+    assert np.concatenate([train, val]).tolist() == enc.encode_ordinary(shakespeare.read_text()) + [EOT]
+
+
+def test_cut_points_keep_bpe_tokens(monkeypatch):
+    """prepare.py may only cut a document where encoding the parts gives the tokens of the whole."""
+    alphabet = ["a", "Z", "9", " ", "  ", "\n", "\n\n", "\t", "\r\n", ".", "!", ",", "'s", "'ll", "é", "日",
+                "\u00a0", "\u3000", "\u2028", "\x85", "\x0b", "\x1c"]
+    rng = random.Random(0)
+    for _ in range(400):
+        text = "".join(rng.choice(alphabet) for _ in range(rng.randint(1, 100)))
+        whole = enc.encode_ordinary(text)
+        cuts = {m.end() for n in range(len(text) + 1) if (m := prepare.last_cut.match(text, 0, n))}  # every place
+        for c in cuts:
+            assert enc.encode_ordinary(text[:c]) + enc.encode_ordinary(text[c:]) == whole, (text, c)
+        monkeypatch.setattr(prepare, "piece_chars", rng.randint(1, 20))
+        parts = list(prepare.pieces([[text]]))
+        assert "".join(t for t, _ in parts) == text and [last for _, last in parts] == [False] * (len(parts) - 1) + [True]
+        assert sum((enc.encode_ordinary(t) for t, _ in parts), []) == whole
+
+
+def test_documents_split_by_seeded_draw(tmp_path):
+    rng = random.Random(1)
+    words = "the of and to in is was for on that with as by at from".split()
+    docs = [f"Document {i}: " + " ".join(rng.choice(words) for _ in range(rng.randint(5, 60))) for i in range(300)]
+    (tmp_path / "docs.jsonl").write_text("".join(json.dumps({"text": d}) + "\n" for d in docs))
+    outs = {}
+    for name, args in {"a": ("--seed=1", "--num_proc=2"), "b": ("--seed=1", "--num_proc=1"), "c": ("--seed=2",)}.items():
+        prepare_here(f"--input={tmp_path / 'docs.jsonl'}", f"--out_dir={tmp_path / name}", "--val_fraction=0.2", *args)
+        outs[name] = load(tmp_path / name)
+    meta, train, val = outs["a"]
+    train_docs, val_docs = split_documents(train), split_documents(val)
+    assert sorted(train_docs + val_docs) == sorted(docs)  # every document whole, in exactly one split
+    assert train_docs == [d for d in docs if d in set(train_docs)]  # input order kept inside a split
+    assert 0.1 < len(val_docs) / len(docs) < 0.3
+    assert (meta["split"], meta["documents"], meta["val_documents"]) == ("document", 300, len(val_docs))
+    assert np.array_equal(outs["b"][1], train) and np.array_equal(outs["b"][2], val)  # num_proc changes nothing
+    assert set(split_documents(outs["c"][2])) != set(val_docs)  # the seed decides
+
+
+def test_folder_of_text_files(tmp_path):
+    (tmp_path / "in" / "sub").mkdir(parents=True)
+    files = {"a.txt": "line one\r\nline two\r\n", "sub/b.md": "# Title\n\nSome *markdown*.", "c.txt": "third file"}
+    for name, text in files.items():
+        (tmp_path / "in" / name).write_text(text, newline="")
+    (tmp_path / "in" / "skip.csv").write_text("not,text")
+    prepare_here(f"--input={tmp_path / 'in'}", f"--out_dir={tmp_path / 'out'}", "--val_fraction=0.5")
+    meta, train, val = load(tmp_path / "out")
+    expected = [files["a.txt"], files["c.txt"], files["sub/b.md"]]  # one document per file, sorted by path
+    if meta["split"] == "position":
+        assert split_documents(np.concatenate([train, val])) == expected
+    else:
+        assert sorted(split_documents(train) + split_documents(val)) == sorted(expected)
+    assert meta["documents"] == 3 and meta["source"] == "files" and len(meta["inputs"]) == 3
+
+
+def test_invalid_utf8_replaced_and_counted(tmp_path):
+    data = b"good \xff\xfe text \xe2\x82 end \xef\xbf\xbd already a replacement char\n"
+    (tmp_path / "bad.txt").write_bytes(data)
+    r = run(f"--input={tmp_path / 'bad.txt'}", f"--out_dir={tmp_path / 'out'}")
+    assert r.returncode == 0, r.stderr
+    meta, train, val = load(tmp_path / "out")
+    text = data.decode("utf-8", "replace")
+    assert enc.decode(np.concatenate([train, val]).tolist()) == text + "<|endoftext|>"
+    assert meta["utf8_replaced"] == text.count("\ufffd") - data.count(b"\xef\xbf\xbd") == 3
+    assert "3 sequences replaced" in r.stdout
+
+
+def test_datasets_path_on_local_files(tmp_path, capsys):
+    pytest.importorskip("datasets", reason="Hugging Face datasets is not installed (pip install datasets)")
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+    docs = [f"row {i}: " + "to be or not to be " * (i % 7) for i in range(50)]
+    pq.write_table(pa.table({"id": list(range(50)), "body": docs}), tmp_path / "docs.parquet")
+    (tmp_path / "docs.jsonl").write_text("".join(json.dumps({"body": d}) + "\n" for d in docs))
+    for builder, path in (("parquet", "docs.parquet"), ("json", "docs.jsonl")):
+        read = prepare.read_hub(path, "body", path=builder, data_files=str(tmp_path / path))
+        assert [text for [text] in read] == docs
+    prepare_here(f"--input={tmp_path / 'docs.parquet'}", "--text_field=body", f"--out_dir={tmp_path / 'out'}")
+    meta, train, val = load(tmp_path / "out")
+    assert (meta["split"], meta["documents"]) == ("document", 50)
+    assert sorted(split_documents(train) + split_documents(val)) == sorted(docs)
+    with pytest.raises(SystemExit):  # in this process: a datasets import costs seconds
+        prepare_here(f"--input={tmp_path / 'docs.parquet'}", f"--out_dir={tmp_path / 'out2'}")
+    assert "row 0 has no text in column 'text' (columns: id, body)" in capsys.readouterr().err
+
+
+def test_missing_datasets_says_how_to_install(tmp_path):
+    (tmp_path / "fake").mkdir()
+    (tmp_path / "fake" / "datasets.py").write_text("raise ImportError('not installed')\n")
+    (tmp_path / "x.parquet").write_bytes(b"")
+    r = run(f"--input={tmp_path / 'x.parquet'}", f"--out_dir={tmp_path / 'out'}", env={"PYTHONPATH": str(tmp_path / "fake")})
+    assert r.returncode == 1 and "pip install datasets" in r.stderr and "Traceback" not in r.stderr
+
+
+def unreadable_file(tmp_path):
+    path = tmp_path / "locked.txt"
+    path.write_text("secret")
+    path.chmod(0)
+    if os.access(path, os.R_OK):  # root reads anything: use a file whose read fails instead
+        path.unlink()
+        path.symlink_to("/proc/self/mem")
+    return path
+
+
+bad_inputs = {  # name: (arguments, with {tmp} for the test folder; the message)
+    "missing": (["--input={tmp}/nope.txt"], "nope.txt: no such file or folder"),
+    "empty": (["--input={tmp}/empty.txt"], "no text in the input"),
+    "empty folder": (["--input={tmp}/nothing"], "no .txt/.md/.jsonl/.parquet files in this folder"),
+    "file type": (["--input={tmp}/data.csv"], "unsupported file type"),
+    "unreadable": (["--input={tmp}/locked.txt"], "cannot read"),
+    "jsonl field": (["--input={tmp}/nofield.jsonl"], "nofield.jsonl:2: no text field 'text' (its fields: content)"),
+    "jsonl syntax": (["--input={tmp}/broken.jsonl"], "broken.jsonl:1: not valid JSON"),
+    "vocab too big": (["--input={tmp}/manychars.txt", "--tokenizer=char"], "65,537 symbols; uint16 token files hold at most 65,536"),
+    "unknown key": (["shakespeare", "--val_fracton=0.1"], "unknown setting --val_fracton (did you mean --val_fraction?)"),
+    "unknown source": (["shakespear"], "unknown source shakespear (did you mean shakespeare?)"),
+    "bad value": (["shakespeare", "--num_proc=two"], "--num_proc=two: not a Python literal"),
+    "no out_dir": (["--input=x.txt"], "give --out_dir=DIR"),
+    "tokenizer": (["shakespeare", "--tokenizer=bpe"], "--tokenizer=bpe: use gpt2 or char"),
+}
+
+
+@pytest.mark.parametrize("case", bad_inputs)
+def test_bad_input_gets_a_message(tmp_path, case):
+    (tmp_path / "empty.txt").write_text("")
+    (tmp_path / "nothing").mkdir()
+    (tmp_path / "data.csv").write_text("a,b\n")
+    unreadable_file(tmp_path)
+    (tmp_path / "nofield.jsonl").write_text('{"text": "fine"}\n{"content": "wrong field"}\n')
+    (tmp_path / "broken.jsonl").write_text('{"text": "unclosed\n')
+    (tmp_path / "manychars.txt").write_text("".join(chr(c) for c in range(0x100, 0x100 + 65537 + 2048) if not 0xD800 <= c <= 0xDFFF))
+    args = [a.format(tmp=tmp_path) for a in bad_inputs[case][0]]
+    if case != "no out_dir":
+        args.append(f"--out_dir={tmp_path / 'out'}")
+    r = run(*args)
+    assert r.returncode == 1
+    assert r.stderr.startswith("prepare.py: error: ") and "Traceback" not in r.stderr
+    assert bad_inputs[case][1] in r.stderr
+    assert not list(tmp_path.glob("out/*.bin*"))  # nothing that looks written
+
+
+def test_tokenizer_vocab_must_fit_uint16(tmp_path, monkeypatch, capsys):
+    monkeypatch.setattr(prepare, "gpt2", lambda: types.SimpleNamespace(n_vocab=100_277, eot_token=100_257))
+    with pytest.raises(SystemExit) as e:
+        prepare_here(f"--input={shakespeare}", f"--out_dir={tmp_path}")
+    assert e.value.code == 1 and "100,277 symbols; uint16 token files hold at most 65,536" in capsys.readouterr().err
+
+
+def test_out_dir_with_another_dataset(tmp_path):
+    (tmp_path / "a.txt").write_text("first dataset")
+    (tmp_path / "b.txt").write_text("second dataset")
+    out = tmp_path / "out"
+    assert run(f"--input={tmp_path / 'a.txt'}", f"--out_dir={out}").returncode == 0
+    assert run(f"--input={tmp_path / 'a.txt'}", f"--out_dir={out}").returncode == 0  # the same one again: rewritten
+    r = run(f"--input={tmp_path / 'b.txt'}", f"--out_dir={out}")
+    assert r.returncode == 1 and "already holds a different dataset" in r.stderr and "--overwrite" in r.stderr
+    assert enc.decode(np.concatenate(load(out)[1:]).tolist()) == "first dataset<|endoftext|>"  # untouched
+    assert run(f"--input={tmp_path / 'b.txt'}", f"--out_dir={out}", "--overwrite").returncode == 0
+    assert enc.decode(np.concatenate(load(out)[1:]).tolist()) == "second dataset<|endoftext|>"
+    (out / "meta.json").unlink()  # e.g. nanoGPT's own .bin files: unknown, so kept
+    r = run(f"--input={tmp_path / 'a.txt'}", f"--out_dir={out}")
+    assert r.returncode == 1 and "train.bin/val.bin with no meta.json" in r.stderr
