@@ -403,20 +403,16 @@ class MPT(nn.Module):
         model.load_state_dict(state, assign=True)
         return model
 
-    def save_hf(self, path):
-        """Write a directory that transformers' MptForCausalLM.from_pretrained loads with no network
-        (config.json + model.safetensors) and that gives the same logits."""
-        from safetensors.torch import save_file
+    def hf_config(self):
+        """This model's config as transformers' MptConfig takes it (what save_hf writes to config.json)."""
         cfg = self.config
         unsupported = [name for name, bad in [
             ('kv_n_heads < n_heads', cfg.kv_n_heads != cfg.n_heads), ('qk_ln', cfg.qk_ln),
             ('logit_scale', cfg.logit_scale is not None), ('expansion_ratio != 4', cfg.expansion_ratio != 4)] if bad]
         if unsupported:
             raise ValueError(f"transformers' MptForCausalLM does not implement {', '.join(unsupported)}; "
-                             f"it would load this model but compute other logits, so save_hf refuses")
-        path = Path(path)
-        path.mkdir(parents=True, exist_ok=True)
-        hf = {
+                             f"it would load this model but compute other logits, so this is refused")
+        return {
             'architectures': ['MptForCausalLM'], 'model_type': 'mpt', 'd_model': cfg.d_model,
             'n_heads': cfg.n_heads, 'n_layers': cfg.n_layers, 'expansion_ratio': cfg.expansion_ratio,
             'max_seq_len': cfg.max_seq_len, 'vocab_size': cfg.vocab_size, 'resid_pdrop': cfg.resid_pdrop,
@@ -431,10 +427,17 @@ class MPT(nn.Module):
                             'clip_qkv': cfg.clip_qkv, 'softmax_scale': cfg.softmax_scale, 'qk_ln': False,
                             'prefix_lm': False, 'attn_uses_sequence_id': False},
         }
-        (path / 'config.json').write_text(json.dumps(hf, indent=2) + '\n')
+
+    def save_hf(self, path):
+        """Write a directory that transformers' MptForCausalLM.from_pretrained loads with no network
+        (config.json + model.safetensors) and that gives the same logits."""
+        from safetensors.torch import save_file
+        config = self.hf_config()
+        path = Path(path)
+        path.mkdir(parents=True, exist_ok=True)
+        (path / 'config.json').write_text(json.dumps(config, indent=2) + '\n')
         state = {k: v.detach().contiguous().cpu() for k, v in self.state_dict().items()}
         save_file(state, str(path / 'model.safetensors'), metadata={'format': 'pt'})
-
 
 class KVCache:
     """One layer's keys and values, preallocated for a whole generation: (B, n_kv, max_len, hs)."""
