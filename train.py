@@ -1,0 +1,587 @@
+"""
+Train an MPT (model.py) on the token files prepare.py writes, from one CPU process to many GPU nodes,
+with PyTorch alone: FSDP2 shards the model, torch.distributed.checkpoint (DCP) saves sharded
+checkpoints, and Lion, written below, optimizes.
+
+One process (CPU, or one GPU):
+    python train.py config/shakespeare_char_cpu.py
+    python train.py config/mpt_125m.py --batch_size=8 --compile=False
+One node with 8 GPUs:
+    torchrun --standalone --nproc_per_node=8 train.py config/mpt_1b.py
+Several nodes: the same command on every node, all pointing at one rendezvous host and port
+(torchrun numbers the processes; out_dir must be on a filesystem that every node sees):
+    torchrun --nnodes=4 --nproc_per_node=8 --rdzv_backend=c10d --rdzv_endpoint=10.0.0.1:29500 \
+        --rdzv_id=mpt-1b train.py config/mpt_1b.py
+Continue from the newest checkpoint in out_dir, on any number of processes that divides the batch:
+    torchrun ... train.py config/mpt_1b.py --init_from=resume
+Fine-tune a Hugging Face MPT: --init_from=path/to/mpt-7b (a save_pretrained directory).
+
+NCCL connects the processes on CUDA, gloo on CPU; a plain `python train.py` is a group of one, so the
+same code (FSDP2, DCP) runs everywhere. Settings are the variables below; config files (Python) and
+--key=value override them (configurator.py), and every MPTConfig field is a setting too.
+
+out_dir gets: ckpt-000500/ (a sharded checkpoint: weights, Lion state and train.json with the step,
+data position and settings; the newest keep_checkpoints are kept), ckpt.pt (one file for sample.py:
+full fp32 weights and MPTConfig, at the best val loss so far), metrics.jsonl (a JSON object per line).
+"""
+
+import functools
+import glob
+import json
+import math
+import os
+import shutil
+import signal
+import sys
+import time
+import warnings
+from dataclasses import asdict, fields, replace
+
+import numpy as np
+import torch
+import torch.distributed as dist
+import torch.distributed.checkpoint as dcp
+import torch.utils.checkpoint
+from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict, set_model_state_dict
+from torch.distributed.device_mesh import init_device_mesh
+from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+from torch.distributed.tensor import DTensor
+
+from configurator import SETTING_TYPES as _SETTING_TYPES, configure
+from model import MPT, MPTConfig, config_from_hf
+
+# -----------------------------------------------------------------------------
+# settings; the defaults are config/mpt_125m.py's model and schedule, on OpenWebText
+# I/O
+out_dir = 'out'
+eval_interval = 1000  # evaluate val loss and save a checkpoint every this many steps, and at the end
+eval_iters = 100  # micro-batches of val data per evaluation, over all processes; 0: no evaluation
+log_interval = 10  # console and metrics.jsonl every this many steps
+keep_checkpoints = 3  # the newest sharded checkpoints kept in out_dir
+init_from = 'scratch'  # 'scratch', 'resume' (the newest checkpoint in out_dir) or a Hugging Face MPT directory
+wandb_log = False  # also log to Weights & Biases (pip install wandb)
+wandb_project = 'mpt'
+wandb_run_name = 'mpt'
+# data: data_dir/train.bin and val.bin (raw uint16, from prepare.py or nanoGPT), or llm.c shards
+data_dir = 'data/openwebtext'
+train_files = ''  # a glob of llm.c / modded-nanogpt shards instead, e.g. 'fineweb10B/fineweb_train_*.bin'
+val_files = ''  # likewise, e.g. 'fineweb10B/fineweb_val_*.bin'
+batch_size = 16  # micro-batch: sequences per process in one forward/backward
+gradient_accumulation_steps = 16  # micro-batches per step over all processes; each process does its share
+# model: every MPTConfig field (vocab_size, d_model, n_heads, n_layers, max_seq_len, attn_impl, resid_pdrop,
+# ...) is a setting of the same name, with model.py's default, so config files set the model like the rest
+globals().update({f.name: f.default for f in fields(MPTConfig)})
+init_device = 'auto'  # 'cpu': every rank builds the whole model from the seed and keeps its shard (the same
+# weights on any number of processes); 'meta': each rank initializes only its own shards on its device (no
+# rank ever holds the whole model; the weights then depend on the world size); 'auto': meta above 1B params
+# Lion: decoupled weight decay on weights with >= 2 dims (embedding, linear layers), see lion_step
+learning_rate = 2e-4  # peak
+max_iters = 4800  # optimizer steps in all
+weight_decay = 2e-4  # at the peak lr each step multiplies weights by (1 - weight_decay)
+beta1 = 0.9
+beta2 = 0.99
+grad_clip = 1.0  # clip the global gradient norm to this; 0: no clipping
+# learning rate: linear warmup, then cosine decay to min_lr at lr_decay_iters
+warmup_iters = 100
+lr_decay_iters = 4800
+min_lr = 2e-5
+# system
+device = 'cuda' if torch.cuda.is_available() else 'cpu'  # with torchrun each process takes cuda:LOCAL_RANK
+dtype = 'bfloat16' if torch.cuda.is_available() else 'float32'  # bf16 matmuls on fp32 master weights, or fp32
+compile = True  # torch.compile each block
+activation_checkpointing = False  # recompute each block in the backward instead of keeping its activations
+seed = 1337  # weights, data order and dropout all follow from it
+_defaults = {k: v for k, v in dict(globals()).items() if not k.startswith('_') and isinstance(v, _SETTING_TYPES)}
+
+
+# -----------------------------------------------------------------------------
+# processes
+
+def default_settings():
+    """The settings above and their defaults, for scripts that take the same ones (bench.py)."""
+    return dict(_defaults)
+
+
+def print0(*args):
+    if int(os.environ.get('RANK', 0)) == 0:
+        print(*args, flush=True)
+
+
+def fail(message, this_rank_only=False):
+    """End the run with one clear line on stderr and exit status 1, never a traceback. What every rank
+    meets alike (settings, files) rank 0 alone prints; this_rank_only: only this rank can know."""
+    if this_rank_only or int(os.environ.get('RANK', 0)) == 0:
+        print(f"error: {message}", file=sys.stderr, flush=True)
+    sys.exit(1)
+
+
+def init_distributed(device):
+    """Join the process group that torchrun describes in the environment, or make a group of one for
+    a plain `python train.py`. Returns (rank, world_size, device, mesh): the 1-D mesh FSDP shards over."""
+    torchrun = 'RANK' in os.environ
+    device = torch.device(device)
+    if device.type == 'cuda':
+        device = torch.device('cuda', int(os.environ['LOCAL_RANK']) if torchrun else device.index or 0)
+        torch.cuda.set_device(device)
+    group = dict(device_id=device) if device.type == 'cuda' else {}
+    if not torchrun:
+        group.update(store=dist.HashStore(), rank=0, world_size=1)
+    dist.init_process_group('nccl' if device.type == 'cuda' else 'gloo', **group)
+    mesh = init_device_mesh(device.type, (dist.get_world_size(),))
+    return dist.get_rank(), dist.get_world_size(), device, mesh
+
+
+# -----------------------------------------------------------------------------
+# data: a split is a list of token files, each cut into windows of seq_len + 1 tokens that overlap by one
+# (window k of a file is tokens [k*T, k*T + T + 1): inputs and their next-token targets), so that every
+# token is a target once per epoch
+
+_SHARD_MAGIC = 20240520  # llm.c's header: 256 int32 (magic, version, token count, 0...), then the tokens
+
+
+def open_tokens(path, vocab_size, seq_len):
+    """A read-only np.memmap of the tokens in one file, which is never read into memory whole. The format
+    is told by the first bytes: an llm.c shard starts with the magic; anything else is raw uint16."""
+    size = os.path.getsize(path)
+    header = np.fromfile(path, dtype='<i4', count=min(size // 4, 256))
+    if len(header) >= 3 and header[0] == _SHARD_MAGIC:
+        version, n = int(header[1]), int(header[2])
+        if version not in (1, 2):
+            fail(f"{path}: llm.c shard version {version}; only 1 (uint16 tokens) and 2 (uint32) exist")
+        dtype = np.dtype('<u2' if version == 1 else '<u4')
+        if size != 1024 + n * dtype.itemsize:
+            fail(f"{path}: the shard header says {n:,} tokens, {1024 + n * dtype.itemsize:,} bytes with the "
+                 f"header, but the file has {size:,} bytes: it is truncated or not an llm.c shard")
+        offset = 1024
+    else:
+        if size % 2:
+            fail(f"{path}: {size:,} bytes is not a whole number of uint16 tokens: token files are raw "
+                 f"uint16 (prepare.py, nanoGPT) or llm.c shards (header magic {_SHARD_MAGIC})")
+        dtype, n, offset = np.dtype('<u2'), size // 2, 0
+    if n < seq_len + 1:
+        fail(f"{path}: {n:,} tokens, fewer than the max_seq_len + 1 = {seq_len + 1} of one training sequence")
+    tokens = np.memmap(path, dtype=dtype, mode='r', offset=offset, shape=(n,))
+    sample = np.asarray(tokens[:1 << 20])
+    # raw uint16 carries no type; ids written as int32 or int64 show up as a 0 in every odd place
+    if offset == 0 and n >= 64 and (sample[1::2] == 0).mean() > 0.9 and (sample[0::2] == 0).mean() < 0.5:
+        fail(f"{path}: every other uint16 is 0, as when token ids are written as int32/int64: write them "
+             f"as uint16 (np.array(ids, dtype=np.uint16).tofile(path)), as prepare.py does")
+    if sample.max() >= vocab_size:
+        fail(f"{path}: token id {sample.max()} is >= vocab_size={vocab_size}: set --vocab_size to the "
+             f"tokenizer's (meta.json's vocab_size), or re-run prepare.py for this model's tokenizer")
+    return tokens
+
+
+def load_split(pattern, vocab_size, seq_len):
+    """(paths, token arrays, first window of each file and the total at the end) for a path or glob."""
+    paths = sorted(glob.glob(pattern))
+    if not paths:
+        fail(f"no token file matches {pattern}")
+    arrays = [open_tokens(p, vocab_size, seq_len) for p in paths]
+    first = np.cumsum([0] + [(len(a) - 1) // seq_len for a in arrays])
+    return paths, arrays, first
+
+
+@functools.lru_cache(maxsize=2)
+def epoch_permutation(seed, epoch, n_windows):
+    return np.random.default_rng([seed, epoch]).permutation(n_windows)
+
+
+def sample_windows(seed, n_windows, position, count):
+    """The window ids at positions [position, position + count) of the endless training order: epoch e is
+    a seeded permutation of all n_windows windows. A checkpoint stores the position (windows drawn so
+    far); the order does not depend on the world size or on anything else."""
+    pos = np.arange(position, position + count)
+    ids = np.empty(count, dtype=np.int64)
+    for epoch in np.unique(pos // n_windows):
+        here = pos // n_windows == epoch
+        ids[here] = epoch_permutation(seed, int(epoch), n_windows)[pos[here] % n_windows]
+    return ids
+
+
+def rank_windows(ids, rank, world_size, batch_size):
+    """This rank's micro-batches of a step's window ids: rank r takes the r-th contiguous slice, so the
+    ranks' windows are disjoint and together make the global batch, for any world size."""
+    per_rank = len(ids) // world_size
+    mine = ids[rank * per_rank:(rank + 1) * per_rank]
+    return [mine[i:i + batch_size] for i in range(0, per_rank, batch_size)]
+
+
+def read_windows(split, ids, seq_len, vocab_size):
+    """(len(ids), seq_len + 1) int64 tokens of the given windows, checked against the vocabulary here on
+    the host: on a GPU a bad id would be a device-side assert with no file to blame."""
+    paths, arrays, first = split
+    files = np.searchsorted(first, ids, side='right') - 1
+    starts = (ids - first[files]) * seq_len
+    rows = np.stack([arrays[f][s:s + seq_len + 1] for f, s in zip(files, starts)]).astype(np.int64)
+    bad = rows.max(axis=1) >= vocab_size
+    if bad.any():
+        k = int(np.argmax(bad))
+        fail(f"{paths[files[k]]}: token id {rows[k].max()} (in tokens {starts[k]:,}..{starts[k] + seq_len:,}) "
+             f"is >= vocab_size={vocab_size}: set --vocab_size to the tokenizer's, or re-run prepare.py",
+             this_rank_only=True)
+    return rows
+
+
+def to_device(rows, device):
+    """Inputs and targets on the device; from pinned memory the copies are asynchronous."""
+    x, y = torch.from_numpy(rows[:, :-1].copy()), torch.from_numpy(rows[:, 1:].copy())
+    if device.type == 'cuda':
+        return x.pin_memory().to(device, non_blocking=True), y.pin_memory().to(device, non_blocking=True)
+    return x, y
+
+
+# -----------------------------------------------------------------------------
+# model
+
+def checkpoint_block(block):
+    """Activation checkpointing: keep only the block's input and recompute its inside in the backward.
+    It wraps forward in place, so parameter names, and so checkpoints, stay the same."""
+    block.forward = functools.partial(torch.utils.checkpoint.checkpoint, block.forward, use_reentrant=False)
+
+
+def setup_model(config, mesh, dtype='bfloat16', activation_checkpointing=False, compile=False, seed=1337,
+                init_weights=True):
+    """The MPT of config, sharded with FSDP2 over mesh: each block, then the root (embedding, final norm).
+    Parameters stay fp32 shards (the master weights); with dtype='bfloat16' FSDP all-gathers them as bf16
+    for the matmuls and reduce-scatters the gradients in fp32. config.init_device: see the settings.
+    init_weights=False leaves a meta-built model's shards uninitialized, for weights loaded next."""
+    if config.init_device == 'auto':  # counting parameters on the meta device costs nothing
+        big = MPT(replace(config, init_device='meta')).num_params() > 1e9
+        config = replace(config, init_device='meta' if big else 'cpu')
+    torch.manual_seed(seed)
+    model = MPT(config)
+    for block in model.transformer.blocks:
+        if activation_checkpointing:
+            checkpoint_block(block)
+        if compile:  # only forward: FSDP's hooks around it stay eager
+            block.forward = torch.compile(block.forward)
+    if dtype == 'bfloat16':
+        mp = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
+    else:
+        mp = MixedPrecisionPolicy()  # no casts: pure fp32
+    for block in model.transformer.blocks:
+        fully_shard(block, mesh=mesh, mp_policy=mp)
+    fully_shard(model, mesh=mesh, mp_policy=mp)  # also moves a CPU-built model's shards to the device
+    if config.init_device == 'meta':
+        model.to_empty(device=mesh.device_type)
+    if config.init_device == 'meta' and init_weights:
+        # on CUDA, DTensor's RNG draws each shard as its part of one full tensor; on CPU, where DTensor
+        # warns that it cannot, a seed per rank at least keeps the shards from being copies of one another
+        torch.manual_seed(seed + mesh.get_rank())
+        with warnings.catch_warnings():
+            warnings.filterwarnings('ignore', 'DTensor random operators')
+            model.init_weights()
+    return model
+
+
+def load_hf_weights(model, path):
+    """Rank 0 reads the Hugging Face checkpoint; every rank receives just its shards."""
+    state = {}
+    if dist.get_rank() == 0:
+        state = {k: v.float() for k, v in MPT.from_hf(path).state_dict().items()}
+    options = StateDictOptions(full_state_dict=True, broadcast_from_rank0=True)
+    set_model_state_dict(model, state, options=options)
+
+
+# -----------------------------------------------------------------------------
+# optimizer: Lion (Chen et al. 2023, "Symbolic Discovery of Optimization Algorithms"). Its state is one
+# fp32 momentum per parameter, kept as {parameter name: tensor} so that DCP saves and reshards it like the
+# weights; no torch.optim.Optimizer is needed for that.
+
+def lion_state(model):
+    return {name: torch.zeros_like(p, dtype=torch.float32) for name, p in model.named_parameters()}
+
+
+@torch.no_grad()
+def lion_step(params, grads, exp_avgs, lr, beta1, beta2, weight_decay, peak_lr):
+    """One Lion update of lists of tensors, in place:
+        c = beta1 * m + (1 - beta1) * g;  p <- p - lr * sign(c);  m <- beta2 * m + (1 - beta2) * g
+    Weight decay is MPT's DecoupledLionW's: p <- p * (1 - weight_decay * lr / peak_lr), before the
+    update, on weights with >= 2 dims only (not LayerNorm gains). Decoupled from lr's scale this way,
+    weight_decay is the shrink per step at the peak and follows the schedule down, as in llm-foundry, so
+    MPT's hyperparameters carry over. Every operation is elementwise, so FSDP's local shards (or whole
+    tensors) are updated exactly as the full tensors would be."""
+    if weight_decay and peak_lr:
+        torch._foreach_mul_([p for p in params if p.ndim >= 2], 1 - weight_decay * lr / peak_lr)
+    update = torch._foreach_mul(exp_avgs, beta1)
+    torch._foreach_add_(update, grads, alpha=1 - beta1)
+    torch._foreach_sign_(update)
+    torch._foreach_add_(params, update, alpha=-lr)
+    torch._foreach_mul_(exp_avgs, beta2)
+    torch._foreach_add_(exp_avgs, grads, alpha=1 - beta2)
+
+
+def get_lr(it, learning_rate, min_lr, warmup_iters, lr_decay_iters):
+    """Linear warmup to learning_rate, then cosine decay to min_lr at lr_decay_iters, then min_lr."""
+    if it < warmup_iters:
+        return learning_rate * (it + 1) / (warmup_iters + 1)
+    if it >= lr_decay_iters:
+        return min_lr
+    ratio = (it - warmup_iters) / (lr_decay_iters - warmup_iters)
+    return min_lr + 0.5 * (1.0 + math.cos(math.pi * ratio)) * (learning_rate - min_lr)
+
+
+def _local(t):
+    return t.to_local() if isinstance(t, DTensor) else t
+
+
+def train_step(model, exp_avgs, batches, lr, peak_lr, weight_decay, beta1, beta2, grad_clip):
+    """One optimizer step on this rank's micro-batches [(x, y), ...]. Gradients are reduce-scattered
+    (averaged over ranks) only after the last micro-batch, clipped by their global norm, then Lion
+    updates each rank's shards. Returns (sum of the micro-batch losses, grad norm before clipping) as
+    device tensors: nothing here waits for the device."""
+    loss_sum = 0.0
+    for i, (x, y) in enumerate(batches):
+        model.set_requires_gradient_sync(i == len(batches) - 1)
+        _, loss = model(x, y)
+        (loss / len(batches)).backward()
+        loss_sum = loss_sum + loss.detach()
+    # on DTensor gradients the norm is of the whole model: each rank's part, all-reduced
+    norm = torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip if grad_clip > 0 else math.inf)
+    named = [(name, p) for name, p in model.named_parameters() if p.grad is not None]
+    lion_step([_local(p) for _, p in named], [_local(p.grad) for _, p in named],
+              [_local(exp_avgs[name]) for name, _ in named], lr, beta1, beta2, weight_decay, peak_lr)
+    model.zero_grad(set_to_none=True)
+    return loss_sum, norm.full_tensor() if isinstance(norm, DTensor) else norm
+
+
+@torch.no_grad()
+def evaluate(model, split, batches, seq_len, vocab_size, device):
+    """Mean loss over a fixed list of micro-batches (window ids), batch j on rank j % world_size. Every
+    rank runs the same number of forwards (each all-gathers weights), padding with batches weighted 0."""
+    rank, world = dist.get_rank(), dist.get_world_size()
+    model.eval()
+    total = torch.zeros(2, device=device)
+    for k in range(-(-len(batches) // world)):
+        j = k * world + rank
+        _, loss = model(*to_device(read_windows(split, batches[min(j, len(batches) - 1)], seq_len, vocab_size), device))
+        total += torch.stack([loss.float(), torch.ones((), device=device)]) * (j < len(batches))
+    dist.all_reduce(total)
+    model.train()
+    return (total[0] / total[1]).item()
+
+
+# -----------------------------------------------------------------------------
+# checkpoints: out_dir/ckpt-NNNNNN/ is written as ckpt-NNNNNN.tmp/ and renamed when complete, so a crash
+# during a save leaves the previous checkpoint as the newest
+
+_SHAPE_FIELDS = ('vocab_size', 'd_model', 'n_heads', 'n_layers', 'expansion_ratio', 'kv_n_heads', 'qk_ln')
+
+
+def checkpoint_dirs(out_dir):
+    """The complete sharded checkpoints in out_dir, oldest first."""
+    dirs = [d for d in glob.glob(os.path.join(out_dir, 'ckpt-*')) if os.path.isdir(d) and not d.endswith('.tmp')]
+    return sorted(dirs, key=lambda d: int(d.rsplit('-', 1)[1]))
+
+
+def save_checkpoint(out_dir, model, exp_avgs, info, keep):
+    """Every rank writes its shards; rank 0 adds train.json (info), commits by renaming, prunes."""
+    path = os.path.join(out_dir, f"ckpt-{info['iter_num']:06d}")
+    if dist.get_rank() == 0:
+        shutil.rmtree(path + '.tmp', ignore_errors=True)  # cut short by a crash
+    dist.barrier()
+    dcp.save({'model': get_model_state_dict(model), 'lion': exp_avgs}, checkpoint_id=path + '.tmp')
+    if dist.get_rank() == 0:
+        with open(os.path.join(path + '.tmp', 'train.json'), 'w') as f:
+            json.dump(info, f, indent=1)
+        shutil.rmtree(path, ignore_errors=True)
+        os.rename(path + '.tmp', path)  # the commit
+        for old in checkpoint_dirs(out_dir)[:-max(keep, 1)] + glob.glob(os.path.join(out_dir, 'ckpt-*.tmp')):
+            shutil.rmtree(old)  # older checkpoints, and saves that a crash cut short
+    dist.barrier()
+    return path
+
+
+def load_checkpoint(path, model, exp_avgs):
+    """Load weights and Lion state in place; each rank reads the parts of its own shards, whatever the
+    world size that saved them. Returns train.json."""
+    state = {'model': get_model_state_dict(model), 'lion': exp_avgs}
+    dcp.load(state, checkpoint_id=path)
+    set_model_state_dict(model, state['model'])
+    with open(os.path.join(path, 'train.json')) as f:
+        return json.load(f)
+
+
+def save_for_sampling(path, model, extra):
+    """out_dir/ckpt.pt, one file that sample.py reads with plain torch.load: full fp32 weights (gathered on
+    rank 0's CPU) and the MPTConfig, written to a temporary name and renamed."""
+    state = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+    if dist.get_rank() == 0:
+        config = asdict(replace(model.config, init_device='cpu'))
+        torch.save({'model': state, 'config': config, **extra}, path + '.tmp')
+        os.replace(path + '.tmp', path)
+
+
+# -----------------------------------------------------------------------------
+# the run
+
+if __name__ == '__main__':
+    settings = configure(globals(), sys.argv[1:], verbose=int(os.environ.get('RANK', 0)) == 0)
+    preempted = []  # SIGTERM (a preempted job): the loop finishes its step, saves, and exits 0
+    signal.signal(signal.SIGTERM, lambda signum, frame: preempted.append(signum))
+    if dtype not in ('bfloat16', 'float32'):
+        fail(f"dtype={dtype!r}: use 'bfloat16' (bf16 matmuls, fp32 master weights) or 'float32'")
+    if init_from == 'resume':
+        if not checkpoint_dirs(out_dir):
+            fail(f"init_from='resume' but {out_dir} holds no checkpoint (ckpt-NNNNNN/)")
+    elif checkpoint_dirs(out_dir):
+        fail(f"{out_dir} already holds checkpoints from another run: continue it with --init_from=resume, "
+             f"or choose another out_dir")
+    rank, world_size, device, mesh = init_distributed(device)
+    master = rank == 0
+    if gradient_accumulation_steps % world_size:
+        fail(f"gradient_accumulation_steps={gradient_accumulation_steps} (micro-batches per step over all "
+             f"processes) does not divide among {world_size} processes: make it a multiple of {world_size}")
+    global_batch = batch_size * gradient_accumulation_steps  # sequences per step, for any world size
+    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
+
+    # the model: the settings' shape, or a Hugging Face checkpoint's; a resumed run must keep its checkpoint's
+    model_args = {f.name: globals()[f.name] for f in fields(MPTConfig)}
+    saved = None
+    if init_from == 'resume':
+        resume_dir = checkpoint_dirs(out_dir)[-1]
+        with open(os.path.join(resume_dir, 'train.json')) as f:
+            saved = json.load(f)
+        model_args['init_device'] = 'meta'  # the weights are about to be loaded
+    elif init_from != 'scratch':
+        if not os.path.isfile(os.path.join(init_from, 'config.json')):
+            fail(f"init_from={init_from!r}: use 'scratch', 'resume' or a Hugging Face MPT directory (with config.json)")
+        with open(os.path.join(init_from, 'config.json')) as f:
+            hf = json.load(f)
+        try:
+            model_args.update(config_from_hf(hf), max_seq_len=max_seq_len, init_device='meta')
+        except (ValueError, KeyError) as e:
+            fail(f"{init_from}: {e}")
+    try:
+        config = MPTConfig(**model_args)
+    except ValueError as e:
+        fail(str(e))
+    changed = [f"{k} {saved['model'][k]} -> {getattr(config, k)}" for k in _SHAPE_FIELDS
+               if saved and saved['model'][k] != getattr(config, k)]
+    if changed:
+        fail(f"the model's shape differs from the checkpoint's in {out_dir} ({', '.join(changed)}): "
+             f"resume with the settings it was trained with, or start a new out_dir")
+
+    # data
+    meta_path = os.path.join(data_dir, 'meta.json')
+    meta = json.load(open(meta_path)) if os.path.exists(meta_path) else {}
+    if meta.get('vocab_size', 0) > config.vocab_size:
+        fail(f"{meta_path} says vocab_size={meta['vocab_size']} but the model has vocab_size={config.vocab_size}: "
+             f"set --vocab_size={meta['vocab_size']} (or larger)")
+    data = {}
+    for split, pattern in (('train', train_files), ('val', val_files)):
+        if split == 'val' and eval_iters == 0:
+            continue
+        if not pattern:
+            pattern = os.path.join(data_dir, f'{split}.bin')
+            if not os.path.exists(pattern):
+                fail(f"{pattern} not found: run `python prepare.py <dataset>` (it writes data/<dataset>/train.bin, "
+                     f"val.bin and meta.json) and set data_dir to its folder, or set {split}_files to a glob of shards")
+        data[split] = load_split(pattern, config.vocab_size, max_seq_len)
+    # a fixed set of val windows, the same for every evaluation and world size
+    eval_batches = []
+    if eval_iters:
+        val_ids = sample_windows(0, int(data['val'][2][-1]), 0, eval_iters * batch_size)
+        eval_batches = [val_ids[i:i + batch_size] for i in range(0, len(val_ids), batch_size)]
+
+    # model and optimizer state
+    model = setup_model(config, mesh, dtype, activation_checkpointing, compile, seed,
+                        init_weights=init_from == 'scratch')  # else loaded next
+    exp_avgs = lion_state(model)
+    iter_num, position, best_val_loss = 0, 0, math.inf
+    if saved:
+        saved = load_checkpoint(resume_dir, model, exp_avgs)
+        iter_num, position, best_val_loss = saved['iter_num'], saved['data_position'], saved['best_val_loss']
+        print0(f"resuming {resume_dir} on {world_size} process(es): step {iter_num}")
+    elif init_from != 'scratch':
+        load_hf_weights(model, init_from)
+    print0(f"{model.num_params():,} parameters, init_device={model.config.init_device}; {world_size} process(es) "
+           f"on {device.type}; {global_batch} sequences x {max_seq_len} tokens per step; "
+           f"{len(data['train'][0])} train file(s), {int(data['train'][2][-1]):,} windows")
+    if master:
+        os.makedirs(out_dir, exist_ok=True)
+    metrics = open(os.path.join(out_dir, 'metrics.jsonl'), 'a' if saved else 'w') if master else None
+    if wandb_log and master:
+        try:
+            import wandb
+        except ImportError:
+            fail("wandb_log=True needs wandb: pip install wandb (or --wandb_log=False)")
+        wandb.init(project=wandb_project, name=wandb_run_name, config=settings)
+
+    def log(record):
+        if master:
+            metrics.write(json.dumps(record) + '\n')
+            metrics.flush()
+            if wandb_log:
+                wandb.log(record, step=record['iter'])
+
+    def step_batches(position):
+        ids = sample_windows(seed, int(data['train'][2][-1]), position, global_batch)
+        return [to_device(read_windows(data['train'], w, max_seq_len, config.vocab_size), device)
+                for w in rank_windows(ids, rank, world_size, batch_size)]
+
+    def checkpoint_info():  # train.json: what a resume needs besides the tensors. The RNG state is the seed
+        # and the step: each step reseeds from them, so the data order and dropout continue as they would have
+        return dict(iter_num=iter_num, data_position=position, best_val_loss=best_val_loss, seed=seed,
+                    world_size=world_size, model=asdict(config), settings=settings)
+
+    # the loop: iter_num counts the steps done; the weights after them are what evaluation sees
+    start_iter, last_saved = iter_num, iter_num if saved else -1
+    batches = step_batches(position)
+    step_time, steps_timed = 0.0, 0  # since the last log line; evaluation and saving are not counted
+    while True:
+        last = iter_num >= max_iters
+        if (iter_num % eval_interval == 0 or last) and iter_num != last_saved:
+            val_loss = None
+            if eval_iters:
+                val_loss = evaluate(model, data['val'], eval_batches, max_seq_len, config.vocab_size, device)
+                print0(f"iter {iter_num}: val loss {val_loss:.4f}")
+                log({'iter': iter_num, 'val_loss': val_loss})
+            improved = val_loss is None or val_loss < best_val_loss
+            best_val_loss = val_loss if val_loss is not None and improved else best_val_loss
+            if iter_num > start_iter:  # not the random init, nor the checkpoint just resumed
+                save_checkpoint(out_dir, model, exp_avgs, checkpoint_info(), keep_checkpoints)
+                last_saved = iter_num
+                if improved:  # ckpt.pt keeps the best val loss: small data sets overfit
+                    save_for_sampling(os.path.join(out_dir, 'ckpt.pt'), model,
+                                      dict(iter_num=iter_num, val_loss=val_loss, settings=settings, meta=meta))
+        if last:
+            break
+
+        # dropout (if any) draws from a generator seeded by (seed, step, rank): a resumed run draws the same
+        torch.manual_seed(int(np.random.SeedSequence([seed, iter_num, rank]).generate_state(1)[0]))
+        lr = get_lr(iter_num, learning_rate, min_lr, warmup_iters, lr_decay_iters)
+        t0 = time.time()
+        loss_sum, grad_norm = train_step(model, exp_avgs, batches, lr, learning_rate, weight_decay,
+                                         beta1, beta2, grad_clip)
+        position += global_batch
+        batches = step_batches(position)  # read while the device still works on this step
+        # one all-reduce, one wait: the global mean loss, and whether any rank was asked to stop
+        packet = torch.stack([loss_sum.float(), torch.tensor(float(len(preempted)), device=device)])
+        dist.all_reduce(packet)
+        loss, stop = packet.tolist()
+        loss /= gradient_accumulation_steps
+        step_time, steps_timed = step_time + time.time() - t0, steps_timed + 1
+        if not math.isfinite(loss):
+            fail(f"iter {iter_num}: the loss is {loss}; stopping without saving. The newest checkpoint in "
+                 f"{out_dir} is the last good one: resume it with a lower learning_rate (or grad_clip)")
+        if iter_num % log_interval == 0:
+            dt = step_time / steps_timed
+            tokens_per_sec = global_batch * max_seq_len / dt
+            mfu = model.estimate_mfu(tokens_per_sec / world_size, max_seq_len)
+            peak_mem = torch.cuda.max_memory_allocated(device) / 1e9 if device.type == 'cuda' else None
+            record = dict(iter=iter_num, loss=loss, lr=lr, grad_norm=grad_norm.item(), tokens_per_sec=tokens_per_sec,
+                          mfu=mfu, peak_mem_gb=peak_mem, ms_per_iter=dt * 1000)
+            print0(f"iter {iter_num}: loss {loss:.4f}, lr {lr:.2e}, grad norm {record['grad_norm']:.3f}, "
+                   f"{tokens_per_sec:,.0f} tok/s, {dt * 1000:.1f} ms/iter"
+                   + (f", mfu {mfu:.1%}" if mfu is not None else '')
+                   + (f", peak mem {peak_mem:.1f} GB" if peak_mem is not None else ''))
+            log(record)
+            step_time, steps_timed = 0.0, 0
+        iter_num += 1
+        if stop:
+            path = save_checkpoint(out_dir, model, exp_avgs, checkpoint_info(), keep_checkpoints)
+            print0(f"SIGTERM: saved {path}; continue with --init_from=resume")
+            break
+    dist.destroy_process_group()
