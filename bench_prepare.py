@@ -1,14 +1,14 @@
 """
 Parallel speed of prepare.py: tokens/s at num_proc=1 and num_proc=2 on >= 20 MB of text.
 
-    python bench_prepare.py [--input=tinyshakespeare.txt] [--mb=24] [--repeat=5]
+    python bench_prepare.py [--input=tinyshakespeare.txt] [--mb=24] [--repeat=5] [--wait=60]
 
 The corpus is tiny Shakespeare repeated with its lines shuffled (seeded) per copy, written twice to a
 temporary folder: as one .txt file (one document, cut into pieces for the workers) and as a .jsonl of
 ~4 KB documents. Each run is a whole prepare.py run: reading, tokenizing, writing. Scaling is the
-num_proc=2 rate over twice the num_proc=1 rate, each the best of --repeat interleaved runs; the CPU
-that other processes used during that run is shown, since a shared machine skews timings. On a
-2-core machine the goal is >= 70%.
+num_proc=2 rate over twice the num_proc=1 rate, each the best of --repeat interleaved runs; on a
+2-core machine the goal is >= 70%. A shared machine skews timings, so each run first waits (up to
+--wait seconds) for other processes to leave the CPUs idle, and the CPU they used meanwhile is shown.
 """
 import contextlib
 import io
@@ -32,6 +32,7 @@ if not source.exists():
     sys.exit(f"bench_prepare.py: no {source}: give --input=PATH to some text, or run `python prepare.py shakespeare`")
 mb = float(args.get("mb", 24))
 repeat = int(args.get("repeat", 5))
+wait = float(args.get("wait", 60))
 
 lines = source.read_text(encoding="utf-8").splitlines(keepends=True)
 rng, text = random.Random(0), []
@@ -41,21 +42,32 @@ while sum(map(len, text)) < mb * 1e6:
 text = "".join(text)
 
 
-def busy_seconds():
-    """CPU seconds the whole machine has spent busy (Linux /proc/stat), to see what else ran meanwhile."""
+def snapshot():
+    """(CPU seconds the whole machine has been busy, this process's and its children's, now): Linux only."""
     fields = [int(x) for x in open("/proc/stat").readline().split()[1:]]
-    return (sum(fields) - fields[3] - fields[4]) / os.sysconf("SC_CLK_TCK")  # all but idle and iowait
+    busy = (sum(fields) - fields[3] - fields[4]) / os.sysconf("SC_CLK_TCK")  # all but idle and iowait
+    return busy, sum(os.times()[:4]), time.time()
+
+
+def others_since(start):
+    """Cores' worth of CPU that other processes used since a snapshot."""
+    (busy0, own0, t0), (busy, own, t) = start, snapshot()
+    return max(0.0, (busy - busy0 - (own - own0)) / (t - t0))
 
 
 def run(path, num_proc):
     """One whole prepare.py run: (tokens/s, cores' worth of CPU that other processes used meanwhile)."""
     cfg = prepare.parse_args([f"--input={path}", f"--out_dir={path.parent / 'out'}", "--overwrite", f"--num_proc={num_proc}"])
-    own, busy, t0 = sum(os.times()[:4]), busy_seconds(), time.time()
+    deadline = time.time() + wait
+    while time.time() < deadline:  # wait, up to --wait seconds, for a second in which the CPUs were idle
+        start = snapshot()
+        time.sleep(1)
+        if others_since(start) < 0.2:
+            break
+    start = snapshot()
     with contextlib.redirect_stdout(io.StringIO()):
         meta = prepare.prepare(cfg)
-    seconds = time.time() - t0
-    others = (busy_seconds() - busy - (sum(os.times()[:4]) - own)) / seconds
-    return (meta["train_tokens"] + meta["val_tokens"]) / seconds, max(others, 0.0)
+    return (meta["train_tokens"] + meta["val_tokens"]) / (time.time() - start[2]), others_since(start)
 
 
 with tempfile.TemporaryDirectory() as tmp:

@@ -108,7 +108,8 @@ def test_cut_points_keep_bpe_tokens(monkeypatch):
         assert sum((enc.encode_ordinary(t) for t, _ in parts), []) == whole
 
 
-def test_documents_split_by_seeded_draw(tmp_path):
+def test_documents_split_by_seeded_draw(tmp_path, monkeypatch):
+    monkeypatch.setattr(prepare, "piece_chars", 500)  # many tasks, so two processes interleave
     rng = random.Random(1)
     words = "the of and to in is was for on that with as by at from".split()
     docs = [f"Document {i}: " + " ".join(rng.choice(words) for _ in range(rng.randint(5, 60))) for i in range(300)]
