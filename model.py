@@ -13,6 +13,8 @@ Attention has interchangeable implementations, picked by MPTConfig.attn_impl in 
 in-kernel, further down this file) and 'flash' (the flash-attn package).
 """
 
+import contextlib
+import functools
 import json
 import math
 import os
@@ -21,6 +23,8 @@ from pathlib import Path
 
 import torch
 import torch.nn as nn
+import triton
+import triton.language as tl
 from torch.nn import functional as F
 
 
@@ -47,7 +51,7 @@ class MPTConfig:
     emb_pdrop: float = 0.0  # dropout on token embeddings
     layer_norm_epsilon: float = 1e-5
     init_device: str = 'cpu'  # 'meta' builds the model without memory (FSDP then initializes shards)
-    attn_impl: str = 'torch'  # 'torch' | 'triton' | 'flash', see attention()
+    attn_impl: str = 'triton'  # 'triton' (CPU: falls back to 'torch') | 'torch' | 'flash', see attention()
 
     def __post_init__(self):
         if self.kv_n_heads is None:
@@ -130,7 +134,7 @@ _notified = set()
 def attention(q, k, v, slopes, config, causal=True, dropout_p=0.0, key_start=None):
     """The one place where config.attn_impl picks an implementation."""
     impl = config.attn_impl
-    if impl == 'triton' and not q.is_cuda and os.environ.get('TRITON_INTERPRET') != '1':
+    if impl == 'triton' and not q.is_cuda and not _INTERPRET:
         if 'cpu' not in _notified:
             print("note: attn_impl='triton' needs a CUDA device; using attn_impl='torch' on CPU")
             _notified.add('cpu')
@@ -553,3 +557,423 @@ def peak_flops_per_device(device=None):
         return None
     name = torch.cuda.get_device_name(device)
     return next((flops for key, flops in PEAK_FLOPS if key in name), None)
+
+
+# -----------------------------------------------------------------------------
+# Flash attention with ALiBi computed in-kernel, in Triton (attn_impl='triton')
+#
+# Same math as torch_attention: for query row i and key j
+#     score = (q_i . k_j) * scale + slope_h * (j - i_abs),   i_abs = i + (Tk - Tq)
+# with the causal mask aligned bottom-right (j > i_abs is masked), so prefill and KV-cache decode
+# (Tq < Tk) work. GQA is handled by indexing (query head h reads kv head h // (H // H_kv)), never by
+# expanding K/V. Softmax runs in base 2 (exp2 with log2(e) folded into the scale and the slopes),
+# accumulates in fp32, and keeps only a log-sum-exp (LSE) per row for the backward, as FlashAttention-2.
+# Written here rather than taken from flash-attn because that package is CUDA C++ built per GPU and
+# torch version; this kernel is Python that compiles wherever Triton runs.
+
+LOG2E = 1.4426950408889634  # exp(x) == exp2(x * LOG2E)
+# Triton reads TRITON_INTERPRET when @triton.jit runs (for tl.zeros & co. at `import triton`), not at launch:
+# CPU runs need it set before triton is first imported. Snapshot it with the kernels' own decoration.
+_INTERPRET = bool(triton.knobs.runtime.interpret)
+
+# Autotuning, keyed on head dim, causal and power-of-two length buckets. Entries are
+# (config, archs, largest padded head dim BLOCK_D): sm_80 (mma.sync) holds the invariant dot operand
+# (q, or k and v) in registers while sm_90 (wgmma) reads it from shared memory, so the register budget
+# differs per arch; at BLOCK_D = 128 big tiles spill, at 64 they fit. tests/test_attention.py compiles
+# every entry for its archs and fails on register spills. Under the interpreter a single small config
+# keeps the tests fast while lengths like 100 and 257 still span several blocks in both dimensions.
+TUNE_KEY = ["HEAD_DIM", "CAUSAL", "tq_bucket", "tk_bucket"]
+
+
+def _tune(block_m, block_n, num_warps, num_stages, archs=(80, 90), max_block_d=128):
+    config = triton.Config({"BLOCK_M": block_m, "BLOCK_N": block_n}, num_warps=num_warps, num_stages=num_stages)
+    return config, archs, max_block_d
+
+
+if _INTERPRET:
+    FWD_TUNING, DKDV_TUNING, DQ_TUNING = [_tune(32, 16, 4, 1)], [_tune(16, 32, 4, 1)], [_tune(32, 16, 4, 1)]
+else:  # BLOCK_M x BLOCK_N = queries x keys in every kernel
+    FWD_TUNING = [_tune(128, 64, 8, 3, archs=(80,)), _tune(128, 64, 8, 2, archs=(90,)),
+                  _tune(64, 64, 4, 3, archs=(80,)), _tune(128, 32, 8, 3, archs=(90,)),
+                  _tune(128, 128, 8, 3, max_block_d=64)]
+    DKDV_TUNING = [_tune(16, 128, 8, 3), _tune(32, 128, 8, 2, archs=(90,)), _tune(16, 64, 4, 3, archs=(80,)),
+                   _tune(64, 128, 8, 2, archs=(90,), max_block_d=64), _tune(32, 128, 8, 2, archs=(80,), max_block_d=64)]
+    DQ_TUNING = [_tune(128, 32, 8, 2), _tune(128, 64, 8, 2, archs=(90,)), _tune(64, 64, 4, 2),
+                 _tune(128, 64, 8, 3, max_block_d=64)]
+
+
+@functools.lru_cache
+def _arch(device):
+    return 90 if torch.cuda.get_device_capability(device)[0] >= 9 else 80
+
+
+def _autotune(tuning):
+    def prune(configs, named_args, **kwargs):
+        arch = _arch(named_args["Q"].device)
+        return [c for c, (_, archs, max_d) in zip(configs, tuning) if arch in archs and kwargs["BLOCK_D"] <= max_d]
+    return triton.autotune([c for c, _, _ in tuning], key=TUNE_KEY, prune_configs_by={"early_config_prune": prune})
+
+
+# ALiBi frames. The bias slope2*(j - i_abs) splits into a per-key part and a per-row part, and the row
+# part is constant along a softmax row, so it cancels. Each program therefore scores in a shifted frame
+#     s = qk*scale2 + kb[j],  kb[j] = slope2*(j - c),  c = a per-program constant near the diagonal,
+# i.e. s = true score + slope2*(i_abs - c): one FMA per score, and small magnitudes near the diagonal
+# (where the softmax mass is) so fp32 keeps its precision at long T. The LSE crosses between programs in
+# the true frame: the forward stores lse - slope2*(i_abs - c), and each backward program adds back
+# slope2*(i_abs - c') for its own constant c'. These are BLOCK_M ops per program, not per score.
+
+
+@triton.jit
+def _key_range(offs_m, start_m, off_shift, Tk, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, CAUSAL: tl.constexpr):
+    # Key blocks that query rows offs_m = [start_m, start_m + BLOCK_M) visit: [0, full_end) need no mask,
+    # [full_end, hi) straddle the diagonal or the end of the keys; keys >= hi are masked for every row.
+    # last_key is the last visible key of each row, min(i_abs, Tk - 1).
+    if CAUSAL:
+        hi = tl.minimum(start_m + BLOCK_M + off_shift, Tk)  # one past the last row's i_abs
+        full_end = tl.minimum(start_m + off_shift + 1, Tk)  # keys <= the first row's i_abs
+        last_key = tl.minimum(offs_m + off_shift, Tk - 1)
+    else:
+        hi = Tk
+        full_end = Tk
+        last_key = tl.zeros_like(offs_m) + (Tk - 1)
+    return tl.maximum(full_end, 0) // BLOCK_N * BLOCK_N, tl.maximum(hi, 0), last_key
+
+
+@triton.jit
+def _fwd_inner(acc, l_i, m_i, q, K, V, stride_kn, stride_vn, lo, hi, Tk, last_key, c, qk_scale, slope2,
+               HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr, MASKED: tl.constexpr,
+               HAS_ALIBI: tl.constexpr, DOT_PREC: tl.constexpr):
+    offs_d = tl.arange(0, BLOCK_D)
+    for start_n in range(lo, hi, BLOCK_N):
+        offs_n = start_n + tl.arange(0, BLOCK_N)
+        kv_mask = (offs_n[:, None] < Tk) & (offs_d[None, :] < HEAD_DIM)
+        k = tl.load(K + offs_n[:, None] * stride_kn + offs_d[None, :], mask=kv_mask, other=0.0)  # (BLOCK_N, BLOCK_D)
+        s = tl.dot(q, tl.trans(k), input_precision=DOT_PREC) * qk_scale  # (BLOCK_M, BLOCK_N), log2 units
+        if HAS_ALIBI:
+            s += (slope2 * (offs_n - c).to(tl.float32))[None, :]  # shifted frame, see "ALiBi frames"
+        if MASKED:  # diagonal / ragged blocks only; last_key = min(i_abs, Tk - 1) per row
+            s = tl.where(offs_n[None, :] <= last_key[:, None], s, float("-inf"))
+        # online softmax: rescale what we have so far to the new running max
+        m_new = tl.maximum(m_i, tl.max(s, 1))  # (BLOCK_M,)
+        p = tl.exp2(s - m_new[:, None])  # (BLOCK_M, BLOCK_N)
+        alpha = tl.exp2(m_i - m_new)
+        l_i = l_i * alpha + tl.sum(p, 1)
+        v = tl.load(V + offs_n[:, None] * stride_vn + offs_d[None, :], mask=kv_mask, other=0.0)  # (BLOCK_N, BLOCK_D)
+        acc = tl.dot(p.to(v.dtype), v, acc * alpha[:, None], input_precision=DOT_PREC)  # (BLOCK_M, BLOCK_D)
+        m_i = m_new
+    return acc, l_i, m_i
+
+
+@_autotune(FWD_TUNING)
+@triton.jit
+def _attn_fwd(Q, K, V, O, LSE, SLOPES, qk_scale,
+              stride_qb, stride_qh, stride_qm, stride_kb, stride_kh, stride_kn,
+              stride_vb, stride_vh, stride_vn, stride_ob, stride_oh, stride_om,
+              H, G, Tq, Tk, tq_bucket, tk_bucket,
+              HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, CAUSAL: tl.constexpr, HAS_ALIBI: tl.constexpr,
+              DOT_PREC: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+    pid_m = tl.program_id(0)
+    if CAUSAL:  # later query blocks see more keys: launch them first so the tail of the grid is short
+        pid_m = tl.num_programs(0) - 1 - pid_m
+    bh = tl.program_id(1)
+    b, h = (bh // H).to(tl.int64), (bh % H).to(tl.int64)
+    Q += b * stride_qb + h * stride_qh
+    K += b * stride_kb + (h // G) * stride_kh  # GQA: query head h reads kv head h // G
+    V += b * stride_vb + (h // G) * stride_vh
+    O += b * stride_ob + h * stride_oh
+    start_m = pid_m * BLOCK_M
+    off_shift = Tk - Tq  # i_abs = i + off_shift (bottom-right aligned causal mask)
+    offs_m = start_m + tl.arange(0, BLOCK_M)
+    offs_d = tl.arange(0, BLOCK_D)
+    io_mask = (offs_m[:, None] < Tq) & (offs_d[None, :] < HEAD_DIM)
+    q = tl.load(Q + offs_m[:, None] * stride_qm + offs_d[None, :], mask=io_mask, other=0.0)  # (BLOCK_M, BLOCK_D)
+
+    slope2 = tl.load(SLOPES + h) * 1.4426950408889634 if HAS_ALIBI else 0.0
+    c = start_m + off_shift  # frame constant: i_abs of the block's first row
+    # m_i starts finite (not -inf) so rows with no visible key (causal, Tq > Tk) get exp2(-inf - m) = 0
+    # rather than NaN from -inf - (-inf); their l_i stays 0 and they are written as zeros below.
+    m_i = tl.zeros([BLOCK_M], dtype=tl.float32) - 1.0e30
+    l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
+    acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
+    full_end, hi, last_key = _key_range(offs_m, start_m, off_shift, Tk, BLOCK_M, BLOCK_N, CAUSAL)
+    acc, l_i, m_i = _fwd_inner(acc, l_i, m_i, q, K, V, stride_kn, stride_vn, 0, full_end, Tk, last_key,
+                               c, qk_scale, slope2, HEAD_DIM, BLOCK_D, BLOCK_N, False, HAS_ALIBI, DOT_PREC)
+    acc, l_i, m_i = _fwd_inner(acc, l_i, m_i, q, K, V, stride_kn, stride_vn, full_end, hi, Tk, last_key,
+                               c, qk_scale, slope2, HEAD_DIM, BLOCK_D, BLOCK_N, True, HAS_ALIBI, DOT_PREC)
+
+    empty = l_i == 0.0  # fully-masked rows: output 0, LSE +inf (so the backward's exp2(s - lse) is 0)
+    l_i = tl.where(empty, 1.0, l_i)
+    tl.store(O + offs_m[:, None] * stride_om + offs_d[None, :], (acc / l_i[:, None]).to(O.dtype.element_ty),
+             mask=io_mask)
+    lse = m_i + tl.log2(l_i) - slope2 * (offs_m - start_m).to(tl.float32)  # back to the true frame
+    tl.store(LSE + bh.to(tl.int64) * Tq + offs_m, tl.where(empty, float("inf"), lse), mask=offs_m < Tq)
+
+
+@triton.jit
+def _bwd_preprocess(O, DO, DELTA, stride_ob, stride_oh, stride_om, stride_dob, stride_doh, stride_dom, H, Tq,
+                    HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr):
+    # delta_i = rowsum(dO_i * O_i) = sum_j P_ij dP_ij, the softmax-backward term shared by every key
+    bh = tl.program_id(1)
+    b, h = (bh // H).to(tl.int64), (bh % H).to(tl.int64)
+    offs_m = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_d = tl.arange(0, BLOCK_D)
+    mask = (offs_m[:, None] < Tq) & (offs_d[None, :] < HEAD_DIM)
+    o = tl.load(O + b * stride_ob + h * stride_oh + offs_m[:, None] * stride_om + offs_d[None, :], mask=mask, other=0.0)
+    do = tl.load(DO + b * stride_dob + h * stride_doh + offs_m[:, None] * stride_dom + offs_d[None, :], mask=mask,
+                 other=0.0)
+    delta = tl.sum(o.to(tl.float32) * do.to(tl.float32), 1)  # (BLOCK_M,)
+    tl.store(DELTA + bh.to(tl.int64) * Tq + offs_m, delta, mask=offs_m < Tq)
+
+
+@triton.jit
+def _dkdv_inner(dk, dv, k, v, Q, DO, LSE, DELTA, SLOPES, stride_qh, stride_qm, stride_doh, stride_dom, Tq,
+                h0, n_heads, lo, n_blocks, start_n, off_shift, qk_scale, HEAD_DIM: tl.constexpr,
+                BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, MASKED: tl.constexpr,
+                HAS_ALIBI: tl.constexpr, DOT_PREC: tl.constexpr):
+    # Query blocks [lo, lo + n_blocks * BLOCK_M) of query heads h0 .. h0 + n_heads - 1, as one flat loop: a
+    # nested loop over heads lets the compiler hoist both stages' invariants above it, costing registers.
+    # Works transposed, (keys, queries), so that dV += P^T dO and dK += dS^T Q need no transposes.
+    offs_n = start_n + tl.arange(0, BLOCK_N)
+    offs_d = tl.arange(0, BLOCK_D)
+    for it in range(0, n_heads * n_blocks):
+        h = h0 + it // n_blocks
+        offs_m = lo + (it % n_blocks) * BLOCK_M + tl.arange(0, BLOCK_M)
+        io_mask = (offs_m[:, None] < Tq) & (offs_d[None, :] < HEAD_DIM)
+        q = tl.load(Q + h * stride_qh + offs_m[:, None] * stride_qm + offs_d[None, :], mask=io_mask, other=0.0)
+        do = tl.load(DO + h * stride_doh + offs_m[:, None] * stride_dom + offs_d[None, :], mask=io_mask, other=0.0)
+        # rows past Tq get lse = +inf, hence P = 0: no row mask is needed in the math below
+        lse = tl.load(LSE + h * Tq + offs_m, mask=offs_m < Tq, other=float("inf"))  # (BLOCK_M,)
+        delta = tl.load(DELTA + h * Tq + offs_m, mask=offs_m < Tq, other=0.0)
+        s_t = tl.dot(k, tl.trans(q), input_precision=DOT_PREC) * qk_scale  # (BLOCK_N, BLOCK_M)
+        if HAS_ALIBI:  # this program's frame is c' = start_n: kb = slope2 * (j - start_n), lse shifted to match
+            slope2 = tl.load(SLOPES + h) * 1.4426950408889634
+            s_t += (slope2 * tl.arange(0, BLOCK_N).to(tl.float32))[:, None]
+            lse += slope2 * (offs_m + off_shift - start_n).to(tl.float32)
+        p_t = tl.exp2(s_t - lse[None, :])
+        if MASKED:  # causal diagonal blocks only; keys past Tk need no mask, their dK/dV are never stored
+            p_t = tl.where(offs_n[:, None] <= offs_m[None, :] + off_shift, p_t, 0.0)
+        dv = tl.dot(p_t.to(do.dtype), do, dv, input_precision=DOT_PREC)  # (BLOCK_N, BLOCK_D)
+        dp_t = tl.dot(v, tl.trans(do), input_precision=DOT_PREC)  # (BLOCK_N, BLOCK_M)
+        ds_t = p_t * (dp_t - delta[None, :])  # dL/d(score), natural units
+        dk = tl.dot(ds_t.to(q.dtype), q, dk, input_precision=DOT_PREC)  # (BLOCK_N, BLOCK_D)
+    return dk, dv
+
+
+@_autotune(DKDV_TUNING)
+@triton.jit
+def _attn_bwd_dkdv(Q, K, V, DO, LSE, DELTA, DK, DV, SLOPES, qk_scale, sm_scale,
+                   stride_qb, stride_qh, stride_qm, stride_kb, stride_kh, stride_kn, stride_vb, stride_vh, stride_vn,
+                   stride_dob, stride_doh, stride_dom, stride_dkb, stride_dkh, stride_dkn,
+                   H, G, Tq, Tk, tq_bucket, tk_bucket,
+                   HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, CAUSAL: tl.constexpr, HAS_ALIBI: tl.constexpr,
+                   DOT_PREC: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+    # One program per (batch, kv head, key block), covering the G query heads that share the kv head:
+    # every dK/dV row has a single owner, so GQA needs no atomics.
+    bh = tl.program_id(1)
+    b, hk = (bh // (H // G)).to(tl.int64), (bh % (H // G)).to(tl.int64)
+    start_n = tl.program_id(0) * BLOCK_N
+    off_shift = Tk - Tq
+    offs_n = start_n + tl.arange(0, BLOCK_N)
+    offs_d = tl.arange(0, BLOCK_D)
+    kv_mask = (offs_n[:, None] < Tk) & (offs_d[None, :] < HEAD_DIM)
+    k = tl.load(K + b * stride_kb + hk * stride_kh + offs_n[:, None] * stride_kn + offs_d[None, :], mask=kv_mask,
+                other=0.0)  # (BLOCK_N, BLOCK_D)
+    v = tl.load(V + b * stride_vb + hk * stride_vh + offs_n[:, None] * stride_vn + offs_d[None, :], mask=kv_mask,
+                other=0.0)
+    dk = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
+    dv = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
+    # Query rows with i_abs < start_n see none of these keys (skipped); rows before `mid` have i_abs below
+    # the block's last key (masked stage); all later rows see every key of the block (no mask).
+    if CAUSAL:
+        lo = tl.maximum(start_n - off_shift, 0) // BLOCK_M * BLOCK_M
+        mid = tl.cdiv(tl.minimum(tl.maximum(start_n + BLOCK_N - 1 - off_shift, 0), Tq), BLOCK_M) * BLOCK_M
+    else:
+        lo, mid = 0, 0
+    Q += b * stride_qb
+    DO += b * stride_dob
+    LSE += b * H * Tq
+    DELTA += b * H * Tq
+    dk, dv = _dkdv_inner(dk, dv, k, v, Q, DO, LSE, DELTA, SLOPES, stride_qh, stride_qm, stride_doh, stride_dom, Tq,
+                         hk * G, G, lo, (mid - lo) // BLOCK_M, start_n, off_shift, qk_scale,
+                         HEAD_DIM, BLOCK_D, BLOCK_M, BLOCK_N, True, HAS_ALIBI, DOT_PREC)
+    dk, dv = _dkdv_inner(dk, dv, k, v, Q, DO, LSE, DELTA, SLOPES, stride_qh, stride_qm, stride_doh, stride_dom, Tq,
+                         hk * G, G, mid, tl.cdiv(tl.maximum(Tq - mid, 0), BLOCK_M), start_n, off_shift, qk_scale,
+                         HEAD_DIM, BLOCK_D, BLOCK_M, BLOCK_N, False, HAS_ALIBI, DOT_PREC)
+    dkv_offs = b * stride_dkb + hk * stride_dkh + offs_n[:, None] * stride_dkn + offs_d[None, :]
+    tl.store(DK + dkv_offs, (dk * sm_scale).to(DK.dtype.element_ty), mask=kv_mask)  # d(score)/dk = scale * q
+    tl.store(DV + dkv_offs, dv.to(DV.dtype.element_ty), mask=kv_mask)
+
+
+@triton.jit
+def _dq_inner(dq, q, do, lse, delta, K, V, stride_kn, stride_vn, lo, hi, Tk, last_key, c, qk_scale, slope2,
+              HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr, MASKED: tl.constexpr,
+              HAS_ALIBI: tl.constexpr, DOT_PREC: tl.constexpr):
+    offs_d = tl.arange(0, BLOCK_D)
+    for start_n in range(lo, hi, BLOCK_N):
+        offs_n = start_n + tl.arange(0, BLOCK_N)
+        kv_mask = (offs_n[:, None] < Tk) & (offs_d[None, :] < HEAD_DIM)
+        k = tl.load(K + offs_n[:, None] * stride_kn + offs_d[None, :], mask=kv_mask, other=0.0)  # (BLOCK_N, BLOCK_D)
+        v = tl.load(V + offs_n[:, None] * stride_vn + offs_d[None, :], mask=kv_mask, other=0.0)
+        s = tl.dot(q, tl.trans(k), input_precision=DOT_PREC) * qk_scale  # (BLOCK_M, BLOCK_N)
+        if HAS_ALIBI:
+            s += (slope2 * (offs_n - c).to(tl.float32))[None, :]
+        if MASKED:  # keys past Tk are masked here too: they would feed dQ through ds * k
+            s = tl.where(offs_n[None, :] <= last_key[:, None], s, float("-inf"))
+        p = tl.exp2(s - lse[:, None])  # (BLOCK_M, BLOCK_N)
+        dp = tl.dot(do, tl.trans(v), input_precision=DOT_PREC)  # (BLOCK_M, BLOCK_N)
+        ds = p * (dp - delta[:, None])
+        dq = tl.dot(ds.to(k.dtype), k, dq, input_precision=DOT_PREC)  # (BLOCK_M, BLOCK_D)
+    return dq
+
+
+@_autotune(DQ_TUNING)
+@triton.jit
+def _attn_bwd_dq(Q, K, V, DO, LSE, DELTA, DQ, SLOPES, qk_scale, sm_scale,
+                 stride_qb, stride_qh, stride_qm, stride_kb, stride_kh, stride_kn, stride_vb, stride_vh, stride_vn,
+                 stride_dob, stride_doh, stride_dom, stride_dqb, stride_dqh, stride_dqm,
+                 H, G, Tq, Tk, tq_bucket, tk_bucket,
+                 HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, CAUSAL: tl.constexpr, HAS_ALIBI: tl.constexpr,
+                 DOT_PREC: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+    # One program per (batch, query head, query block), walking the same key blocks as the forward.
+    pid_m = tl.program_id(0)
+    if CAUSAL:
+        pid_m = tl.num_programs(0) - 1 - pid_m
+    bh = tl.program_id(1)
+    b, h = (bh // H).to(tl.int64), (bh % H).to(tl.int64)
+    start_m = pid_m * BLOCK_M
+    off_shift = Tk - Tq
+    offs_m = start_m + tl.arange(0, BLOCK_M)
+    offs_d = tl.arange(0, BLOCK_D)
+    io_mask = (offs_m[:, None] < Tq) & (offs_d[None, :] < HEAD_DIM)
+    q = tl.load(Q + b * stride_qb + h * stride_qh + offs_m[:, None] * stride_qm + offs_d[None, :], mask=io_mask,
+                other=0.0)  # (BLOCK_M, BLOCK_D)
+    do = tl.load(DO + b * stride_dob + h * stride_doh + offs_m[:, None] * stride_dom + offs_d[None, :], mask=io_mask,
+                 other=0.0)
+    lse = tl.load(LSE + bh.to(tl.int64) * Tq + offs_m, mask=offs_m < Tq, other=float("inf"))  # (BLOCK_M,)
+    delta = tl.load(DELTA + bh.to(tl.int64) * Tq + offs_m, mask=offs_m < Tq, other=0.0)
+    slope2 = tl.load(SLOPES + h) * 1.4426950408889634 if HAS_ALIBI else 0.0
+    c = start_m + off_shift  # same frame as the forward program for this block
+    lse += slope2 * (offs_m - start_m).to(tl.float32)
+    K += b * stride_kb + (h // G) * stride_kh
+    V += b * stride_vb + (h // G) * stride_vh
+    dq = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
+    full_end, hi, last_key = _key_range(offs_m, start_m, off_shift, Tk, BLOCK_M, BLOCK_N, CAUSAL)
+    dq = _dq_inner(dq, q, do, lse, delta, K, V, stride_kn, stride_vn, 0, full_end, Tk, last_key, c,
+                   qk_scale, slope2, HEAD_DIM, BLOCK_D, BLOCK_N, False, HAS_ALIBI, DOT_PREC)
+    dq = _dq_inner(dq, q, do, lse, delta, K, V, stride_kn, stride_vn, full_end, hi, Tk, last_key, c,
+                   qk_scale, slope2, HEAD_DIM, BLOCK_D, BLOCK_N, True, HAS_ALIBI, DOT_PREC)
+    tl.store(DQ + b * stride_dqb + h * stride_dqh + offs_m[:, None] * stride_dqm + offs_d[None, :],
+             (dq * sm_scale).to(DQ.dtype.element_ty), mask=io_mask)
+
+
+def _bucket(t):
+    # autotune key for a sequence length: powers of two, so KV-cache decoding does not retune every step
+    return min(triton.next_power_of_2(t), 16384)
+
+
+def _check_inputs(q, k, v, alibi_slopes):
+    if q.dim() != 4 or k.dim() != 4 or v.dim() != 4:
+        raise ValueError("flash_attn_alibi: q, k, v must be 4-D (B, H, T, D)")
+    if k.shape != v.shape:
+        raise ValueError(f"flash_attn_alibi: k and v must have the same shape, got {tuple(k.shape)}, {tuple(v.shape)}")
+    (B, H, _, D), (Bk, H_kv, _, Dk) = q.shape, k.shape
+    if B != Bk:
+        raise ValueError(f"flash_attn_alibi: batch sizes differ: q has {B}, k/v have {Bk}")
+    if D != Dk:
+        raise ValueError(f"flash_attn_alibi: q and k/v head dims differ ({D} vs {Dk})")
+    if not 1 <= D <= 128:
+        raise ValueError(f"flash_attn_alibi: head dim must be at most 128, got {D}")
+    if H_kv == 0 or H % H_kv != 0:
+        raise ValueError(f"flash_attn_alibi: n_heads ({H}) must be a multiple of n_kv_heads ({H_kv})")
+    if not (q.dtype == k.dtype == v.dtype):
+        raise ValueError(f"flash_attn_alibi: q, k, v dtypes differ ({q.dtype}, {k.dtype}, {v.dtype})")
+    if not (q.device == k.device == v.device):
+        raise ValueError("flash_attn_alibi: q, k, v must be on the same device")
+    if q.device.type == "cuda" and not _INTERPRET:
+        if q.dtype not in (torch.float16, torch.bfloat16):
+            raise ValueError(f"flash_attn_alibi: dtype must be float16 or bfloat16 on CUDA, got {q.dtype}")
+    elif _INTERPRET:  # the interpreter's tl.dot multiplies the raw bits of bf16 values: no bf16 there
+        if q.dtype not in (torch.float16, torch.float32):
+            raise ValueError(f"flash_attn_alibi: dtype must be float16 or float32 under TRITON_INTERPRET=1, "
+                             f"got {q.dtype}")
+    else:
+        raise ValueError(f"flash_attn_alibi: needs CUDA tensors (got {q.device.type}); use attn_impl='torch', "
+                         "or set TRITON_INTERPRET=1 before importing this module to run the kernels on the CPU")
+    if alibi_slopes is not None and tuple(alibi_slopes.shape) != (H,):
+        raise ValueError(f"flash_attn_alibi: alibi_slopes must have shape (n_heads,) = ({H},), "
+                         f"got {tuple(alibi_slopes.shape)}")
+
+
+def _attn_forward(q, k, v, slopes, causal, sm_scale):
+    B, H, Tq, D = q.shape
+    H_kv, Tk = k.shape[1], k.shape[2]
+    o = _empty_bhtd(B, H, Tq, D, q)
+    lse = torch.empty(B, H, Tq, device=q.device, dtype=torch.float32)  # base-2, true ALiBi frame
+    grid = lambda META: (triton.cdiv(Tq, META["BLOCK_M"]), B * H)
+    _attn_fwd[grid](q, k, v, o, lse, slopes if slopes is not None else q, sm_scale * LOG2E,
+                    *q.stride()[:3], *k.stride()[:3], *v.stride()[:3], *o.stride()[:3],
+                    H, H // H_kv, Tq, Tk, _bucket(Tq), _bucket(Tk), **_meta(D, causal, slopes, q.dtype))
+    return o, lse
+
+
+def _attn_backward(do, q, k, v, o, lse, slopes, causal, sm_scale):
+    B, H, Tq, D = q.shape
+    H_kv, Tk = k.shape[1], k.shape[2]
+    meta = _meta(D, causal, slopes, q.dtype)
+    delta = torch.empty_like(lse)
+    pre_block = 32 if _INTERPRET else 128
+    _bwd_preprocess[(triton.cdiv(Tq, pre_block), B * H)](o, do, delta, *o.stride()[:3], *do.stride()[:3], H, Tq,
+                                                         HEAD_DIM=D, BLOCK_D=meta["BLOCK_D"], BLOCK_M=pre_block)
+    dq, dk, dv = _empty_bhtd(B, H, Tq, D, q), _empty_bhtd(B, H_kv, Tk, D, q), _empty_bhtd(B, H_kv, Tk, D, q)
+    args = (slopes if slopes is not None else q, sm_scale * LOG2E, sm_scale,
+            *q.stride()[:3], *k.stride()[:3], *v.stride()[:3], *do.stride()[:3])
+    tail = (H, H // H_kv, Tq, Tk, _bucket(Tq), _bucket(Tk))
+    grid = lambda META: (triton.cdiv(Tk, META["BLOCK_N"]), B * H_kv)
+    _attn_bwd_dkdv[grid](q, k, v, do, lse, delta, dk, dv, *args, *dk.stride()[:3], *tail, **meta)
+    grid = lambda META: (triton.cdiv(Tq, META["BLOCK_M"]), B * H)
+    _attn_bwd_dq[grid](q, k, v, do, lse, delta, dq, *args, *dq.stride()[:3], *tail, **meta)
+    return dq, dk, dv
+
+
+def _empty_bhtd(B, H, T, D, like):
+    # (B, T, H, D) memory seen as (B, H, T, D): the model's y.transpose(1, 2).reshape(B, T, C) is then free,
+    # and so are the views back to the fused qkv gradient
+    return torch.empty(B, T, H, D, device=like.device, dtype=like.dtype).transpose(1, 2)
+
+
+def _meta(D, causal, slopes, dtype):
+    return dict(HEAD_DIM=D, BLOCK_D=max(16, triton.next_power_of_2(D)), CAUSAL=bool(causal),
+                HAS_ALIBI=slopes is not None, DOT_PREC="ieee" if dtype == torch.float32 else "tf32")
+
+
+class FlashAttnALiBi(torch.autograd.Function):
+
+    @staticmethod
+    def forward(ctx, q, k, v, alibi_slopes, causal, softmax_scale):
+        # the kernels index with strides and only need the last dim contiguous (the qkv views already are)
+        q, k, v = (x if x.stride(-1) == 1 else x.contiguous() for x in (q, k, v))
+        slopes = None if alibi_slopes is None else alibi_slopes.to(device=q.device, dtype=torch.float32).contiguous()
+        sm_scale = softmax_scale if softmax_scale is not None else 1.0 / math.sqrt(q.shape[-1])
+        with torch.cuda.device(q.device) if q.is_cuda else contextlib.nullcontext():  # launch on q's GPU
+            o, lse = _attn_forward(q, k, v, slopes, causal, sm_scale)
+        ctx.save_for_backward(q, k, v, o, lse, slopes)
+        ctx.causal, ctx.sm_scale = causal, sm_scale
+        return o
+
+    @staticmethod
+    def backward(ctx, do):
+        q, k, v, o, lse, slopes = ctx.saved_tensors
+        do = do if do.stride(-1) == 1 else do.contiguous()
+        with torch.cuda.device(q.device) if q.is_cuda else contextlib.nullcontext():  # launch on q's GPU
+            dq, dk, dv = _attn_backward(do, q, k, v, o, lse, slopes, ctx.causal, ctx.sm_scale)
+        return dq, dk, dv, None, None, None
+
+
+def flash_attn_alibi(q, k, v, alibi_slopes=None, causal=True, softmax_scale=None):
+    """Attention with ALiBi, as torch SDPA plus a bias slope_h * (j - i_abs), in Triton.
+    q: (B, H, Tq, D); k, v: (B, H_kv, Tk, D) with H % H_kv == 0; any strides (last dim contiguous
+    avoids a copy). fp16/bf16 on CUDA (fp32 too under TRITON_INTERPRET=1); D <= 128.
+    alibi_slopes: (H,) fp32 or None. causal masks j > i + Tk - Tq. Returns (B, H, Tq, D) in q's dtype,
+    a view of (B, Tq, H, D) memory."""
+    _check_inputs(q, k, v, alibi_slopes)
+    return FlashAttnALiBi.apply(q, k, v, alibi_slopes, causal, softmax_scale)
