@@ -19,10 +19,15 @@ import sys
 SETTING_TYPES = (int, float, bool, str, tuple, list, dict, type(None))
 
 
+def settings_in(namespace):
+    """The settings among a script's globals: plain values (not modules, functions, or _private names)."""
+    return {k: v for k, v in namespace.items() if not k.startswith('_') and isinstance(v, SETTING_TYPES)}
+
+
 def configure(settings, argv, verbose=True):
     """Apply config files and --key=value arguments to `settings` (a script's globals()), in order.
     Returns {name: value} of all settings, for logging and checkpoints."""
-    keys = [k for k, v in settings.items() if not k.startswith('_') and isinstance(v, SETTING_TYPES)]
+    keys = list(settings_in(settings))
     for arg in argv:
         if not arg.startswith('--'):
             _apply_file(settings, keys, arg, verbose)

@@ -47,7 +47,7 @@ from torch.distributed.device_mesh import init_device_mesh
 from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 from torch.distributed.tensor import DTensor
 
-from configurator import SETTING_TYPES as _SETTING_TYPES, configure
+from configurator import configure, settings_in
 from model import MPT, MPTConfig, config_from_hf
 
 # -----------------------------------------------------------------------------
@@ -91,7 +91,7 @@ dtype = 'bfloat16' if torch.cuda.is_available() else 'float32'  # bf16 matmuls o
 compile = True  # torch.compile each block
 activation_checkpointing = False  # recompute each block in the backward instead of keeping its activations
 seed = 1337  # weights, data order and dropout all follow from it
-_defaults = {k: v for k, v in dict(globals()).items() if not k.startswith('_') and isinstance(v, _SETTING_TYPES)}
+_defaults = settings_in(globals())
 
 
 # -----------------------------------------------------------------------------

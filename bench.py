@@ -1,0 +1,349 @@
+"""
+Speed, measured side by side with the alternatives in one process on one device, so that ratios
+hold even on a noisy machine. Takes the same settings as train.py (a config file, --key=value).
+
+    python bench.py config/mpt_1b.py --mode=train [--compare_hf=True] [--profile=True]
+    python bench.py --mode=attn
+    python bench.py config/mpt_125m.py --mode=sample
+    ... --json=bench.json   writes every figure, with the device and the versions
+
+train:  the real training step of train.py (forward, backward, Lion; its FSDP wrapping and
+        precision) on random tokens: ms/step, tokens/s, MFU, peak memory; --compare_hf=True times
+        transformers' MptForCausalLM (eager attention) on the same config and batch.
+attn:   forward and forward+backward TFLOP/s of causal ALiBi attention, bf16: our Triton kernel,
+        SDPA with the bias as a float mask, FlexAttention with an ALiBi score_mod, SDPA without
+        bias (the ceiling for a kernel without ALiBi), flash-attn if installed, the eager reference.
+sample: decode tokens/s of model.generate against transformers' generate on the same weights.
+"""
+import math
+import os
+import platform
+import sys
+import time
+from json import dump as json_dump
+
+import torch
+import torch.nn.functional as F
+
+import train
+from configurator import configure
+from model import MPT, MPTConfig, alibi_slopes, flash_attn_alibi, torch_attention
+
+# -----------------------------------------------------------------------------
+# every setting of train.py (a config file and --key=value work as there), then bench's own
+globals().update(train.default_settings())
+mode = 'train'  # 'train' | 'attn' | 'sample'
+warmup = 3  # untimed steps (compilation, autotuning, allocator warm-up)
+iters = 10  # timed steps
+micro_steps = 2  # train mode: micro-batches per timed step (all of gradient_accumulation_steps would take long)
+compare_hf = False  # train mode: also time transformers' MptForCausalLM on the same config and batch
+profile = False  # train mode: write a torch.profiler trace to out_dir/trace.json
+json = ''  # write every figure to this file (--json=bench.json)
+attn_shapes = [(8, 16, 2048, 128), (4, 16, 4096, 128), (16, 12, 2048, 64)]  # attn mode: (B, H, T, D)
+sample_batch_sizes = [1, 16]  # sample mode: prompts generated at once
+sample_prompt_len = 128  # sample mode: prompt tokens, then...
+sample_new_tokens = 256  # ...tokens generated per prompt
+settings = configure(globals(), sys.argv[1:])
+# -----------------------------------------------------------------------------
+
+cuda = torch.device(device).type == 'cuda'
+
+
+def timed(fn, n_warmup=warmup, n_iters=iters):
+    """Mean seconds per call, after warm-up; device events on CUDA, wall clock elsewhere."""
+    for _ in range(n_warmup):
+        fn()
+    if cuda:
+        torch.cuda.synchronize()
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        for _ in range(n_iters):
+            fn()
+        end.record()
+        torch.cuda.synchronize()
+        return start.elapsed_time(end) / 1e3 / n_iters
+    t0 = time.perf_counter()
+    for _ in range(n_iters):
+        fn()
+    return (time.perf_counter() - t0) / n_iters
+
+
+def print_table(rows, columns):
+    """One readable table: a row per dict, the given columns, numbers rounded."""
+    def cell(v):
+        if isinstance(v, float):
+            return f"{v:.1e}" if 0 < abs(v) < 0.1 else f"{v:,.1f}"
+        return 'n/a' if v is None else str(v)
+    cells = [[cell(r.get(c)) for c in columns] for r in rows]
+    widths = [max(len(c), *(len(row[i]) for row in cells)) for i, c in enumerate(columns)]
+    print('  '.join(c.rjust(w) for c, w in zip(columns, widths)))
+    for row in cells:
+        print('  '.join(v.rjust(w) for v, w in zip(row, widths)))
+
+
+def environment():
+    import triton
+    env = dict(torch=torch.__version__, triton=triton.__version__, cuda=torch.version.cuda,
+               python=platform.python_version(), device=torch.cuda.get_device_name() if cuda else platform.processor() or 'cpu')
+    try:
+        import transformers
+        env['transformers'] = transformers.__version__
+    except ImportError:
+        pass
+    return env
+
+
+# -----------------------------------------------------------------------------
+# train: train.py's own step, timed
+
+def random_batches(n, B, vocab_size, dev):
+    g = torch.Generator(device=dev).manual_seed(seed)
+    return [(torch.randint(0, vocab_size, (B, max_seq_len), device=dev, generator=g),
+             torch.randint(0, vocab_size, (B, max_seq_len), device=dev, generator=g)) for _ in range(n)]
+
+
+def largest_batch_size(step, limit=1024):
+    """The largest power-of-two micro-batch for which step(B) runs without running out of memory."""
+    best, B = None, 1
+    while B <= limit:
+        try:
+            step(B)
+            best, B = B, 2 * B
+        except torch.OutOfMemoryError:
+            break
+        finally:
+            torch.cuda.empty_cache()
+    if best is None:
+        sys.exit("error: not even a micro-batch of 1 fits: try activation_checkpointing=True or more GPUs")
+    return best
+
+
+def bench_train():
+    rank, world_size, dev, mesh = train.init_distributed(device)
+    config = model_config()
+    model = train.setup_model(config, mesh, dtype, activation_checkpointing, compile, seed)
+    exp_avgs = train.lion_state(model)
+
+    def step(B, batches=None):
+        batches = batches or random_batches(micro_steps, B, config.vocab_size, dev)
+        return train.train_step(model, exp_avgs, batches, learning_rate, learning_rate, weight_decay,
+                                beta1, beta2, grad_clip)
+    B = batch_size if batch_size > 0 else largest_batch_size(step) if cuda else 1
+    batches = random_batches(micro_steps, B, config.vocab_size, dev)
+    if cuda:
+        torch.cuda.reset_peak_memory_stats(dev)
+    t = timed(lambda: step(B, batches))
+    tokens_per_sec = B * max_seq_len * micro_steps * world_size / t
+    impl = 'torch' if config.attn_impl == 'triton' and not cuda else config.attn_impl  # model.py's CPU fallback
+    rows = [dict(impl=f"ours ({impl} attention, FSDP x{world_size}{', compiled' if compile else ''})",
+                 params=f"{model.num_params() / 1e6:.1f}M", batch=B, seq=max_seq_len, micro_steps=micro_steps,
+                 ms_per_step=t * 1e3, tokens_per_sec=tokens_per_sec,
+                 mfu_pct=pct(model.estimate_mfu(tokens_per_sec / world_size, max_seq_len)),
+                 peak_mem_gb=torch.cuda.max_memory_allocated(dev) / 2**30 if cuda else None)]
+    if profile:
+        from torch.profiler import ProfilerActivity, profile as torch_profile
+        os.makedirs(out_dir, exist_ok=True)
+        activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])
+        with torch_profile(activities=activities) as prof:
+            for _ in range(3):
+                step(B, batches)
+        prof.export_chrome_trace(os.path.join(out_dir, 'trace.json'))
+        print(f"wrote {os.path.join(out_dir, 'trace.json')}")
+    if compare_hf:
+        rows.append(bench_hf_train(model, B, batches, micro_steps, dev))
+        rows[-1]['speedup'] = rows[-1]['ms_per_step'] / rows[0]['ms_per_step'] if rows[-1].get('ms_per_step') else None
+    print_table(rows, ['impl', 'params', 'batch', 'seq', 'micro_steps', 'ms_per_step', 'tokens_per_sec', 'mfu_pct',
+                       'peak_mem_gb', 'speedup', 'note'])
+    return rows
+
+
+def pct(x):
+    return None if x is None else 100 * x
+
+
+def bench_hf_train(model, B, batches, micro_steps, dev):
+    """transformers' MptForCausalLM (eager attention) training on the same config and batches, the way
+    one trains it without FSDP: fp32 weights, bf16 autocast, and the same Lion update."""
+    row = dict(impl="transformers MptForCausalLM (eager)", batch=B, seq=max_seq_len, micro_steps=micro_steps)
+    try:
+        from transformers import MptConfig, MptForCausalLM
+    except ImportError:
+        return {**row, 'note': 'transformers not installed'}
+    torch.manual_seed(seed)
+    hf = MptForCausalLM(MptConfig(**model.hf_config())).to(dev).train()
+    params = [p for p in hf.parameters()]
+    exp_avgs = [torch.zeros_like(p) for p in params]
+    autocast = torch.autocast(dev.type, dtype=torch.bfloat16, enabled=dtype == 'bfloat16')
+
+    def step():
+        for x, y in batches:
+            with autocast:
+                loss = hf(input_ids=x, labels=y).loss  # HF shifts labels itself; the cost is the same
+            (loss / len(batches)).backward()
+        torch.nn.utils.clip_grad_norm_(params, grad_clip)
+        train.lion_step(params, [p.grad for p in params], exp_avgs, learning_rate, beta1, beta2, weight_decay,
+                        learning_rate)
+        hf.zero_grad(set_to_none=True)
+    if cuda:
+        torch.cuda.reset_peak_memory_stats(dev)
+    try:
+        t = timed(step)
+    except torch.OutOfMemoryError:
+        return {**row, 'note': 'out of memory at this batch size'}
+    tokens_per_sec = B * max_seq_len * micro_steps / t
+    return {**row, 'params': f"{sum(p.numel() for p in params) / 1e6:.1f}M", 'ms_per_step': t * 1e3,
+            'tokens_per_sec': tokens_per_sec, 'mfu_pct': pct(model.estimate_mfu(tokens_per_sec, max_seq_len)),
+            'peak_mem_gb': torch.cuda.max_memory_allocated(dev) / 2**30 if cuda else None}
+
+
+# -----------------------------------------------------------------------------
+# attn: one attention call at a time, each checked against the float32 reference first
+
+def attention_impls(slopes, causal=True):
+    """name -> fn(q, k, v), or name -> reason why it is unavailable here."""
+    H = slopes.numel()
+    impls = {}
+    if cuda or os.environ.get('TRITON_INTERPRET') == '1':
+        impls['ours (triton)'] = lambda q, k, v: flash_attn_alibi(q, k, v, slopes, causal)
+    else:
+        impls['ours (triton)'] = 'needs CUDA'
+    try:
+        import flash_attn  # noqa: F401
+        from model import flash_package_attention
+        impls['flash-attn'] = lambda q, k, v: flash_package_attention(q, k, v, slopes, causal)
+    except ImportError:
+        impls['flash-attn'] = 'not installed'
+    if cuda:
+        from torch.nn.attention.flex_attention import create_block_mask, flex_attention
+        flex = torch.compile(flex_attention, dynamic=False)
+        masks = {}
+
+        def alibi_mod(score, b, h, q_idx, kv_idx):
+            return score + slopes[h] * (kv_idx - q_idx)
+
+        def flex_alibi(q, k, v):
+            T = q.size(-2)
+            if T not in masks:
+                masks[T] = create_block_mask(lambda b, h, q_idx, kv_idx: q_idx >= kv_idx, None, None, T, T,
+                                             device=q.device)
+            return flex(q, k, v, score_mod=alibi_mod, block_mask=masks[T])
+        impls['FlexAttention + ALiBi'] = flex_alibi
+    else:
+        impls['FlexAttention + ALiBi'] = 'needs CUDA'
+    impls['SDPA + ALiBi float mask'] = lambda q, k, v: torch_attention(q, k, v, slopes, causal)
+    impls['SDPA, no bias (ceiling)'] = lambda q, k, v: F.scaled_dot_product_attention(q, k, v, is_causal=causal)
+    impls['eager reference'] = lambda q, k, v: eager_attention(q, k, v, slopes, causal)
+    return impls
+
+
+def eager_attention(q, k, v, slopes, causal):
+    """Attention as plain matmul + softmax, the way transformers' MPT computes it."""
+    T = q.size(-2)
+    s = (q @ k.transpose(-1, -2)) * (1 / math.sqrt(q.size(-1)))
+    pos = torch.arange(T, device=q.device)
+    s = s + (slopes.view(-1, 1, 1) * (pos.view(1, -1) - pos.view(-1, 1))).to(s.dtype)
+    if causal:
+        s = s.masked_fill(pos.view(1, -1) > pos.view(-1, 1), float('-inf'))
+    return torch.softmax(s.float(), dim=-1).to(q.dtype) @ v
+
+
+def bench_attn():
+    shapes = attn_shapes if cuda else [(1, 2, 128, 32)]  # CPU: a smoke test of the machinery
+    dt = torch.bfloat16 if cuda else torch.float32
+    rows = []
+    for B, H, T, D in shapes:
+        slopes = alibi_slopes(H).to(device)
+        g = torch.Generator(device=device).manual_seed(0)
+        q, k, v = (torch.randn(B, H, T, D, device=device, dtype=dt, generator=g).requires_grad_() for _ in range(3))
+        do = torch.randn_like(q)
+        # fp32 references for the agreement check, with ALiBi and (for the ceiling) without
+        ref = torch_attention(q.float(), k.float(), v.float(), slopes)
+        ref_no_bias = torch_attention(q.float(), k.float(), v.float(), None)
+        flops = 4 * B * H * T * T * D / 2  # causal: half the scores
+        for name, fn in attention_impls(slopes).items():
+            row = dict(shape=f"{B}x{H}x{T}x{D}", impl=name)
+            rows.append(row)
+            if isinstance(fn, str):
+                row['note'] = fn
+                continue
+            try:
+                out = fn(q, k, v)
+                err = (out.float() - (ref_no_bias if 'no bias' in name else ref)).abs().max().item()
+                row['max_err'] = err
+                if not err < (5e-2 if dt == torch.bfloat16 else 1e-4):
+                    row['note'] = f"disagrees with the reference (max err {err:.3g}): not timed"
+                    continue
+                t_fwd = timed(lambda: fn(q, k, v))
+                t_all = timed(lambda: torch.autograd.grad(fn(q, k, v), (q, k, v), do))
+                row.update(fwd_ms=t_fwd * 1e3, fwd_tflops=flops / t_fwd / 1e12,
+                           fwd_bwd_ms=t_all * 1e3, fwd_bwd_tflops=3.5 * flops / t_all / 1e12)  # bwd = 2.5 fwd
+            except torch.OutOfMemoryError:
+                row['note'] = 'out of memory'
+            finally:
+                if cuda:
+                    torch.cuda.empty_cache()
+    print_table(rows, ['shape', 'impl', 'fwd_ms', 'fwd_tflops', 'fwd_bwd_ms', 'fwd_bwd_tflops', 'max_err', 'note'])
+    return rows
+
+
+# -----------------------------------------------------------------------------
+# sample: decode speed against transformers' generate on the same weights
+
+def model_config(**overrides):
+    return MPTConfig(**{**{k: settings[k] for k in MPTConfig.__dataclass_fields__ if k in settings}, **overrides})
+
+
+def hf_twin(model):
+    """transformers' MptForCausalLM holding the same weights as our model."""
+    from transformers import MptConfig, MptForCausalLM
+    with torch.device('meta'):
+        hf = MptForCausalLM(MptConfig(**model.hf_config()))
+    hf.load_state_dict({**model.state_dict(), 'lm_head.weight': model.transformer.wte.weight}, assign=True)
+    hf.tie_weights()
+    return hf.eval()
+
+
+def bench_sample():
+    dt = {'float32': torch.float32, 'bfloat16': torch.bfloat16, 'float16': torch.float16}[dtype]
+    torch.manual_seed(seed)
+    model = MPT(model_config(init_device=device)).to(dt).eval()
+    try:
+        hf = hf_twin(model)
+    except ImportError:
+        hf = None
+    rows = []
+    for B in sample_batch_sizes:
+        prompt = torch.randint(0, model.config.vocab_size, (B, sample_prompt_len), device=device)
+        n = sample_new_tokens
+        ours_out = model.generate(prompt, n, temperature=0, max_len=sample_prompt_len + n)
+        t = timed(lambda: model.generate(prompt, n, temperature=0, max_len=sample_prompt_len + n), 1, 3)
+        row = dict(model=f"{model.num_params() / 1e6:.0f}M", batch=B, new_tokens=n, ours_tok_s=B * n / t)
+        if hf is not None:
+            def hf_generate():
+                return hf.generate(prompt, max_new_tokens=n, min_new_tokens=n, do_sample=False,
+                                   attention_mask=torch.ones_like(prompt), pad_token_id=0)
+            with torch.no_grad():
+                hf_out = hf_generate()
+                t_hf = timed(hf_generate, 1, 3)
+            same = (hf_out[:, sample_prompt_len:] == ours_out[:, sample_prompt_len:]).long().cumprod(1).sum(1)
+            row.update(hf_tok_s=B * n / t_hf, speedup=t_hf / t, same_greedy_tokens=int(same.min()))
+        rows.append(row)
+    print_table(rows, ['model', 'batch', 'new_tokens', 'ours_tok_s', 'hf_tok_s', 'speedup', 'same_greedy_tokens'])
+    return rows
+
+
+# -----------------------------------------------------------------------------
+
+if __name__ == '__main__':
+    modes = {'train': bench_train, 'attn': bench_attn, 'sample': bench_sample}
+    if mode not in modes:
+        sys.exit(f"error: unknown mode={mode!r}: use one of {', '.join(modes)}")
+    env = environment()
+    print(f"{mode} on {env['device']} | torch {env['torch']} | triton {env['triton']} | CUDA {env['cuda']}")
+    rows = modes[mode]()
+    if json:
+        with open(json, 'w') as f:
+            json_dump(dict(mode=mode, environment=env, command=' '.join(['python', *sys.argv]), rows=rows,
+                           settings={k: v for k, v in settings.items() if isinstance(v, (int, float, str, bool))}),
+                      f, indent=2)
+        print(f"wrote {json}")

@@ -1,0 +1,58 @@
+"""bench.py on the CPU: a smoke test of each mode's machinery and output (no timing assertions)."""
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+TINY = ["--d_model=64", "--n_heads=4", "--n_layers=2", "--vocab_size=128", "--max_seq_len=32", "--batch_size=2",
+        "--warmup=1", "--iters=2", "--compile=False", "--device=cpu", "--dtype=float32"]
+
+
+def run_bench(tmp_path, *args):
+    out = tmp_path / "bench.json"
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    r = subprocess.run([sys.executable, "bench.py", *TINY, *args, f"--json={out}"], cwd=ROOT, env=env,
+                       capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr[-3000:]
+    return r.stdout, json.loads(out.read_text())
+
+
+def test_train_mode_with_transformers_comparison(tmp_path):
+    pytest.importorskip("transformers")
+    stdout, result = run_bench(tmp_path, "--mode=train", "--compare_hf=True")
+    assert "ms_per_step" in stdout and "tokens_per_sec" in stdout
+    ours, hf = result["rows"]
+    assert ours["params"] == hf["params"]  # the same model on both sides
+    expected = 2 * 2 * 32 / (ours["ms_per_step"] / 1e3)  # batch x micro_steps x seq per step
+    assert ours["tokens_per_sec"] == pytest.approx(expected, rel=1e-6)
+    assert hf["tokens_per_sec"] > 0 and hf["speedup"] > 0
+    assert ours["mfu_pct"] is None  # no peak FLOP/s is known for a CPU
+    env = result["environment"]
+    assert env["torch"] and env["triton"] and "cuda" in env and result["mode"] == "train"
+
+
+def test_attn_mode_checks_agreement_and_reports_tflops(tmp_path):
+    stdout, result = run_bench(tmp_path, "--mode=attn")
+    rows = {r["impl"]: r for r in result["rows"]}
+    for name in ("SDPA + ALiBi float mask", "SDPA, no bias (ceiling)", "eager reference"):
+        assert rows[name]["max_err"] < 1e-4 and rows[name]["fwd_tflops"] > 0
+        assert rows[name]["fwd_bwd_tflops"] > 0
+    assert rows["ours (triton)"]["note"] == "needs CUDA"  # a subprocess without TRITON_INTERPRET
+
+
+def test_sample_mode_matches_transformers_greedy(tmp_path):
+    pytest.importorskip("transformers")
+    stdout, result = run_bench(tmp_path, "--mode=sample", "--sample_batch_sizes=[1, 3]",
+                               "--sample_prompt_len=8", "--sample_new_tokens=12")
+    for row in result["rows"]:
+        assert row["same_greedy_tokens"] == 12  # in fp32 both generate the same tokens
+        assert row["ours_tok_s"] > 0 and row["hf_tok_s"] > 0
+
+
+def test_unknown_mode_is_a_clear_error(tmp_path):
+    r = subprocess.run([sys.executable, "bench.py", "--mode=speed"], cwd=ROOT, capture_output=True, text=True)
+    assert r.returncode != 0 and "unknown mode='speed'" in r.stderr and "Traceback" not in r.stderr
