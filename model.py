@@ -128,16 +128,17 @@ def flash_package_attention(q, k, v, slopes=None, causal=True, softmax_scale=Non
     return y.transpose(1, 2)
 
 
-_notified = set()
+_cpu_notice_shown = False
 
 
 def attention(q, k, v, slopes, config, causal=True, dropout_p=0.0, key_start=None):
     """The one place where config.attn_impl picks an implementation."""
+    global _cpu_notice_shown
     impl = config.attn_impl
     if impl == 'triton' and not q.is_cuda and not _INTERPRET:
-        if 'cpu' not in _notified:
+        if not _cpu_notice_shown:
             print("note: attn_impl='triton' needs a CUDA device; using attn_impl='torch' on CPU")
-            _notified.add('cpu')
+            _cpu_notice_shown = True
         impl = 'torch'
     if key_start is not None:
         impl = 'torch'  # only the reference takes a padding mask (generate with prompts of unequal length)
@@ -891,7 +892,8 @@ def _check_inputs(q, k, v, alibi_slopes):
         raise ValueError("flash_attn_alibi: q, k, v must be on the same device")
     if q.device.type == "cuda" and not _INTERPRET:
         if q.dtype not in (torch.float16, torch.bfloat16):
-            raise ValueError(f"flash_attn_alibi: dtype must be float16 or bfloat16 on CUDA, got {q.dtype}")
+            raise ValueError(f"flash_attn_alibi: dtype must be float16 or bfloat16 on CUDA, got {q.dtype}: "
+                             f"train with dtype='bfloat16', or use attn_impl='torch' for float32")
     elif _INTERPRET:  # the interpreter's tl.dot multiplies the raw bits of bf16 values: no bf16 there
         if q.dtype not in (torch.float16, torch.float32):
             raise ValueError(f"flash_attn_alibi: dtype must be float16 or float32 under TRITON_INTERPRET=1, "
@@ -969,6 +971,9 @@ class FlashAttnALiBi(torch.autograd.Function):
         return dq, dk, dv, None, None, None
 
 
+# torch.compile (train.py compiles each block) runs this eagerly, between two compiled graphs: the kernels
+# are opaque to it anyway, and tracing the autotuner and its config pruning is not supported everywhere
+@torch.compiler.disable
 def flash_attn_alibi(q, k, v, alibi_slopes=None, causal=True, softmax_scale=None):
     """Attention with ALiBi, as torch SDPA plus a bias slope_h * (j - i_abs), in Triton.
     q: (B, H, Tq, D); k, v: (B, H_kv, Tk, D) with H % H_kv == 0; any strides (last dim contiguous

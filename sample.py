@@ -24,7 +24,8 @@ max_new_tokens = 500  # per sample; fewer when the end-of-text token comes first
 temperature = 0.8  # 1.0 = the model's own distribution, lower = more conservative, 0 = greedy
 top_k = 200  # sample only among the top_k likeliest tokens (None = all)
 top_p = None  # sample only among the likeliest tokens holding probability top_p (None = all)
-max_len = None  # limit on prompt + new tokens (the KV cache size); None = the model's max_seq_len
+max_len = None  # limit on prompt + new tokens (the KV cache size); None = what they need, since ALiBi
+# extrapolates past the training length (a note says when the sample goes beyond it)
 seed = 1337
 device = 'cuda' if torch.cuda.is_available() else 'cpu'
 dtype = 'bfloat16' if torch.cuda.is_available() and torch.cuda.is_bf16_supported() else 'float32'
@@ -126,12 +127,15 @@ def main():
     ids = encode(prompt)
     if not ids:
         raise ValueError("the prompt is empty: give --start=... (the default is a newline)")
-    limit = max_len or model.config.max_seq_len
+    limit = max_len or len(ids) + max_new_tokens
     if len(ids) >= limit:
         raise ValueError(f"the prompt is {len(ids)} tokens, the context allows {limit}: shorten it or raise --max_len")
     new_tokens = min(max_new_tokens, limit - len(ids))
     if new_tokens < max_new_tokens:
         print(f"note: {new_tokens} new tokens fit in max_len={limit} after the prompt", file=sys.stderr)
+    if limit > model.config.max_seq_len:
+        print(f"note: samples run past the {model.config.max_seq_len} tokens the model was trained on "
+              f"(ALiBi extrapolates; --max_len={model.config.max_seq_len} stops there)", file=sys.stderr)
     generator = torch.Generator(device=device).manual_seed(seed)
     made, t0 = 0, time.time()
     for _ in range(num_samples):

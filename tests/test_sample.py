@@ -156,7 +156,7 @@ def test_sample_py_clear_errors(tmp_path):
     r = run_sample(f"--out_dir={tmp_path}")
     assert r.returncode != 0 and "no checkpoint at" in r.stderr and "Traceback" not in r.stderr
     _, out = write_char_checkpoint(tmp_path)
-    r = run_sample(f"--out_dir={out}", "--start=" + "a" * 40, "--device=cpu")
+    r = run_sample(f"--out_dir={out}", "--start=" + "a" * 40, "--device=cpu", "--max_len=32")
     assert r.returncode != 0 and "the prompt is 40 tokens, the context allows 32" in r.stderr
     r = run_sample(f"--out_dir={out}", "--start=ABC", "--device=cpu")
     assert r.returncode != 0 and "outside this model's vocabulary" in r.stderr
