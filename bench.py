@@ -27,12 +27,13 @@ import torch.nn.functional as F
 
 import train
 from configurator import configure
-from model import MPT, MPTConfig, alibi_slopes, flash_attn_alibi, torch_attention
+from model import MPT, MPTConfig, alibi_slopes, check_attention, flash_attn_alibi, torch_attention
 
 # -----------------------------------------------------------------------------
 # every setting of train.py (a config file and --key=value work as there), then bench's own
 globals().update(train.default_settings())
 mode = 'train'  # 'train' | 'attn' | 'sample'
+# (train mode: --batch_size is the micro-batch as in train.py; --batch_size=0 searches for the largest that fits)
 warmup = 3  # untimed steps (compilation, autotuning, allocator warm-up)
 iters = 10  # timed steps
 micro_steps = 2  # train mode: micro-batches per timed step (all of gradient_accumulation_steps would take long)
@@ -93,6 +94,18 @@ def environment():
     return env
 
 
+def model_config(**overrides):
+    return MPTConfig(**{**{k: settings[k] for k in MPTConfig.__dataclass_fields__ if k in settings}, **overrides})
+
+
+def check(config):
+    """The attention settings' problems as one line, before any work (model.check_attention)."""
+    try:
+        check_attention(config, device, getattr(torch, dtype))
+    except ValueError as e:
+        sys.exit(f"error: {e}")
+
+
 # -----------------------------------------------------------------------------
 # train: train.py's own step, timed
 
@@ -121,6 +134,7 @@ def largest_batch_size(step, limit=1024):
 def bench_train():
     rank, world_size, dev, mesh = train.init_distributed(device)
     config = model_config()
+    check(config)
     model = train.setup_model(config, mesh, dtype, activation_checkpointing, compile, seed)
     exp_avgs = train.lion_state(model)
 
@@ -138,7 +152,7 @@ def bench_train():
     rows = [dict(impl=f"ours ({impl} attention, FSDP x{world_size}{', compiled' if compile else ''})",
                  params=f"{model.num_params() / 1e6:.1f}M", batch=B, seq=max_seq_len, micro_steps=micro_steps,
                  ms_per_step=t * 1e3, tokens_per_sec=tokens_per_sec,
-                 mfu_pct=pct(model.estimate_mfu(tokens_per_sec / world_size, max_seq_len)),
+                 mfu_pct=pct(model.estimate_mfu(tokens_per_sec / world_size, max_seq_len, peak_flops or None)),
                  peak_mem_gb=torch.cuda.max_memory_allocated(dev) / 2**30 if cuda else None)]
     if profile:
         from torch.profiler import ProfilerActivity, profile as torch_profile
@@ -192,59 +206,54 @@ def bench_hf_train(model, B, batches, micro_steps, dev):
         return {**row, 'note': 'out of memory at this batch size'}
     tokens_per_sec = B * max_seq_len * micro_steps / t
     return {**row, 'params': f"{sum(p.numel() for p in params) / 1e6:.1f}M", 'ms_per_step': t * 1e3,
-            'tokens_per_sec': tokens_per_sec, 'mfu_pct': pct(model.estimate_mfu(tokens_per_sec, max_seq_len)),
+            'tokens_per_sec': tokens_per_sec, 'mfu_pct': pct(model.estimate_mfu(tokens_per_sec, max_seq_len, peak_flops or None)),
             'peak_mem_gb': torch.cuda.max_memory_allocated(dev) / 2**30 if cuda else None}
 
 
 # -----------------------------------------------------------------------------
-# attn: one attention call at a time, each checked against the float32 reference first
+# attn: one attention call at a time, each checked against the float32 reference first (causal, ALiBi)
 
-def attention_impls(slopes, causal=True):
-    """name -> fn(q, k, v), or name -> reason why it is unavailable here."""
-    H = slopes.numel()
+def attention_impls(slopes, T, dtype):
+    """name -> fn(q, k, v), causal with ALiBi (but the ceiling), or name -> why it is unavailable here."""
     impls = {}
     if cuda or os.environ.get('TRITON_INTERPRET') == '1':
-        impls['ours (triton)'] = lambda q, k, v: flash_attn_alibi(q, k, v, slopes, causal)
+        impls['ours (triton)'] = lambda q, k, v: flash_attn_alibi(q, k, v, slopes)
     else:
         impls['ours (triton)'] = 'needs CUDA'
     try:
         import flash_attn  # noqa: F401
         from model import flash_package_attention
-        impls['flash-attn'] = lambda q, k, v: flash_package_attention(q, k, v, slopes, causal)
+        impls['flash-attn'] = lambda q, k, v: flash_package_attention(q, k, v, slopes)
     except ImportError:
         impls['flash-attn'] = 'not installed'
     if cuda:
         from torch.nn.attention.flex_attention import create_block_mask, flex_attention
         flex = torch.compile(flex_attention, dynamic=False)
-        masks = {}
+        causal_blocks = create_block_mask(lambda b, h, q_idx, kv_idx: q_idx >= kv_idx, None, None, T, T,
+                                          device=device)
 
         def alibi_mod(score, b, h, q_idx, kv_idx):
             return score + slopes[h] * (kv_idx - q_idx)
-
-        def flex_alibi(q, k, v):
-            T = q.size(-2)
-            if T not in masks:
-                masks[T] = create_block_mask(lambda b, h, q_idx, kv_idx: q_idx >= kv_idx, None, None, T, T,
-                                             device=q.device)
-            return flex(q, k, v, score_mod=alibi_mod, block_mask=masks[T])
-        impls['FlexAttention + ALiBi'] = flex_alibi
+        impls['FlexAttention + ALiBi'] = lambda q, k, v: flex(q, k, v, score_mod=alibi_mod, block_mask=causal_blocks)
     else:
         impls['FlexAttention + ALiBi'] = 'needs CUDA'
-    impls['SDPA + ALiBi float mask'] = lambda q, k, v: torch_attention(q, k, v, slopes, causal)
-    impls['SDPA, no bias (ceiling)'] = lambda q, k, v: F.scaled_dot_product_attention(q, k, v, is_causal=causal)
-    impls['eager reference'] = lambda q, k, v: eager_attention(q, k, v, slopes, causal)
+    # the bias as the model without a fused kernel would hold it: built once, (H, T, T), -inf above the diagonal
+    pos = torch.arange(T, device=device)
+    rel = pos.view(1, -1) - pos.view(-1, 1)  # j - i
+    mask = (slopes.view(-1, 1, 1) * rel).masked_fill(rel > 0, float('-inf')).to(dtype)
+    impls['SDPA + ALiBi float mask'] = lambda q, k, v: F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+    impls['SDPA, no bias (ceiling)'] = lambda q, k, v: F.scaled_dot_product_attention(q, k, v, is_causal=True)
+
+    def eager(q, k, v):  # plain matmul + softmax, as transformers' MPT computes attention
+        s = (q @ k.transpose(-1, -2)) * (1 / math.sqrt(q.size(-1))) + mask
+        return torch.softmax(s.float(), dim=-1).to(q.dtype) @ v
+    impls['eager reference'] = eager
     return impls
 
 
-def eager_attention(q, k, v, slopes, causal):
-    """Attention as plain matmul + softmax, the way transformers' MPT computes it."""
-    T = q.size(-2)
-    s = (q @ k.transpose(-1, -2)) * (1 / math.sqrt(q.size(-1)))
-    pos = torch.arange(T, device=q.device)
-    s = s + (slopes.view(-1, 1, 1) * (pos.view(1, -1) - pos.view(-1, 1))).to(s.dtype)
-    if causal:
-        s = s.masked_fill(pos.view(1, -1) > pos.view(-1, 1), float('-inf'))
-    return torch.softmax(s.float(), dim=-1).to(q.dtype) @ v
+def attention_and_grads(fn, q, k, v, do):
+    out = fn(q, k, v)
+    return (out, *torch.autograd.grad(out, (q, k, v), do))
 
 
 def bench_attn():
@@ -256,25 +265,29 @@ def bench_attn():
         g = torch.Generator(device=device).manual_seed(0)
         q, k, v = (torch.randn(B, H, T, D, device=device, dtype=dt, generator=g).requires_grad_() for _ in range(3))
         do = torch.randn_like(q)
-        # fp32 references for the agreement check, with ALiBi and (for the ceiling) without
-        ref = torch_attention(q.float(), k.float(), v.float(), slopes)
-        ref_no_bias = torch_attention(q.float(), k.float(), v.float(), None)
+        # float32 references for the agreement check (output and gradients), with ALiBi and without
+        q32, k32, v32 = (t.detach().float().requires_grad_() for t in (q, k, v))
+        refs = {bias: [t.detach() for t in attention_and_grads(lambda q, k, v: torch_attention(q, k, v, s),
+                                                                q32, k32, v32, do.float())]
+                for bias, s in (('alibi', slopes), ('none', None))}
         flops = 4 * B * H * T * T * D / 2  # causal: half the scores
-        for name, fn in attention_impls(slopes).items():
+        for name, fn in attention_impls(slopes, T, dt).items():
             row = dict(shape=f"{B}x{H}x{T}x{D}", impl=name)
             rows.append(row)
             if isinstance(fn, str):
                 row['note'] = fn
                 continue
             try:
-                out = fn(q, k, v)
-                err = (out.float() - (ref_no_bias if 'no bias' in name else ref)).abs().max().item()
-                row['max_err'] = err
+                got = attention_and_grads(fn, q, k, v, do)
+                ref = refs['none' if 'no bias' in name else 'alibi']
+                err = max(((x.float() - r).abs().max() / r.abs().max().clamp(min=1)).item() for x, r in zip(got, ref))
+                row['max_err'] = err  # relative to the largest reference value, over out, dq, dk, dv
+                del got
                 if not err < (5e-2 if dt == torch.bfloat16 else 1e-4):
                     row['note'] = f"disagrees with the reference (max err {err:.3g}): not timed"
                     continue
                 t_fwd = timed(lambda: fn(q, k, v))
-                t_all = timed(lambda: torch.autograd.grad(fn(q, k, v), (q, k, v), do))
+                t_all = timed(lambda: attention_and_grads(fn, q, k, v, do))
                 row.update(fwd_ms=t_fwd * 1e3, fwd_tflops=flops / t_fwd / 1e12,
                            fwd_bwd_ms=t_all * 1e3, fwd_bwd_tflops=3.5 * flops / t_all / 1e12)  # bwd = 2.5 fwd
             except torch.OutOfMemoryError:
@@ -289,10 +302,6 @@ def bench_attn():
 # -----------------------------------------------------------------------------
 # sample: decode speed against transformers' generate on the same weights
 
-def model_config(**overrides):
-    return MPTConfig(**{**{k: settings[k] for k in MPTConfig.__dataclass_fields__ if k in settings}, **overrides})
-
-
 def hf_twin(model):
     """transformers' MptForCausalLM holding the same weights as our model."""
     from transformers import MptConfig, MptForCausalLM
@@ -304,9 +313,11 @@ def hf_twin(model):
 
 
 def bench_sample():
-    dt = {'float32': torch.float32, 'bfloat16': torch.bfloat16, 'float16': torch.float16}[dtype]
+    dt = getattr(torch, dtype)
     torch.manual_seed(seed)
-    model = MPT(model_config(init_device=device)).to(dt).eval()
+    config = model_config(init_device=device)
+    check(config)
+    model = MPT(config).to(dt).eval()
     try:
         hf = hf_twin(model)
     except ImportError:

@@ -18,6 +18,7 @@ import functools
 import json
 import math
 import os
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -128,20 +129,49 @@ def flash_package_attention(q, k, v, slopes=None, causal=True, softmax_scale=Non
     return y.transpose(1, 2)
 
 
-_cpu_notice_shown = False
+_notes_shown = set()
+
+
+def notice(message):
+    """Print a note once per process, on stderr (stdout may carry generated text), on rank 0 only."""
+    if message not in _notes_shown and int(os.environ.get('RANK', 0)) == 0:
+        print(f"note: {message}", file=sys.stderr)
+    _notes_shown.add(message)
+
+
+def check_attention(config, device, dtype):
+    """What the chosen attention cannot run, as one clear ValueError before any work starts: inside the
+    forward the same problems would surface mid-step, deep in a traceback. Scripts call this first."""
+    impl, on_cuda = config.attn_impl, torch.device(device).type == 'cuda'
+    if impl == 'triton' and on_cuda:
+        if dtype not in (torch.bfloat16, torch.float16):
+            raise ValueError(f"attn_impl='triton' computes in bfloat16 or float16 on CUDA, not {dtype}: "
+                             f"use dtype='bfloat16', or attn_impl='torch'")
+        if config.head_dim > 128:
+            raise ValueError(f"head_dim = d_model / n_heads = {config.head_dim}, but attn_impl='triton' takes "
+                             f"head dims up to 128: use more heads, or attn_impl='torch'")
+    if impl == 'triton' and config.attn_pdrop > 0 and (on_cuda or _INTERPRET):
+        raise ValueError("attn_pdrop > 0 needs attn_impl='torch': the Triton kernel has no dropout")
+    if impl == 'flash':
+        if not on_cuda:
+            raise ValueError("attn_impl='flash' (the flash-attn package) runs on CUDA only: use attn_impl='torch'")
+        try:
+            import flash_attn  # noqa: F401
+        except ImportError:
+            raise ValueError("attn_impl='flash' needs the flash-attn package: pip install flash-attn "
+                             "--no-build-isolation (or use attn_impl='triton')") from None
 
 
 def attention(q, k, v, slopes, config, causal=True, dropout_p=0.0, key_start=None):
     """The one place where config.attn_impl picks an implementation."""
-    global _cpu_notice_shown
     impl = config.attn_impl
     if impl == 'triton' and not q.is_cuda and not _INTERPRET:
-        if not _cpu_notice_shown:
-            print("note: attn_impl='triton' needs a CUDA device; using attn_impl='torch' on CPU")
-            _cpu_notice_shown = True
+        notice("attn_impl='triton' needs a CUDA device; using attn_impl='torch' on CPU")
         impl = 'torch'
-    if key_start is not None:
-        impl = 'torch'  # only the reference takes a padding mask (generate with prompts of unequal length)
+    if key_start is not None and impl != 'torch':
+        notice(f"prompts of unequal length need a padding mask, which only attn_impl='torch' takes: "
+               f"generate uses it instead of attn_impl={impl!r}")
+        impl = 'torch'
     if impl == 'triton':
         if dropout_p > 0:
             raise ValueError("attn_pdrop > 0 needs attn_impl='torch': the Triton kernel has no dropout")
@@ -310,6 +340,9 @@ class MPT(nn.Module):
         max_len = max_len or cfg.max_seq_len
         if B == 0 or min(lengths) == 0:
             raise ValueError("generate needs at least one prompt, and no empty prompt")
+        if temperature < 0 or (top_k is not None and top_k < 1) or (top_p is not None and not 0 < top_p <= 1):
+            raise ValueError(f"temperature={temperature}, top_k={top_k}, top_p={top_p}: use temperature >= 0 "
+                             f"(0 = greedy), top_k >= 1 or None, 0 < top_p <= 1 or None")
         if T + max_new_tokens > max_len:
             raise ValueError(f"prompt ({T} tokens) + max_new_tokens ({max_new_tokens}) exceeds max_len={max_len}: "
                              f"shorten the prompt, lower max_new_tokens, or raise max_len (the model trained on "
@@ -486,10 +519,12 @@ def check_memory(nbytes, device, what):
     device = torch.device(device)
     if device.type == 'cuda':
         free = torch.cuda.mem_get_info(device)[0]
-    elif hasattr(os, 'sysconf') and 'SC_AVPHYS_PAGES' in os.sysconf_names:
-        free = os.sysconf('SC_AVPHYS_PAGES') * os.sysconf('SC_PAGE_SIZE')
-    else:
-        return
+    else:  # Linux's estimate of what can be allocated without swapping (MemFree omits the page cache)
+        try:
+            with open('/proc/meminfo') as f:
+                free = next(int(line.split()[1]) * 1024 for line in f if line.startswith('MemAvailable:'))
+        except (OSError, StopIteration):
+            return
     if nbytes > free:
         raise ValueError(f"{what} needs {nbytes / 2**30:.1f} GiB but only {free / 2**30:.1f} GiB is free on "
                          f"{device}: generate fewer samples at once or lower max_len")
@@ -547,7 +582,7 @@ def load_hf_state_dict(path):
 # peak dense bf16 tensor-core FLOP/s, from the vendors' datasheets; first match in the device name wins
 PEAK_FLOPS = [
     ('GH200', 989e12), ('H200', 989e12), ('H100 NVL', 835e12), ('H100 PCIe', 756e12), ('H100', 989e12),
-    ('B200', 2250e12), ('A100', 312e12), ('A10', 125e12), ('L40S', 362e12), ('L4', 121e12),
+    ('B200', 2250e12), ('A100', 312e12), ('A10', 125e12), ('L40S', 362e12), ('L40', 181e12), ('L4', 121e12),
     ('V100', 125e12),  # fp16: V100 has no bf16
 ]
 

@@ -13,7 +13,7 @@ from pathlib import Path
 import torch
 
 from configurator import configure
-from model import MPT, MPTConfig
+from model import MPT, MPTConfig, check_attention
 
 # -----------------------------------------------------------------------------
 init_from = 'resume'  # 'resume' = out_dir/ckpt.pt from train.py; or the path of a Hugging Face MPT directory
@@ -28,7 +28,7 @@ max_len = None  # limit on prompt + new tokens (the KV cache size); None = what 
 # extrapolates past the training length (a note says when the sample goes beyond it)
 seed = 1337
 device = 'cuda' if torch.cuda.is_available() else 'cpu'
-dtype = 'bfloat16' if torch.cuda.is_available() and torch.cuda.is_bf16_supported() else 'float32'
+dtype = ('bfloat16' if torch.cuda.is_bf16_supported() else 'float16') if torch.cuda.is_available() else 'float32'
 compile = False  # torch.compile the model (pays off only for long generations)
 attn_impl = None  # None = the checkpoint's; 'torch' | 'triton' | 'flash'
 configure(globals(), sys.argv[1:])
@@ -71,8 +71,12 @@ def load_tokenizer(model, meta):
             return [stoi[c] for c in text]
         tokenizer = (encode, lambda ids: ''.join(chars[i] for i in ids), None, f"characters ({len(chars)})")
         n_vocab = len(chars)
-    elif init_from != 'resume' and (Path(init_from) / 'tokenizer.json').is_file() and has_tokenizers():
-        from tokenizers import Tokenizer
+    elif init_from != 'resume' and (Path(init_from) / 'tokenizer.json').is_file():
+        try:
+            from tokenizers import Tokenizer
+        except ImportError:
+            raise ValueError(f"{init_from} has its own tokenizer.json (GPT-2's would give the wrong tokens): "
+                             f"pip install tokenizers") from None
         tok = Tokenizer.from_file(str(Path(init_from) / 'tokenizer.json'))
         eot = json.loads((Path(init_from) / 'config.json').read_text()).get('eos_token_id')
         eot = eot if isinstance(eot, int) else tok.token_to_id('<|endoftext|>')
@@ -91,22 +95,16 @@ def load_tokenizer(model, meta):
     return tokenizer
 
 
-def has_tokenizers():
-    try:
-        import tokenizers  # noqa: F401
-        return True
-    except ImportError:
-        return False
-
-
-def printer(decode):
+def printer(decode, eot):
     """A stream callback for generate: decodes the whole continuation each step and prints what is
     new, holding back a trailing partial UTF-8 character. Works for any tokenizer; the O(n^2)
-    decoding is negligible next to the model."""
+    decoding is negligible next to the model. The end-of-text token itself is not printed."""
     ids, shown = [], 0
 
     def stream(tokens):
         nonlocal shown
+        if int(tokens[0]) == eot:
+            return
         ids.append(int(tokens[0]))
         text = decode(ids).rstrip('\ufffd')
         print(text[shown:], end='', flush=True)
@@ -119,8 +117,10 @@ def main():
     model, meta = load_model()
     encode, decode, eot, name = load_tokenizer(model, meta)
     print(f"tokenizer: {name}", file=sys.stderr)
-    model.eval().to(device=device, dtype={'float32': torch.float32, 'bfloat16': torch.bfloat16,
-                                          'float16': torch.float16}[dtype])
+    if dtype not in ('float32', 'bfloat16', 'float16'):
+        raise ValueError(f"dtype={dtype!r}: use 'float32', 'bfloat16' or 'float16'")
+    check_attention(model.config, device, getattr(torch, dtype))
+    model.eval().to(device=device, dtype=getattr(torch, dtype))
     if compile:
         model.forward = torch.compile(model.forward, dynamic=True)  # the KV cache grows every step
     prompt = Path(start[5:]).read_text() if start.startswith('FILE:') else start
@@ -141,7 +141,7 @@ def main():
     for _ in range(num_samples):
         print(prompt, end='', flush=True)
         out = model.generate([ids], new_tokens, temperature=temperature, top_k=top_k, top_p=top_p, eos_token=eot,
-                  max_len=limit, generator=generator, stream=printer(decode))
+                  max_len=limit, generator=generator, stream=printer(decode, eot))
         made += len(out[0]) - len(ids)
         print('\n---------------')
     dt = time.time() - t0

@@ -15,6 +15,8 @@ Several nodes: the same command on every node, all pointing at one rendezvous ho
 Continue from the newest checkpoint in out_dir, on any number of processes that divides the batch:
     torchrun ... train.py config/mpt_1b.py --init_from=resume
 Fine-tune a Hugging Face MPT: --init_from=path/to/mpt-7b (a save_pretrained directory).
+Preemption: on SIGTERM the run finishes its step, saves a checkpoint and exits 0. The scheduler's grace
+period must cover a step and a save; torchrun, itself sent SIGTERM, gives its workers 30 seconds.
 
 NCCL connects the processes on CUDA, gloo on CPU; a plain `python train.py` is a group of one, so the
 same code (FSDP2, DCP) runs everywhere. Settings are the variables below; config files (Python) and
@@ -48,7 +50,7 @@ from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 from torch.distributed.tensor import DTensor
 
 from configurator import configure, settings_in
-from model import MPT, MPTConfig, config_from_hf
+from model import MPT, MPTConfig, check_attention, config_from_hf
 
 # -----------------------------------------------------------------------------
 # settings; the defaults are config/mpt_125m.py's model and schedule, on OpenWebText
@@ -91,6 +93,7 @@ dtype = 'bfloat16' if torch.cuda.is_available() else 'float32'  # bf16 matmuls o
 compile = True  # torch.compile each block
 activation_checkpointing = False  # recompute each block in the backward instead of keeping its activations
 seed = 1337  # weights, data order and dropout all follow from it
+peak_flops = 0.0  # one device's peak FLOP/s for MFU; 0: model.PEAK_FLOPS's figure for this GPU
 _defaults = settings_in(globals())
 
 
@@ -252,10 +255,10 @@ def setup_model(config, mesh, dtype='bfloat16', activation_checkpointing=False, 
     torch.manual_seed(seed)
     model = MPT(config)
     for block in model.transformer.blocks:
-        if activation_checkpointing:
-            checkpoint_block(block)
         if compile:  # only forward: FSDP's hooks around it stay eager
             block.forward = torch.compile(block.forward)
+        if activation_checkpointing:  # after compile: a checkpoint around the attention kernel's graph
+            checkpoint_block(block)   # break would keep torch.compile from compiling anything inside it
     if dtype == 'bfloat16':
         mp = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
     else:
@@ -455,6 +458,7 @@ if __name__ == '__main__':
             fail(f"{init_from}: {e}")
     try:
         config = MPTConfig(**model_args)
+        check_attention(config, device, getattr(torch, dtype))
     except ValueError as e:
         fail(str(e))
     changed = [f"{k} {saved['model'][k]} -> {getattr(config, k)}" for k in _SHAPE_FIELDS
@@ -462,10 +466,19 @@ if __name__ == '__main__':
     if changed:
         fail(f"the model's shape differs from the checkpoint's in {out_dir} ({', '.join(changed)}): "
              f"resume with the settings it was trained with, or start a new out_dir")
+    if saved and saved['seed'] != seed:  # the data order and dropout follow the seed: keep the run's
+        fail(f"the checkpoint in {out_dir} was trained with seed={saved['seed']}, not {seed}: resume with "
+             f"--seed={saved['seed']}")
 
     # data
     meta_path = os.path.join(data_dir, 'meta.json')
-    meta = json.load(open(meta_path)) if os.path.exists(meta_path) else {}
+    meta = {}
+    if os.path.exists(meta_path):
+        try:
+            with open(meta_path) as f:
+                meta = json.load(f)
+        except (OSError, ValueError) as e:
+            fail(f"{meta_path} is unreadable ({e}): re-run prepare.py, or delete it if the .bin files are yours")
     if meta.get('vocab_size', 0) > config.vocab_size:
         fail(f"{meta_path} says vocab_size={meta['vocab_size']} but the model has vocab_size={config.vocab_size}: "
              f"set --vocab_size={meta['vocab_size']} (or larger)")
@@ -563,13 +576,16 @@ if __name__ == '__main__':
         loss, stop = packet.tolist()
         loss /= gradient_accumulation_steps
         step_time, steps_timed = step_time + time.time() - t0, steps_timed + 1
-        if not math.isfinite(loss):
-            fail(f"iter {iter_num}: the loss is {loss}; stopping without saving. The newest checkpoint in "
+        # an inf gradient with a finite loss matters as much: clipping turns it into NaN, and Lion's
+        # sign(NaN) = 0 would freeze those weights while NaN spreads through their momentum
+        if not (math.isfinite(loss) and math.isfinite(grad_norm.item())):
+            what = f"the loss is {loss}" if not math.isfinite(loss) else f"the gradient norm is {grad_norm.item()}"
+            fail(f"iter {iter_num}: {what}; stopping without saving. The newest checkpoint in "
                  f"{out_dir} is the last good one: resume it with a lower learning_rate (or grad_clip)")
         if iter_num % log_interval == 0:
             dt = step_time / steps_timed
             tokens_per_sec = global_batch * max_seq_len / dt
-            mfu = model.estimate_mfu(tokens_per_sec / world_size, max_seq_len)
+            mfu = model.estimate_mfu(tokens_per_sec / world_size, max_seq_len, peak_flops or None)
             peak_mem = torch.cuda.max_memory_allocated(device) / 1e9 if device.type == 'cuda' else None
             record = dict(iter=iter_num, loss=loss, lr=lr, grad_norm=grad_norm.item(), tokens_per_sec=tokens_per_sec,
                           mfu=mfu, peak_mem_gb=peak_mem, ms_per_iter=dt * 1000)

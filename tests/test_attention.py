@@ -1,12 +1,9 @@
 """Tests for the Triton flash attention with in-kernel ALiBi (attn_impl='triton').
 
-Without a GPU the kernels run under the Triton interpreter. TRITON_INTERPRET=1 has to be in the
-environment before triton is first imported in the process: Triton picks interpreter or compiler when
-@triton.jit runs (for triton.language's own helpers, at `import triton`), not when a kernel launches. So
-it is set here, before those imports; if another test module imported triton first, the tests fail
-(tests/conftest.py should set it for the whole session). With a GPU they run the real
-kernels (bf16 where the CPU run uses fp32). test_aot_compile builds every kernel and autotune config for
-sm_80 and sm_90 without any GPU.
+Without a GPU the kernels run under the Triton interpreter, which tests/conftest.py switches on before
+triton is first imported (Triton picks interpreter or compiler when @triton.jit runs, not when a kernel
+launches). With a GPU they run the real kernels (bf16 where the CPU run uses fp32). test_aot_compile
+builds every kernel and autotune config for sm_80 and sm_90 without any GPU.
 """
 import json
 import math

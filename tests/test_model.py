@@ -1,4 +1,5 @@
 """model.py against independent references: transformers' MptForCausalLM, float64 math, closed forms."""
+import importlib.util
 import json
 import math
 
@@ -6,7 +7,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from model import MPT, MPTConfig, alibi_slopes, torch_attention
+from model import MPT, MPTConfig, alibi_slopes, check_attention, torch_attention
 
 transformers = pytest.importorskip("transformers")
 from transformers import MptConfig, MptForCausalLM  # noqa: E402
@@ -267,9 +268,25 @@ def test_num_params_and_flops():
     model = MPT(cfg)
     d, V, L = 48, 97, 2
     per_block = 2 * d + 3 * d * d + d * d + 2 * 4 * d * d
-    assert model.num_params() == V * d + L * per_block + d
-    assert model.flops_per_token(32) == 6 * model.num_params() + 12 * L * d * 32
+    assert model.num_params() == V * d + L * per_block + d == 60_192
+    # by hand: 6 x 60,192 parameters (matmul forward + backward) + 12 x 2 layers x 48 x 32 (attention)
+    assert model.flops_per_token(32) == 361_152 + 36_864
     assert model.estimate_mfu(1000.0, 32, peak_flops=1e12) == pytest.approx(model.flops_per_token(32) * 1e3 / 1e12)
+
+
+@pytest.mark.parametrize("kw,device,dtype,message", [
+    (dict(attn_impl='triton'), 'cuda', torch.float32, "computes in bfloat16 or float16 on CUDA"),
+    (dict(attn_impl='triton', d_model=320, n_heads=2), 'cuda', torch.bfloat16, "head dims up to 128"),
+    (dict(attn_impl='flash'), 'cpu', torch.float32, "runs on CUDA only"),
+    pytest.param(dict(attn_impl='flash'), 'cuda', torch.bfloat16, "needs the flash-attn package",
+                 marks=pytest.mark.skipif(importlib.util.find_spec('flash_attn') is not None, reason='installed')),
+])
+def test_attention_settings_checked_before_any_work(kw, device, dtype, message):
+    # no GPU is needed: the check reads the config, the device type and the dtype
+    with pytest.raises(ValueError, match=message):
+        check_attention(tiny(**kw), device, dtype)
+    check_attention(tiny(attn_impl='triton'), 'cuda', torch.bfloat16)  # fine
+    check_attention(tiny(attn_impl='triton', d_model=320, n_heads=2), 'cpu', torch.float32)  # falls back
 
 
 @pytest.mark.parametrize("kw,message", [

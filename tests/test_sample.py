@@ -125,7 +125,8 @@ def write_char_checkpoint(tmp_path):
     (data_dir / "meta.json").write_text(json.dumps({"tokenizer": "char", "vocab_size": len(CHARS), "chars": CHARS}))
     out = tmp_path / "out"
     out.mkdir()
-    torch.save({"model": model.state_dict(), "config": dataclasses.asdict(model.config),
+    # saved as trained on a GPU, attn_impl='triton': on the CPU sample.py falls back (its note must stay off stdout)
+    torch.save({"model": model.state_dict(), "config": {**dataclasses.asdict(model.config), "attn_impl": "triton"},
                 "settings": {"data_dir": str(data_dir)}, "iter_num": 0}, out / "ckpt.pt")
     return model, out
 
@@ -139,6 +140,7 @@ def test_sample_py_char_checkpoint_greedy_matches_generate(tmp_path):
     expected = "".join(CHARS[i] for i in model.generate([ids], 20, temperature=0)[0].tolist())
     assert r.stdout.startswith(expected + "\n")
     assert "tokenizer: characters (29)" in r.stderr and "tokens/s" in r.stderr
+    assert "using attn_impl='torch' on CPU" in r.stderr
 
 
 def test_sample_py_hugging_face_directory_with_gpt2_tokenizer(tmp_path):

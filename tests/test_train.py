@@ -243,6 +243,9 @@ def write_bad(kind, d):
     elif kind == 'meta':
         good(5000).tofile(d / 'train.bin')
         (d / 'meta.json').write_text(json.dumps({'vocab_size': 50257, 'tokenizer': 'gpt2'}))
+    elif kind == 'corrupt_meta':
+        good(5000).tofile(d / 'train.bin')
+        (d / 'meta.json').write_text('{"vocab_size": 65, "tok')  # cut short
 
 
 @pytest.mark.parametrize('kind,message', [
@@ -269,6 +272,9 @@ BAD_RUNS = {  # name: (what write_bad writes, extra arguments, the message, a re
     'no_checkpoint': ('nothing', ['--init_from=resume'], r"init_from='resume' but .* holds no checkpoint"),
     'shape': ('straight', ['--init_from=resume', '--d_model=64', '--n_layers=3'],
               r"shape differs from the checkpoint's .*\(d_model 32 -> 64, n_layers 2 -> 3\)"),
+    'seed': ('straight', ['--init_from=resume', '--seed=7'], r"trained with seed=1337, not 7: resume with --seed=1337"),
+    'attention': ('nothing', ['--attn_impl=flash'], r"attn_impl='flash' \(the flash-attn package\) runs on CUDA only"),
+    'corrupt_meta': ('corrupt_meta', [], r"meta\.json is unreadable"),
 }
 
 
