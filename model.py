@@ -296,12 +296,13 @@ class MPT(nn.Module):
     def forward(self, idx, targets=None, kv_cache=None):
         """idx (B, T) token ids -> (logits, loss). With targets (B, T) (-1 = ignore) the logits of every
         position and the mean cross-entropy; without, only the last position's logits (B, 1, V)."""
-        if not idx.is_cuda and idx.numel() and (idx.min() < 0 or idx.max() >= self.config.vocab_size):
+        if not idx.is_cuda and idx.numel():
             # checked on CPU only, where it costs nothing; on CUDA a bad id is a device-side assert,
             # so train.py and sample.py check their tokens on the host before they reach the GPU
-            raise ValueError(f"token id {int(idx.max() if idx.max() >= self.config.vocab_size else idx.min())} "
-                             f"is outside the vocabulary [0, {self.config.vocab_size}): "
-                             f"the data was made with another tokenizer, or vocab_size is too small")
+            lo, hi, V = int(idx.min()), int(idx.max()), self.config.vocab_size
+            if lo < 0 or hi >= V:
+                raise ValueError(f"token id {hi if hi >= V else lo} is outside the vocabulary [0, {V}): "
+                                 f"the data was made with another tokenizer, or vocab_size is too small")
         x = self.transformer.emb_drop(self.transformer.wte(idx))  # (B, T, C)
         slopes = self.alibi(x.device)
         for i, block in enumerate(self.transformer.blocks):

@@ -319,6 +319,14 @@ def _aot_worker(index, n_workers, full):
     print(json.dumps({"n_jobs": len(jobs)}), flush=True)
     for job in jobs[index::n_workers]:
         print(json.dumps(_aot_compile(job)), flush=True)
+    # the autotuner's pruning (which only runs on a GPU) leaves each kernel a config for every arch and head dim
+    if index == 0:
+        for kernel in (fa._attn_fwd, fa._attn_bwd_dkdv, fa._attn_bwd_dq):
+            for cap in AOT_ARCHS:
+                fa._arch = lambda device, cap=cap: cap
+                for block_d in (16, 32, 64, 128):
+                    assert kernel.early_config_prune(kernel.configs, {"Q": torch.empty(0)}, BLOCK_D=block_d), \
+                        (kernel.fn.__name__, cap, block_d)
     # without the interpreter the module must refuse CPU tensors with a useful message
     with pytest.raises(ValueError, match="attn_impl='torch'"):
         fa.flash_attn_alibi(*(torch.zeros(1, 1, 4, 16) for _ in range(3)))
