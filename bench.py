@@ -168,6 +168,7 @@ def bench_train():
         rows[-1]['speedup'] = rows[-1]['ms_per_step'] / rows[0]['ms_per_step'] if rows[-1].get('ms_per_step') else None
     print_table(rows, ['impl', 'params', 'batch', 'seq', 'micro_steps', 'ms_per_step', 'tokens_per_sec', 'mfu_pct',
                        'peak_mem_gb', 'speedup', 'note'])
+    torch.distributed.destroy_process_group()
     return rows
 
 
@@ -181,10 +182,13 @@ def bench_hf_train(model, B, batches, micro_steps, dev):
     row = dict(impl="transformers MptForCausalLM (eager)", batch=B, seq=max_seq_len, micro_steps=micro_steps)
     try:
         from transformers import MptConfig, MptForCausalLM
+        hf_config = MptConfig(**model.hf_config())
     except ImportError:
         return {**row, 'note': 'transformers not installed'}
+    except ValueError as e:  # a model transformers' MPT cannot express (GQA, qk_ln, ...)
+        return {**row, 'note': str(e).split(';')[0]}
     torch.manual_seed(seed)
-    hf = MptForCausalLM(MptConfig(**model.hf_config())).to(dev).train()
+    hf = MptForCausalLM(hf_config).to(dev).train()
     params = [p for p in hf.parameters()]
     exp_avgs = [torch.zeros_like(p) for p in params]
     autocast = torch.autocast(dev.type, dtype=torch.bfloat16, enabled=dtype == 'bfloat16')
