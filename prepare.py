@@ -5,17 +5,31 @@ Prepare a dataset for train.py: text in, memory-mapped token files out.
     python prepare.py shakespeare         # the same text as GPT-2 BPE tokens
     python prepare.py openwebtext         # also fineweb-edu (sample-10BT) and c4 (en): pip install datasets
     python prepare.py --input=notes/ --input=more.jsonl --out_dir=data/notes   # your own text
+    python prepare.py --input=chat.jsonl --tokenizer=path/to/mpt-7b --out_dir=data/chat   # prompt/response
+
+--tokenizer is gpt2 (tiktoken's GPT-2 BPE), char, or the path of a Hugging Face model directory (or its
+tokenizer.json), read with the `tokenizers` library: the model's own tokenizer, e.g. gpt-neox-20b's for MPT-7B/30B.
+Token ids are stored as uint16, so a tokenizer may have at most 65,536 ids (MPT's 50,432 fit); a larger one is
+an error. A Hugging Face tokenizer encodes each document whole (its pre-tokenizer may not allow cutting a
+document where GPT-2's does) and without its special tokens (a "<|endoftext|>" in the text stays text).
+
+Prompt/response data (llm-foundry's fine-tuning format): .jsonl records {"prompt": ..., "response": ...}. Each
+becomes prompt tokens + response tokens + end-of-text, packed back to back; beside each .bin a .mask file holds
+one byte per token, 1 on the response tokens and the end-of-text (what the loss counts), 0 on the prompt's.
 
 A named source given --input=PATH reads that local copy instead of downloading.
 Output in out_dir (default data/<source>):
     train.bin, val.bin  token ids as raw little-endian uint16, nanoGPT's format: np.memmap(path, np.uint16)
-    meta.json           tokenizer, vocab_size, dtype, eot_token, token and document counts, source, split,
-                        seed; for char the vocabulary as `chars`. Written last: it marks a finished dataset.
+    train.mask, val.mask  prompt/response data only: one uint8 per token, 1 where the loss counts
+    meta.json           tokenizer, vocab_size, dtype, eot_token, format (text or prompt_response), token and
+                        document counts, source, split, seed; for char the vocabulary as `chars`, for a Hugging
+                        Face tokenizer its tokenizer_file. Written last: it marks a finished dataset.
 Settings are --key=value as in the other scripts (values are Python literals); the defaults are below.
 """
 import ast
 import codecs
 import collections
+import contextlib
 import difflib
 import json
 import multiprocessing
@@ -44,7 +58,8 @@ settings = dict(
     val_fraction=None,  # None: 0.1 for small inputs (shakespeare, files < 100 MB), 0.0005 for large ones
     seed=1337,  # seeds which documents go to val
     # tokenizer
-    tokenizer="",  # gpt2 (tiktoken's GPT-2 BPE) or char; empty: char for shakespeare_char, else gpt2
+    tokenizer="",  # gpt2 (tiktoken's GPT-2 BPE), char, or a Hugging Face model directory / tokenizer.json;
+    # empty: char for shakespeare_char, else gpt2
     # system
     num_proc=len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count(),  # tokenizer processes
 )
@@ -57,6 +72,7 @@ hub_sources = {  # Hugging Face datasets, streamed: only the tokens are stored
 sources = ["shakespeare", "shakespeare_char", *hub_sources]
 file_types = (".txt", ".md", ".jsonl", ".parquet")
 token_dtype = np.dtype("<u2")  # little-endian uint16, whatever the machine: nanoGPT's .bin files
+mask_dtype = np.dtype("u1")  # loss masks: one byte per token
 piece_chars = 1 << 20  # text per tokenizer task: pickling it is cheap next to BPE, and 2+ workers stay busy
 small_input = 100 << 20  # files under this many bytes in all default to val_fraction 0.1
 
@@ -148,8 +164,36 @@ def read_text(path):
         die(f"cannot read {path}: {e.strerror or e}")
 
 
-def read_jsonl(path, field):
-    """One document per line, its text in `field`."""
+PAIR = ("prompt", "response")  # the fields of a prompt/response record
+
+
+def is_pair(row, field):
+    """Whether a .jsonl record is prompt/response rather than plain text."""
+    return isinstance(row, dict) and field not in row and any(k in row for k in PAIR)
+
+
+def data_format(files, field):
+    """'prompt_response' when the .jsonl inputs hold prompt/response records (judged by each file's first
+    record), else 'text'; one dataset cannot mix the two."""
+    formats = {}
+    for path in files:
+        kind = "text"
+        if path.suffix.lower() == ".jsonl":
+            try:
+                with open(path, encoding="utf-8", errors="replace") as f:
+                    line = next((line for line in f if line.strip()), "")
+                kind = "prompt_response" if is_pair(json.loads(line), field) else "text"
+            except (OSError, ValueError):
+                pass  # the reader reports it, with the line number
+        formats.setdefault(kind, path)
+    if len(formats) > 1:
+        die(f"{formats['prompt_response']} holds prompt/response records but {formats['text']} plain text: "
+            "one dataset is one or the other (prepare them into separate out_dirs)")
+    return next(iter(formats), "text")
+
+
+def read_jsonl(path, field, pairs=False):
+    """One document per line: its text in `field`, or (pairs) a (prompt, response) record."""
     try:
         with open(path, encoding="utf-8", errors="replace_and_count") as f:
             for i, line in enumerate(f, 1):
@@ -159,8 +203,17 @@ def read_jsonl(path, field):
                     row = json.loads(line)
                 except json.JSONDecodeError as e:
                     die(f"{path}:{i}: not valid JSON ({e.msg}, column {e.colno})")
+                has = f"its fields: {', '.join(row)}" if isinstance(row, dict) else f"it is a JSON {type(row).__name__}"
+                if pairs:
+                    if not (isinstance(row, dict) and all(isinstance(row.get(k), str) for k in PAIR)):
+                        die(f"{path}:{i}: a prompt/response record needs the text fields 'prompt' and 'response' "
+                            f"({has})")
+                    yield (row["prompt"], row["response"])
+                    continue
+                if is_pair(row, field):
+                    die(f"{path}:{i}: a prompt/response record among plain-text records ({has}): one dataset "
+                        "is one or the other")
                 if not isinstance(row, dict) or not isinstance(row.get(field), str):
-                    has = f"its fields: {', '.join(row)}" if isinstance(row, dict) else f"it is a JSON {type(row).__name__}"
                     die(f"{path}:{i}: no text field {field!r} ({has}); choose the field with --text_field=NAME")
                 yield [row[field]]
     except OSError as e:
@@ -183,11 +236,11 @@ def read_hub(where, field, **load_args):
         die(f"cannot read {where}: {type(e).__name__}: {e}")
 
 
-def read_files(files, field):
+def read_files(files, field, pairs=False):
     for path in files:
         kind = path.suffix.lower()
         if kind == ".jsonl":
-            yield from read_jsonl(path, field)
+            yield from read_jsonl(path, field, pairs)
         elif kind == ".parquet":
             yield from read_hub(path, field, path="parquet", data_files=str(path))
         else:
@@ -202,16 +255,20 @@ def read_files(files, field):
 last_cut = re.compile(r".*\S(?=[\n ])", re.DOTALL)
 
 
-def pieces(documents):
+def pieces(documents, cut=True):
     """(text, ends_document) pieces of about piece_chars, so one big document still tokenizes in parallel.
-    Memory is bounded by piece_chars plus the longest stretch of a document with no place to cut."""
+    Memory is bounded by piece_chars plus the longest stretch of a document with no place to cut. cut=False
+    keeps each document whole; a (prompt, response) record is one piece."""
     for blocks in documents:
+        if isinstance(blocks, tuple):
+            yield blocks, True
+            continue
         text = ""
         for block in blocks:
             text += block
-            if len(text) >= piece_chars and (cut := last_cut.match(text)):
-                yield text[:cut.end()], False
-                text = text[cut.end():]
+            if cut and len(text) >= piece_chars and (m := last_cut.match(text)):
+                yield text[:m.end()], False
+                text = text[m.end():]
         if text:  # empty documents are skipped
             yield text, True
 
@@ -227,7 +284,7 @@ def batches(pieces, val_fraction, seed):
         if new_document:
             is_val = bool(rng.random() < val_fraction)
         batch.append((text, is_val, last))
-        size, new_document = size + len(text), last
+        size, new_document = size + (len(text) if isinstance(text, str) else sum(map(len, text))), last
         if size >= piece_chars:
             yield batch
             batch, size = [], 0
@@ -245,12 +302,58 @@ def gpt2():
             "or set TIKTOKEN_CACHE_DIR to a tiktoken cache that holds it")
 
 
-def init_encoder(tokenizer, chars):
+def hf_tokenizer(path):
+    """(tokenizer.json path, vocab size, end-of-text id) of --tokenizer=PATH: a Hugging Face model directory
+    or a tokenizer.json. The end-of-text is <|endoftext|> if the vocabulary has it, else the eos_token of
+    tokenizer_config.json (or eos_token_id of config.json) beside it."""
+    where, file = Path(path), Path(path) / "tokenizer.json"
+    if where.is_file():
+        where, file = where.parent, where
+    elif not where.exists():
+        die(f"--tokenizer={path}: no such file or folder; use gpt2, char, or a Hugging Face model directory "
+            "(or its tokenizer.json)")
+    elif not file.is_file():
+        die(f"--tokenizer={path}: no tokenizer.json in this folder; give a Hugging Face model directory that "
+            "has one (a downloaded mpt-7b does), or the tokenizer.json itself")
+    try:
+        from tokenizers import Tokenizer  # optional: only --tokenizer=PATH needs it
+    except ImportError:
+        die("--tokenizer=PATH reads Hugging Face tokenizers with the tokenizers package: pip install tokenizers")
+    try:
+        tok = Tokenizer.from_file(str(file))
+    except Exception as e:
+        die(f"{file}: not a tokenizer.json that the tokenizers library reads ({type(e).__name__}: {e})")
+    eot = tok.token_to_id("<|endoftext|>")
+    if eot is None:
+        def read(name):
+            try:
+                return json.loads((where / name).read_text())
+            except (OSError, ValueError):
+                return {}
+        eos = read("tokenizer_config.json").get("eos_token")
+        eos = eos.get("content") if isinstance(eos, dict) else eos
+        eot = tok.token_to_id(eos) if isinstance(eos, str) else None
+        if eot is None and isinstance(read("config.json").get("eos_token_id"), int):
+            eot = read("config.json")["eos_token_id"]
+    if eot is None:
+        die(f"{file}: no end-of-text token: the vocabulary has no <|endoftext|>, and no eos_token in "
+            f"{where}/tokenizer_config.json (or eos_token_id in config.json) names one")
+    vocab_size = max(tok.get_vocab(with_added_tokens=True).values()) + 1  # ids run 0..max
+    return str(file.resolve()), vocab_size, eot
+
+
+def init_encoder(tokenizer, chars, eot=None):
     """Set this process's encoder (text -> uint16 ids) and the ids that end a document."""
     global encode, eot_ids
     if multiprocessing.parent_process():  # a worker: Ctrl-C is for the main process to handle
         signal.signal(signal.SIGINT, signal.SIG_IGN)
-    if tokenizer == "gpt2":
+    if tokenizer not in ("gpt2", "char"):  # a tokenizer.json
+        from tokenizers import Tokenizer
+        tok = Tokenizer.from_file(tokenizer)
+        tok.encode_special_tokens = True  # a "<|endoftext|>" in the text is text, as with GPT-2 below
+        encode = lambda text: np.array(tok.encode(text, add_special_tokens=False).ids, dtype=token_dtype)
+        eot_ids = np.array([eot], dtype=token_dtype)
+    elif tokenizer == "gpt2":
         enc = gpt2()
         encode = lambda text: np.array(enc.encode_ordinary(text), dtype=token_dtype)  # text "<|endoftext|>" stays text
         eot_ids = np.array([enc.eot_token], dtype=token_dtype)
@@ -262,15 +365,26 @@ def init_encoder(tokenizer, chars):
 
 
 def tokenize(batch):
-    """One task: returns the (train, val) token arrays, (train, val) documents ended, and text bytes."""
-    tokens, documents, nbytes = ([], []), [0, 0], 0
+    """One task: returns the (train, val) token arrays, their (train, val) loss masks (None for plain
+    text), (train, val) documents ended, and text bytes. A (prompt, response) record is prompt tokens +
+    response tokens + end-of-text, its mask 0 on the prompt and 1 on the rest."""
+    tokens, masks, documents, nbytes = ([], []), ([], []), [0, 0], 0
     for text, is_val, last in batch:
-        tokens[is_val].append(encode(text))
+        if isinstance(text, tuple):
+            prompt, response = map(encode, text)
+            tokens[is_val].extend([prompt, response])
+            masks[is_val].extend([np.zeros(len(prompt), mask_dtype), np.ones(len(response) + len(eot_ids), mask_dtype)])
+            text = "".join(text)
+        else:
+            tokens[is_val].append(encode(text))
         if last:
             tokens[is_val].append(eot_ids)
             documents[is_val] += 1
         nbytes += len(text.encode("utf-8", "surrogatepass"))
-    return [np.concatenate(t) if t else eot_ids[:0] for t in tokens], documents, nbytes
+    join = lambda parts, dtype: np.concatenate(parts) if parts else np.zeros(0, dtype)
+    tokens = [join(t, token_dtype) for t in tokens]
+    masks = [join(m, mask_dtype) for m in masks] if any(isinstance(t, tuple) for t, _, _ in batch) else None
+    return tokens, masks, documents, nbytes
 
 
 def tokenize_all(batches, num_proc, initargs):
@@ -319,17 +433,17 @@ def download(url, path):
     return path
 
 
-def split_by_position(tmp, ntok, val_fraction):
+def split_by_position(tmp, ntok, val_fraction, itemsize=token_dtype.itemsize):
     """nanoGPT's split of one long text: the first 1 - val_fraction of the tokens train, the rest val.
     Used when the document split left a side empty (one document, or too few for val_fraction); the
-    whole stream is then in one file. The last document's EOT thus ends val."""
+    whole stream is then in one file. The last document's EOT thus ends val. (Loss masks split alike.)"""
     if ntok[0] == 0:
         os.replace(tmp["val"], tmp["train"])
     n_train = int(sum(ntok) * (1 - val_fraction))
     with open(tmp["train"], "rb") as src, open(tmp["val"], "wb") as dst:
-        src.seek(n_train * token_dtype.itemsize)
+        src.seek(n_train * itemsize)
         shutil.copyfileobj(src, dst)
-    os.truncate(tmp["train"], n_train * token_dtype.itemsize)
+    os.truncate(tmp["train"], n_train * itemsize)
     return [n_train, sum(ntok) - n_train]
 
 
@@ -344,8 +458,16 @@ def prepare(cfg):
     if cfg["input"]:
         files = input_files(cfg["input"])
     tokenizer = cfg["tokenizer"] or ("char" if source == "shakespeare_char" else "gpt2")
+    tokenizer_file = None
     if tokenizer not in ("gpt2", "char"):
-        die(f"--tokenizer={tokenizer}: use gpt2 or char")
+        if not (os.sep in tokenizer or Path(tokenizer).exists() or tokenizer.endswith(".json")):
+            die(f"--tokenizer={tokenizer}: use gpt2, char, or the path of a Hugging Face model directory "
+                "(or its tokenizer.json)")
+        tokenizer_file, hf_vocab, hf_eot = hf_tokenizer(tokenizer)
+        tokenizer = str(Path(tokenizer).resolve())
+    pairs = data_format(files, field) == "prompt_response"
+    if pairs and tokenizer == "char":
+        die("prompt/response data needs an end-of-text token after each response; --tokenizer=char has none")
     val_fraction = cfg["val_fraction"]
     if val_fraction is None:  # small data needs a big share to measure anything; big data, a sliver
         small = source.startswith("shakespeare") or (files and sum(f.stat().st_size for f in files) < small_input)
@@ -367,8 +489,8 @@ def prepare(cfg):
         die(f"cannot create {out_dir}: {e.strerror or e}")
     if source.startswith("shakespeare") and not files:
         files = [download(shakespeare_url, out_dir / "input.txt")]
-    if files:
-        read = lambda: pieces(read_files(files, field))
+    if files:  # a Hugging Face tokenizer's documents stay whole (see the top)
+        read = lambda: pieces(read_files(files, field, pairs), cut=tokenizer_file is None)
     else:
         read = lambda: pieces(read_hub(source, field, **hub_sources[source]))
 
@@ -377,23 +499,32 @@ def prepare(cfg):
         for text, _ in read():
             chars.update(text)
         chars, vocab_size, eot = "".join(sorted(chars)), len(chars), None
+    elif tokenizer_file:
+        chars, vocab_size, eot = None, hf_vocab, hf_eot
     else:
         enc = gpt2()
         chars, vocab_size, eot = None, enc.n_vocab, enc.eot_token
     if vocab_size > np.iinfo(token_dtype).max + 1:
         die(f"the {tokenizer} vocabulary has {vocab_size:,} symbols; uint16 token files hold at most 65,536")
 
-    tmp = {split: out_dir / f"{split}.bin.tmp" for split in ("train", "val")}  # renamed only when complete
-    ntok, ndocs, nbytes, replaced[0] = [0, 0], [0, 0], 0, 0
+    # renamed only when complete
+    tmp = {split: out_dir / f"{split}.bin.tmp" for split in ("train", "val")}
+    tmp_mask = {split: out_dir / f"{split}.mask.tmp" for split in ("train", "val")}
+    ntok, ndocs, nbytes, nloss, replaced[0] = [0, 0], [0, 0], 0, [0, 0], 0
     try:
         bar = tqdm(desc=f"tokenizing {source or 'files'}", unit=" tokens", unit_scale=True, disable=None)
-        with open(tmp["train"], "wb") as train_f, open(tmp["val"], "wb") as val_f:
+        with open(tmp["train"], "wb") as train_f, open(tmp["val"], "wb") as val_f, \
+                contextlib.ExitStack() as stack:
+            mask_f = [stack.enter_context(open(tmp_mask[s], "wb")) for s in ("train", "val")] if pairs else None
             tasks = batches(read(), val_fraction, cfg["seed"])
-            for tokens, documents, size in tokenize_all(tasks, cfg["num_proc"], (tokenizer, chars)):
+            for tokens, masks, documents, size in tokenize_all(tasks, cfg["num_proc"], (tokenizer_file or tokenizer, chars, eot)):
                 for i, (f, t) in enumerate(zip((train_f, val_f), tokens)):
                     t.tofile(f)
                     ntok[i] += len(t)
                     ndocs[i] += documents[i]
+                    if pairs:
+                        masks[i].tofile(mask_f[i])
+                        nloss[i] += int(masks[i].sum())
                 nbytes += size
                 bar.update(len(tokens[0]) + len(tokens[1]))
                 bar.set_postfix(documents=sum(ndocs), refresh=False)
@@ -402,22 +533,32 @@ def prepare(cfg):
             die(f"no text in the input ({', '.join(inputs)}): the files are empty")
         split = "document"
         if 0 in ntok:
+            if pairs:
+                split_by_position(tmp_mask, ntok, val_fraction, mask_dtype.itemsize)
             ntok, split = split_by_position(tmp, ntok, val_fraction), "position"
+            if pairs:
+                nloss = [int(np.fromfile(tmp_mask[s], mask_dtype).sum()) for s in ("train", "val")]
         if 0 in ntok:
             die(f"too little text to split: {sum(ntok)} tokens")
         (out_dir / "meta.json").unlink(missing_ok=True)  # the old dataset stops looking finished first
         for split_name, path in tmp.items():
             os.replace(path, out_dir / f"{split_name}.bin")
+            if pairs:
+                os.replace(tmp_mask[split_name], out_dir / f"{split_name}.mask")
+            else:  # an earlier prompt/response dataset's masks would not fit these tokens
+                (out_dir / f"{split_name}.mask").unlink(missing_ok=True)
     except OSError as e:  # disk full, no write permission
         die(f"cannot write {out_dir}: {e.strerror or e}")
     finally:
-        for path in tmp.values():
+        for path in [*tmp.values(), *tmp_mask.values()]:
             path.unlink(missing_ok=True)
 
     meta = dict(
-        **dataset, text_field=field,
+        **dataset, text_field=field, tokenizer_file=tokenizer_file,
         encoding="r50k_base" if tokenizer == "gpt2" else None, vocab_size=vocab_size, dtype="uint16",
-        eot_token=eot, train_tokens=ntok[0], val_tokens=ntok[1],
+        eot_token=eot, format="prompt_response" if pairs else "text", loss_mask=pairs,
+        train_tokens=ntok[0], val_tokens=ntok[1],
+        train_loss_tokens=nloss[0] if pairs else None, val_loss_tokens=nloss[1] if pairs else None,
         documents=sum(ndocs), val_documents=ndocs[1] if split == "document" else None,
         split=split, val_fraction=val_fraction, seed=cfg["seed"], text_bytes=nbytes, utf8_replaced=replaced[0],
     )
@@ -428,10 +569,11 @@ def prepare(cfg):
 
     seconds = time.time() - t0
     how = f"{ndocs[1]:,} of them val" if split == "document" else f"split by position: val is the last {val_fraction:.4g}"
-    print(f"wrote {out_dir}/train.bin, val.bin, meta.json ({tokenizer}, vocab_size {vocab_size:,})")
+    print(f"wrote {out_dir}/train.bin, val.bin, {'train.mask, val.mask, ' if pairs else ''}meta.json "
+          f"({tokenizer}, vocab_size {vocab_size:,}{', prompt/response' if pairs else ''})")
     print(f"documents    {sum(ndocs):,} ({how}; val_fraction {val_fraction:.4g}{'' if cfg['val_fraction'] else ', the default for this size'})")
-    print(f"train.bin    {ntok[0]:,} tokens")
-    print(f"val.bin      {ntok[1]:,} tokens")
+    print(f"train.bin    {ntok[0]:,} tokens" + (f", {nloss[0]:,} of them in the loss (train.mask)" if pairs else ""))
+    print(f"val.bin      {ntok[1]:,} tokens" + (f", {nloss[1]:,} of them in the loss (val.mask)" if pairs else ""))
     print(f"bytes/token  {nbytes / sum(ntok):.2f}")
     if replaced[0]:
         print(f"invalid UTF-8: {replaced[0]:,} sequences replaced by U+FFFD")

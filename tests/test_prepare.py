@@ -206,7 +206,7 @@ bad_inputs = {  # name: (arguments, with {tmp} for the test folder; the message)
     "unknown source": (["shakespear"], "unknown source shakespear (did you mean shakespeare?)"),
     "bad value": (["shakespeare", "--num_proc=two"], "--num_proc=two: not a Python literal"),
     "no out_dir": (["--input=x.txt"], "give --out_dir=DIR"),
-    "tokenizer": (["shakespeare", "--tokenizer=bpe"], "--tokenizer=bpe: use gpt2 or char"),
+    "tokenizer": (["shakespeare", "--tokenizer=bpe"], "--tokenizer=bpe: use gpt2, char, or the path of a Hugging Face model directory"),
 }
 
 
@@ -250,3 +250,113 @@ def test_out_dir_with_another_dataset(tmp_path):
     (out / "meta.json").unlink()  # e.g. nanoGPT's own .bin files: unknown, so kept
     r = run(f"--input={tmp_path / 'a.txt'}", f"--out_dir={out}")
     assert r.returncode == 1 and "train.bin/val.bin with no meta.json" in r.stderr
+
+
+# ---- a Hugging Face tokenizer (tests/conftest.py's tiny byte-level BPE), prompt/response data ----------------
+
+def hf_reference(tokenizer_dir):
+    """The tokenizer as the `tokenizers` library itself encodes: no special tokens added or parsed."""
+    from tokenizers import Tokenizer
+    tok = Tokenizer.from_file(str(tokenizer_dir / "tokenizer.json"))
+    tok.encode_special_tokens = True
+    return lambda text: tok.encode(text, add_special_tokens=False).ids
+
+
+def test_hugging_face_tokenizer_gives_its_own_tokens(tmp_path, tokenizer_dir):
+    encode = hf_reference(tokenizer_dir)
+    docs = ["First Citizen:\nBefore we proceed any further, hear me speak.",
+            "a literal <|endoftext|> in a document is text", "caf\u00e9 \u65e5\u672c \U0001f600", "x" * 3000]
+    (tmp_path / "docs.jsonl").write_text("".join(json.dumps({"text": d}) + "\n" for d in docs))
+    for args, name in ((f"--tokenizer={tokenizer_dir}", "dir"), (f"--tokenizer={tokenizer_dir / 'tokenizer.json'}", "file")):
+        r = run(f"--input={tmp_path / 'docs.jsonl'}", args, f"--out_dir={tmp_path / name}", "--val_fraction=0.5",
+                "--num_proc=2")
+        assert r.returncode == 0, r.stderr
+        meta, train, val = load(tmp_path / name)
+        expected = [encode(d) + [0] for d in docs]  # <|endoftext|> is id 0
+        assert sorted(split_tokens(train) + split_tokens(val)) == sorted(expected)
+        assert (meta["vocab_size"], meta["eot_token"], meta["format"], meta["loss_mask"]) == (500, 0, "text", False)
+        assert meta["tokenizer_file"] == str((tokenizer_dir / "tokenizer.json").resolve())
+        assert meta["train_tokens"] + meta["val_tokens"] == sum(map(len, expected))
+        assert not list((tmp_path / name).glob("*.mask"))
+    # one big document: tokenized whole (no cuts), split by position
+    r = run(f"--input={shakespeare}", f"--tokenizer={tokenizer_dir}", f"--out_dir={tmp_path / 'big'}")
+    assert r.returncode == 0, r.stderr
+    meta, train, val = load(tmp_path / "big")
+    assert np.concatenate([train, val]).tolist() == encode(shakespeare.read_text()) + [0]
+
+
+def split_tokens(tokens, eot=0):
+    """A stream's documents as token lists, each ending with its end-of-text."""
+    ends = np.flatnonzero(tokens == eot)
+    return [tokens[s:e + 1].tolist() for s, e in zip(np.concatenate([[0], ends[:-1] + 1]), ends)]
+
+
+def test_prompt_response_tokens_and_loss_masks(tmp_path, tokenizer_dir):
+    encode = hf_reference(tokenizer_dir)
+    lines = [line for line in shakespeare.read_text().splitlines() if line.strip()][:600]
+    records = [{"prompt": f"Line {i}: {a}\nNext:", "response": f" {b}"} for i, (a, b) in enumerate(zip(lines[::2], lines[1::2]))]
+    records[3]["response"] = ""  # only the end-of-text is learned
+    records[5]["prompt"] = "a <|endoftext|> in a prompt is text: "
+    (tmp_path / "sft.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
+    r = run(f"--input={tmp_path / 'sft.jsonl'}", f"--tokenizer={tokenizer_dir}", f"--out_dir={tmp_path / 'out'}",
+            "--val_fraction=0.2", "--num_proc=2")
+    assert r.returncode == 0, r.stderr
+    meta, train, val = load(tmp_path / "out")
+    masks = [np.fromfile(tmp_path / "out" / f"{s}.mask", dtype=np.uint8) for s in ("train", "val")]
+    assert len(masks[0]) == len(train) and len(masks[1]) == len(val)
+    # each record, in input order, is next in train or in val: its prompt tokens unmasked, then its response
+    # tokens and the end-of-text masked in
+    streams, at = [(train, masks[0]), (val, masks[1])], [0, 0]
+    for rec in records:
+        p, q = encode(rec["prompt"]), encode(rec["response"])
+        tokens, mask = p + q + [0], [0] * len(p) + [1] * (len(q) + 1)
+        side = [s for s in (0, 1) if streams[s][0][at[s]:at[s] + len(tokens)].tolist() == tokens]
+        assert len(side) == 1, rec
+        assert streams[side[0]][1][at[side[0]]:at[side[0]] + len(tokens)].tolist() == mask
+        at[side[0]] += len(tokens)
+    assert at == [len(train), len(val)] and 0 < len(val) < len(train)
+    assert (meta["format"], meta["loss_mask"], meta["documents"]) == ("prompt_response", True, len(records))
+    assert meta["train_loss_tokens"] + meta["val_loss_tokens"] == sum(len(encode(r["response"])) + 1 for r in records)
+    assert meta["train_loss_tokens"] == int(masks[0].sum())
+    # too few records for a document split: tokens and masks are cut at the same place
+    (tmp_path / "two.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records[:2]))
+    r = run(f"--input={tmp_path / 'two.jsonl'}", f"--tokenizer={tokenizer_dir}", f"--out_dir={tmp_path / 'two'}")
+    assert r.returncode == 0, r.stderr
+    meta, train, val = load(tmp_path / "two")
+    mask = np.concatenate([np.fromfile(tmp_path / "two" / f"{s}.mask", dtype=np.uint8) for s in ("train", "val")])
+    p, q = encode(records[0]["prompt"]), encode(records[0]["response"])
+    assert meta["split"] == "position" and mask[:len(p) + len(q) + 1].tolist() == [0] * len(p) + [1] * (len(q) + 1)
+    assert len(mask) == len(train) + len(val) and mask.sum() == meta["train_loss_tokens"] + meta["val_loss_tokens"]
+    # the same out_dir rewritten as plain text loses its masks
+    (tmp_path / "plain.txt").write_text("just text")
+    assert run(f"--input={tmp_path / 'plain.txt'}", f"--out_dir={tmp_path / 'two'}", "--overwrite").returncode == 0
+    assert not list((tmp_path / "two").glob("*.mask"))
+
+
+@pytest.mark.parametrize("case,files,args,message", [
+    ("no response", {"a.jsonl": '{"prompt": "p", "response": "r"}\n{"prompt": "only a prompt"}\n'}, [],
+     "a.jsonl:2: a prompt/response record needs the text fields 'prompt' and 'response' (its fields: prompt)"),
+    ("pair among text", {"a.jsonl": '{"text": "t"}\n{"prompt": "p", "response": "r"}\n'}, [],
+     "a.jsonl:2: a prompt/response record among plain-text records"),
+    ("text among pairs", {"a.jsonl": '{"prompt": "p", "response": "r"}\n{"text": "t"}\n'}, [],
+     "a.jsonl:2: a prompt/response record needs the text fields 'prompt' and 'response' (its fields: text)"),
+    ("mixed files", {"a.jsonl": '{"prompt": "p", "response": "r"}\n', "b.txt": "plain"}, [],
+     "a.jsonl holds prompt/response records but"),
+    ("no tokenizer.json", {"a.txt": "x"}, ["--tokenizer={tmp}/notok"], "notok: no tokenizer.json in this folder"),
+    ("no tokenizer path", {"a.txt": "x"}, ["--tokenizer={tmp}/nowhere/mpt-7b"], "mpt-7b: no such file or folder"),
+    ("broken tokenizer.json", {"a.txt": "x"}, ["--tokenizer={tmp}/bad.json"], "bad.json: not a tokenizer.json"),
+    ("char pairs", {"a.jsonl": '{"prompt": "p", "response": "r"}\n'}, ["--tokenizer=char"],
+     "prompt/response data needs an end-of-text token"),
+])
+def test_prompt_response_and_tokenizer_bad_input(tmp_path, tokenizer_dir, case, files, args, message):
+    (tmp_path / "in").mkdir()
+    (tmp_path / "notok").mkdir()
+    (tmp_path / "notok" / "config.json").write_text("{}")
+    (tmp_path / "bad.json").write_text('{"not": "a tokenizer"}')
+    for name, text in files.items():
+        (tmp_path / "in" / name).write_text(text)
+    tok = [a.format(tmp=tmp_path) for a in args] or [f"--tokenizer={tokenizer_dir}"]
+    r = run(f"--input={tmp_path / 'in'}", *tok, f"--out_dir={tmp_path / 'out'}")
+    assert r.returncode == 1 and r.stderr.startswith("prepare.py: error: ") and "Traceback" not in r.stderr, r.stderr
+    assert message in r.stderr and r.stderr.count("\n") == 1, r.stderr
+    assert not list(tmp_path.glob("out/*.bin*")) and not list(tmp_path.glob("out/*.mask"))
