@@ -297,22 +297,33 @@ def lion_state(model):
 
 
 @torch.no_grad()
-def lion_step(params, grads, exp_avgs, lr, beta1, beta2, weight_decay, peak_lr):
+def lion_step(params, grads, exp_avgs, lr, beta1, beta2, weight_decay, peak_lr, ok=None):
     """One Lion update of lists of tensors, in place:
         c = beta1 * m + (1 - beta1) * g;  p <- p - lr * sign(c);  m <- beta2 * m + (1 - beta2) * g
     Weight decay is MPT's DecoupledLionW's: p <- p * (1 - weight_decay * lr / peak_lr), before the
     update, on weights with >= 2 dims only (not LayerNorm gains). Decoupled from lr's scale this way,
     weight_decay is the shrink per step at the peak and follows the schedule down, as in llm-foundry, so
     MPT's hyperparameters carry over. Every operation is elementwise, so FSDP's local shards (or whole
-    tensors) are updated exactly as the full tensors would be."""
+    tensors) are updated exactly as the full tensors would be.
+    ok: a 0-dim bool tensor on the device, or None (True). Where it is False the step changes nothing,
+    bit for bit: gradients are zeroed (they may be NaN: NaN * 0 is NaN, so they are overwritten, not
+    scaled), lr becomes 0 and beta2 1. Deciding on the device means the host never waits to know."""
+    if ok is not None:
+        for g in grads:
+            g.masked_fill_(~ok, 0.0)
+        lr = ok * lr  # 0-dim tensors from here on: scalars the device holds
+        beta2, one_minus_beta2 = torch.where(ok, beta2, 1.0), 1 - beta2  # zero gradients: m * 1 + 0 = m
+    else:
+        one_minus_beta2 = 1 - beta2
     if weight_decay and peak_lr:
         torch._foreach_mul_([p for p in params if p.ndim >= 2], 1 - weight_decay * lr / peak_lr)
     update = torch._foreach_mul(exp_avgs, beta1)
     torch._foreach_add_(update, grads, alpha=1 - beta1)
     torch._foreach_sign_(update)
-    torch._foreach_add_(params, update, alpha=-lr)
+    torch._foreach_mul_(update, -lr)  # exact: the update is -1, 0 or 1
+    torch._foreach_add_(params, update)
     torch._foreach_mul_(exp_avgs, beta2)
-    torch._foreach_add_(exp_avgs, grads, alpha=1 - beta2)
+    torch._foreach_add_(exp_avgs, grads, alpha=one_minus_beta2)
 
 
 def get_lr(it, learning_rate, min_lr, warmup_iters, lr_decay_iters):
@@ -329,11 +340,15 @@ def _local(t):
     return t.to_local() if isinstance(t, DTensor) else t
 
 
-def train_step(model, exp_avgs, batches, lr, peak_lr, weight_decay, beta1, beta2, grad_clip):
+def train_step(model, exp_avgs, batches, lr, peak_lr, weight_decay, beta1, beta2, grad_clip, stop=0.0,
+               healthy=None):
     """One optimizer step on this rank's micro-batches [(x, y), ...]. Gradients are reduce-scattered
     (averaged over ranks) only after the last micro-batch, clipped by their global norm, then Lion
-    updates each rank's shards. Returns (sum of the micro-batch losses, grad norm before clipping) as
-    device tensors: nothing here waits for the device."""
+    updates each rank's shards, unless the mean loss or the gradient norm is not finite (or healthy, a
+    0-dim bool tensor, is False): then nothing changes (lion_step's ok). stop: this rank's request to end
+    the run (SIGTERM), summed over the ranks. Returns one device tensor (mean loss over all ranks, grad
+    norm before clipping, ok, stop requests): nothing here waits for the device, so the caller can read
+    it a step later, while the device works on the next one."""
     loss_sum = 0.0
     for i, (x, y) in enumerate(batches):
         model.set_requires_gradient_sync(i == len(batches) - 1)
@@ -342,11 +357,21 @@ def train_step(model, exp_avgs, batches, lr, peak_lr, weight_decay, beta1, beta2
         loss_sum = loss_sum + loss.detach()
     # on DTensor gradients the norm is of the whole model: each rank's part, all-reduced
     norm = torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip if grad_clip > 0 else math.inf)
+    norm = norm.full_tensor() if isinstance(norm, DTensor) else norm
+    # one all-reduce for the global mean loss and the stop requests; every rank then decides alike
+    packet = torch.stack([torch.as_tensor(loss_sum, dtype=torch.float32, device=norm.device),
+                          torch.tensor(float(stop), device=norm.device)])
+    dist.all_reduce(packet)
+    loss = packet[0] / (len(batches) * dist.get_world_size())
+    # an inf gradient with a finite loss matters as much: clipping turns it into NaN, and Lion's
+    # sign(NaN) would spread NaN through the weights and their momentum
+    ok = torch.isfinite(loss) & torch.isfinite(norm)
+    ok = ok & healthy if healthy is not None else ok
     named = [(name, p) for name, p in model.named_parameters() if p.grad is not None]
     lion_step([_local(p) for _, p in named], [_local(p.grad) for _, p in named],
-              [_local(exp_avgs[name]) for name, _ in named], lr, beta1, beta2, weight_decay, peak_lr)
+              [_local(exp_avgs[name]) for name, _ in named], lr, beta1, beta2, weight_decay, peak_lr, ok=ok)
     model.zero_grad(set_to_none=True)
-    return loss_sum, norm.full_tensor() if isinstance(norm, DTensor) else norm
+    return torch.stack([loss, norm.float(), ok.float(), packet[1]])
 
 
 @torch.no_grad()
@@ -539,67 +564,82 @@ if __name__ == '__main__':
         return dict(iter_num=iter_num, data_position=position, best_val_loss=best_val_loss, seed=seed,
                     world_size=world_size, model=asdict(config), settings=settings)
 
-    # the loop: iter_num counts the steps done; the weights after them are what evaluation sees
+    # The loop: iter_num counts the steps queued; the weights after them are what evaluation sees. The host
+    # never waits for the step it just queued: it reads the step before's (loss, grad norm, ok, stop) only
+    # after queueing the next, so the device always has work. Evaluations and saves read what is pending
+    # first, so a non-finite step (skipped on the device: see train_step) stops the run before anything
+    # after it is saved.
     start_iter, last_saved = iter_num, iter_num if saved else -1
-    batches = step_batches(position)
+    healthy = torch.ones((), dtype=torch.bool, device=device)  # False from the first non-finite step on
+    pending = None  # (iter, lr, the device tensor train_step returned, when it was queued), not read yet
     step_time, steps_timed = 0.0, 0  # since the last log line; evaluation and saving are not counted
+
+    def settle(end=None):
+        """Read the pending step: stop on a non-finite one, log it. Returns whether a rank was asked to stop.
+        end: when the next step was queued; a step's time is queue to queue (on a busy device that is the
+        device's time: the host waits in this read), or queue to now for the last step before a pause."""
+        global step_time, steps_timed
+        if pending is None:
+            return False
+        it, lr, packet, queued = pending
+        loss, norm, ok, stop = packet.tolist()  # waits for that step, not for the one queued after it
+        step_time, steps_timed = step_time + (end or time.time()) - queued, steps_timed + 1
+        if not ok:
+            what = f"the loss is {loss}" if not math.isfinite(loss) else f"the gradient norm is {norm}"
+            fail(f"iter {it}: {what}; the step was skipped and the run stops without saving. The newest "
+                 f"checkpoint in {out_dir} is the last good one: resume it with a lower learning_rate (or grad_clip)")
+        if it % log_interval == 0:
+            dt = step_time / steps_timed
+            tokens_per_sec = global_batch * max_seq_len / dt
+            mfu = model.estimate_mfu(tokens_per_sec / world_size, max_seq_len, peak_flops or None)
+            peak_mem = torch.cuda.max_memory_allocated(device) / 1e9 if device.type == 'cuda' else None
+            record = dict(iter=it, loss=loss, lr=lr, grad_norm=norm, tokens_per_sec=tokens_per_sec, mfu=mfu,
+                          peak_mem_gb=peak_mem, ms_per_iter=dt * 1000)
+            print0(f"iter {it}: loss {loss:.4f}, lr {lr:.2e}, grad norm {norm:.3f}, "
+                   f"{tokens_per_sec:,.0f} tok/s, {dt * 1000:.1f} ms/iter"
+                   + (f", mfu {mfu:.1%}" if mfu is not None else '')
+                   + (f", peak mem {peak_mem:.1f} GB" if peak_mem is not None else ''))
+            log(record)
+            step_time, steps_timed = 0.0, 0
+        return stop > 0
+
+    batches = step_batches(position)
+    stop = False
     while True:
         last = iter_num >= max_iters
-        if (iter_num % eval_interval == 0 or last) and iter_num != last_saved:
+        if (iter_num % eval_interval == 0 or last or stop) and iter_num != last_saved:
+            stop = settle() or stop  # every step before this evaluation is finite
+            pending = None
             val_loss = None
-            if eval_iters:
+            if eval_iters and not stop:
                 val_loss = evaluate(model, data['val'], eval_batches, max_seq_len, config.vocab_size, device)
                 print0(f"iter {iter_num}: val loss {val_loss:.4f}")
                 log({'iter': iter_num, 'val_loss': val_loss})
             improved = val_loss is None or val_loss < best_val_loss
             best_val_loss = val_loss if val_loss is not None and improved else best_val_loss
             if iter_num > start_iter:  # not the random init, nor the checkpoint just resumed
-                save_checkpoint(out_dir, model, exp_avgs, checkpoint_info(), keep_checkpoints)
+                path = save_checkpoint(out_dir, model, exp_avgs, checkpoint_info(), keep_checkpoints)
                 last_saved = iter_num
-                if improved:  # ckpt.pt keeps the best val loss: small data sets overfit
+                if improved and not stop:  # ckpt.pt keeps the best val loss: small data sets overfit
                     save_for_sampling(os.path.join(out_dir, 'ckpt.pt'), model,
                                       dict(iter_num=iter_num, val_loss=val_loss, settings=settings, meta=meta))
-        if last:
+                if stop:
+                    print0(f"SIGTERM: saved {path}; continue with --init_from=resume")
+        if last or stop:
             break
 
         # dropout (if any) draws from a generator seeded by (seed, step, rank): a resumed run draws the same
         torch.manual_seed(int(np.random.SeedSequence([seed, iter_num, rank]).generate_state(1)[0]))
         lr = get_lr(iter_num, learning_rate, min_lr, warmup_iters, lr_decay_iters)
         t0 = time.time()
-        loss_sum, grad_norm = train_step(model, exp_avgs, batches, lr, learning_rate, weight_decay,
-                                         beta1, beta2, grad_clip)
+        packet = train_step(model, exp_avgs, batches, lr, learning_rate, weight_decay, beta1, beta2, grad_clip,
+                            stop=len(preempted), healthy=healthy)
+        healthy = packet[2] > 0
         position += global_batch
         batches = step_batches(position)  # read while the device still works on this step
-        # one all-reduce, one wait: the global mean loss, and whether any rank was asked to stop
-        packet = torch.stack([loss_sum.float(), torch.tensor(float(len(preempted)), device=device)])
-        dist.all_reduce(packet)
-        loss, stop = packet.tolist()
-        loss /= gradient_accumulation_steps
-        step_time, steps_timed = step_time + time.time() - t0, steps_timed + 1
-        # an inf gradient with a finite loss matters as much: clipping turns it into NaN, and Lion's
-        # sign(NaN) = 0 would freeze those weights while NaN spreads through their momentum
-        if not (math.isfinite(loss) and math.isfinite(grad_norm.item())):
-            what = f"the loss is {loss}" if not math.isfinite(loss) else f"the gradient norm is {grad_norm.item()}"
-            fail(f"iter {iter_num}: {what}; stopping without saving. The newest checkpoint in "
-                 f"{out_dir} is the last good one: resume it with a lower learning_rate (or grad_clip)")
-        if iter_num % log_interval == 0:
-            dt = step_time / steps_timed
-            tokens_per_sec = global_batch * max_seq_len / dt
-            mfu = model.estimate_mfu(tokens_per_sec / world_size, max_seq_len, peak_flops or None)
-            peak_mem = torch.cuda.max_memory_allocated(device) / 1e9 if device.type == 'cuda' else None
-            record = dict(iter=iter_num, loss=loss, lr=lr, grad_norm=grad_norm.item(), tokens_per_sec=tokens_per_sec,
-                          mfu=mfu, peak_mem_gb=peak_mem, ms_per_iter=dt * 1000)
-            print0(f"iter {iter_num}: loss {loss:.4f}, lr {lr:.2e}, grad norm {record['grad_norm']:.3f}, "
-                   f"{tokens_per_sec:,.0f} tok/s, {dt * 1000:.1f} ms/iter"
-                   + (f", mfu {mfu:.1%}" if mfu is not None else '')
-                   + (f", peak mem {peak_mem:.1f} GB" if peak_mem is not None else ''))
-            log(record)
-            step_time, steps_timed = 0.0, 0
+        stop = settle(end=t0)  # the step before this one
+        pending = (iter_num, lr, packet, t0)
         iter_num += 1
-        if stop:
-            path = save_checkpoint(out_dir, model, exp_avgs, checkpoint_info(), keep_checkpoints)
-            print0(f"SIGTERM: saved {path}; continue with --init_from=resume")
-            break
     # every rank leaves together: one that tears down its gloo connections while another still writes
     # ckpt.pt was seen to abort ("terminate called without an active exception") in 1 run of ~20
     dist.barrier()

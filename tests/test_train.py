@@ -181,6 +181,60 @@ def test_lion_step_is_the_paper_update():
         assert torch.allclose(p, rp, atol=1e-6) and torch.allclose(m, rm, atol=1e-7)
 
 
+class _InfGrad(torch.autograd.Function):
+    """Identity forward; the backward sends on an infinite gradient (NaN where it was 0)."""
+    @staticmethod
+    def forward(ctx, x):
+        return x.view_as(x)
+
+    @staticmethod
+    def backward(ctx, g):
+        return g * math.inf
+
+
+@pytest.fixture
+def group_of_one():
+    """A gloo process group of one in this process, as a plain `python train.py` makes; its 1-D mesh."""
+    mesh = train.init_distributed('cpu')[3]
+    yield mesh
+    torch.distributed.destroy_process_group()
+
+
+def test_a_non_finite_step_changes_nothing(group_of_one, monkeypatch):
+    # train_step decides on the device: a step with a NaN loss, or a finite loss but an infinite gradient,
+    # leaves every weight and every Lion momentum bit for bit as it was, and so does every step after one
+    # (healthy); the host reads nothing back in train_step
+    config = MPTConfig(vocab_size=65, d_model=32, n_heads=4, n_layers=2, max_seq_len=16, attn_impl='torch')
+    model = train.setup_model(config, group_of_one, dtype='float32')
+    exp_avgs = train.lion_state(model)
+    gen = torch.Generator().manual_seed(0)
+    batch = lambda: [tuple(torch.randint(0, 65, (2, 16), generator=gen) for _ in range(2))]
+    state = lambda: [train._local(t).clone() for t in [*model.parameters(), *exp_avgs.values()]]
+    unchanged = lambda before: all(torch.equal(a, b) for a, b in zip(before, state()))
+
+    def step(**kw):
+        with monkeypatch.context() as m:  # any read of a device value in train_step fails the test
+            for name in ('item', 'tolist', '__bool__', '__float__'):
+                m.setattr(torch.Tensor, name, no_host_reads)
+            return train.train_step(model, exp_avgs, batch(), 1e-2, 1e-2, 1e-2, 0.9, 0.99, 1.0, **kw)
+
+    def no_host_reads(*args, **kwargs):
+        raise AssertionError("train_step waited for the device")
+
+    step()  # Lion's momentum is non-zero from here on
+    before = state()
+    poison = {'nan loss': lambda m, i, out: out * math.nan, 'inf grad': lambda m, i, out: _InfGrad.apply(out)}
+    for what, hook in poison.items():
+        handle = model.transformer.blocks[1].register_forward_hook(hook)
+        packet = step()
+        handle.remove()
+        loss, norm, ok, stop = packet.tolist()
+        assert ok == 0 and stop == 0 and (math.isnan(loss) if what == 'nan loss' else math.isfinite(loss)), what
+        assert not math.isfinite(norm) and unchanged(before), what
+        assert step(healthy=packet[2] > 0)[2].item() == 0 and unchanged(before), what  # stays skipped
+    assert step()[2].item() == 1 and not unchanged(before)  # a good step does change them
+
+
 def test_lr_schedule():
     lr = lambda it: train.get_lr(it, learning_rate=1.0, min_lr=0.1, warmup_iters=10, lr_decay_iters=110)
     assert lr(0) == pytest.approx(1 / 11) and lr(9) == pytest.approx(10 / 11) and lr(10) == 1.0
