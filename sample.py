@@ -56,11 +56,30 @@ def load_model():
     return MPT.from_state_dict(config, ckpt['model'], source=str(path)), meta
 
 
+def hf_tokenizer(file, eot, what):
+    """(encode, decode, eot, description, vocabulary size) of a tokenizer.json, as prepare.py encodes."""
+    try:
+        from tokenizers import Tokenizer
+    except ImportError:
+        raise ValueError(f"{what} uses its own tokenizer ({file}; GPT-2's would give the wrong tokens): "
+                         f"pip install tokenizers") from None
+    if not Path(file).is_file():
+        raise ValueError(f"{what} was trained with the tokenizer {file}, which is not there any more: "
+                         f"put it back (or a copy of that model directory) at that path") from None
+    tok = Tokenizer.from_file(str(file))
+    eot = eot if isinstance(eot, int) else tok.token_to_id('<|endoftext|>')
+    return (lambda text: tok.encode(text, add_special_tokens=False).ids, lambda ids: tok.decode(list(ids)), eot,
+            str(file), max(tok.get_vocab(with_added_tokens=True).values()) + 1)
+
+
 def load_tokenizer(model, meta):
-    """(encode, decode, eot id, description). Char-level checkpoints use their meta.json vocabulary;
-    a Hugging Face directory its own tokenizer.json (with the `tokenizers` package); else GPT-2 BPE."""
+    """(encode, decode, eot id, description): the tokenizer the run recorded in its meta.json (prepare.py
+    --tokenizer: characters, GPT-2 BPE or a Hugging Face tokenizer.json); a Hugging Face directory's own
+    tokenizer.json (with the `tokenizers` package); else GPT-2 BPE."""
     vocab_size = model.config.vocab_size
-    if meta is not None and meta.get('tokenizer') == 'char':
+    if meta is not None and meta.get('tokenizer_file'):
+        *tokenizer, n_vocab = hf_tokenizer(meta['tokenizer_file'], meta.get('eot_token'), "this run's data")
+    elif meta is not None and meta.get('tokenizer') == 'char':
         chars = meta['chars']
         stoi = {c: i for i, c in enumerate(chars)}
 
@@ -72,23 +91,15 @@ def load_tokenizer(model, meta):
         tokenizer = (encode, lambda ids: ''.join(chars[i] for i in ids), None, f"characters ({len(chars)})")
         n_vocab = len(chars)
     elif init_from != 'resume' and (Path(init_from) / 'tokenizer.json').is_file():
-        try:
-            from tokenizers import Tokenizer
-        except ImportError:
-            raise ValueError(f"{init_from} has its own tokenizer.json (GPT-2's would give the wrong tokens): "
-                             f"pip install tokenizers") from None
-        tok = Tokenizer.from_file(str(Path(init_from) / 'tokenizer.json'))
         eot = json.loads((Path(init_from) / 'config.json').read_text()).get('eos_token_id')
-        eot = eot if isinstance(eot, int) else tok.token_to_id('<|endoftext|>')
-        tokenizer = (lambda text: tok.encode(text).ids, lambda ids: tok.decode(list(ids)), eot,
-                     f"{init_from}/tokenizer.json")
-        n_vocab = tok.get_vocab_size()
+        *tokenizer, n_vocab = hf_tokenizer(Path(init_from) / 'tokenizer.json', eot, init_from)
     else:
         import tiktoken
         enc = tiktoken.get_encoding('r50k_base')  # GPT-2's BPE; r50k_base is what tiktoken caches offline
         tokenizer = (lambda text: enc.encode(text, allowed_special={'<|endoftext|>'}), enc.decode, enc.eot_token,
                      "GPT-2 BPE (tiktoken r50k_base)")
         n_vocab = enc.n_vocab
+    tokenizer = tuple(tokenizer)
     if n_vocab > vocab_size:
         raise ValueError(f"the tokenizer ({tokenizer[3]}) has {n_vocab} tokens but the model only {vocab_size}: "
                          f"this checkpoint was trained with another tokenizer (is its data_dir/meta.json there?)")

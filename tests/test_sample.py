@@ -168,3 +168,32 @@ def test_sample_py_clear_errors(tmp_path):
     (out / "ckpt.pt").write_bytes(b"not a checkpoint")
     r = run_sample(f"--out_dir={out}", "--device=cpu")
     assert r.returncode != 0 and "is not a checkpoint written by train.py" in r.stderr
+
+
+def test_sample_py_uses_the_tokenizer_the_run_recorded(tmp_path, tokenizer_dir):
+    # a checkpoint whose data prepare.py made with --tokenizer=<a Hugging Face tokenizer>: meta.json's
+    # tokenizer_file encodes the prompt and decodes the sample, eot_token ends it
+    from tokenizers import Tokenizer
+    tok = Tokenizer.from_file(str(tokenizer_dir / "tokenizer.json"))
+    model = tiny_model(vocab_size=512)
+    meta = {"tokenizer": str(tokenizer_dir), "tokenizer_file": str(tokenizer_dir / "tokenizer.json"),
+            "vocab_size": 500, "eot_token": 0}
+    out = tmp_path / "out"
+    out.mkdir()
+    torch.save({"model": model.state_dict(), "config": dataclasses.asdict(model.config), "meta": meta,
+                "settings": {}, "iter_num": 0}, out / "ckpt.pt")
+    prompt = "ROMEO:\nWhat light"
+    r = run_sample(f"--out_dir={out}", f"--start={prompt}", "--num_samples=1", "--max_new_tokens=12",
+                   "--temperature=0", "--device=cpu", "--dtype=float32")
+    assert r.returncode == 0, r.stderr
+    ids = tok.encode(prompt, add_special_tokens=False).ids
+    new = model.generate([ids], 12, temperature=0, eos_token=0)[0][len(ids):].tolist()
+    new = new[:-1] if new and new[-1] == 0 else new
+    assert r.stdout.startswith(prompt + tok.decode(new) + "\n") and len(new) > 3
+    assert f"tokenizer: {tokenizer_dir / 'tokenizer.json'}" in r.stderr
+    meta["tokenizer_file"] = str(tmp_path / "gone" / "tokenizer.json")
+    torch.save({"model": model.state_dict(), "config": dataclasses.asdict(model.config), "meta": meta,
+                "settings": {}, "iter_num": 0}, out / "ckpt.pt")
+    r = run_sample(f"--out_dir={out}", "--device=cpu")
+    assert r.returncode == 1 and "gone/tokenizer.json, which is not there any more" in r.stderr
+    assert "Traceback" not in r.stderr and r.stderr.count("error:") == 1
