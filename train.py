@@ -60,7 +60,10 @@ eval_interval = 1000  # evaluate val loss and save a checkpoint every this many 
 eval_iters = 100  # micro-batches of val data per evaluation, over all processes; 0: no evaluation
 log_interval = 10  # console and metrics.jsonl every this many steps
 keep_checkpoints = 3  # the newest sharded checkpoints kept in out_dir
-init_from = 'scratch'  # 'scratch', 'resume' (the newest checkpoint in out_dir) or a Hugging Face MPT directory
+init_from = 'scratch'  # 'scratch', 'resume' (the newest checkpoint in out_dir), a Hugging Face MPT directory, or
+# a checkpoint of ours (some_out_dir/ckpt-NNNNNN): a new run (a stage) from its weights, see load_weights
+eval_only = False  # evaluate init_from's weights once (at every eval length) and exit: no training, nothing saved
+eval_seq_lens = []  # also evaluate at these sequence lengths, e.g. [2048, 4096, 8192]: ALiBi extrapolates
 wandb_log = False  # also log to Weights & Biases (pip install wandb)
 wandb_project = 'mpt'
 wandb_run_name = 'mpt'
@@ -395,6 +398,14 @@ def evaluate(model, split, batches, seq_len, vocab_size, device):
 # during a save leaves the previous checkpoint as the newest
 
 _SHAPE_FIELDS = ('vocab_size', 'd_model', 'n_heads', 'n_layers', 'expansion_ratio', 'kv_n_heads', 'qk_ln')
+# what a stage (init_from=ckpt-NNNNNN) keeps of the checkpoint's model; max_seq_len, alibi_bias_max, dropout
+# and attn_impl are the new run's settings (MPT-7B-StoryWriter's 65k stage raised alibi_bias_max 8 -> 16)
+_ARCH_FIELDS = _SHAPE_FIELDS + ('clip_qkv', 'softmax_scale', 'logit_scale', 'layer_norm_epsilon')
+
+
+def is_checkpoint(path):
+    """A sharded checkpoint of ours: a directory with DCP's .metadata and our train.json."""
+    return os.path.isfile(os.path.join(path, 'train.json')) and os.path.isfile(os.path.join(path, '.metadata'))
 
 
 def checkpoint_dirs(out_dir):
@@ -431,6 +442,15 @@ def load_checkpoint(path, model, exp_avgs):
         return json.load(f)
 
 
+def load_weights(path, model):
+    """Only the weights of a checkpoint, for a new run that starts from them (a context-length stage, say).
+    Lion's momentum is not carried over: it follows the old schedule's gradients, and the new stage warms up
+    again from zero, as llm-foundry's load_weights_only does."""
+    state = {'model': get_model_state_dict(model)}
+    dcp.load(state, checkpoint_id=path)  # reads just the 'model' entries
+    set_model_state_dict(model, state['model'])
+
+
 def save_for_sampling(path, model, extra):
     """out_dir/ckpt.pt, one file that sample.py reads with plain torch.load: full fp32 weights (gathered on
     rank 0's CPU) and the MPTConfig, written to a temporary name and renamed."""
@@ -453,7 +473,7 @@ if __name__ == '__main__':
     if init_from == 'resume':
         if not checkpoint_dirs(out_dir):
             fail(f"init_from='resume' but {out_dir} holds no checkpoint (ckpt-NNNNNN/)")
-    elif checkpoint_dirs(out_dir):
+    elif checkpoint_dirs(out_dir) and not eval_only:
         fail(f"{out_dir} already holds checkpoints from another run: continue it with --init_from=resume, "
              f"or choose another out_dir")
     rank, world_size, device, mesh = init_distributed(device)
@@ -466,15 +486,20 @@ if __name__ == '__main__':
 
     # the model: the settings' shape, or a Hugging Face checkpoint's; a resumed run must keep its checkpoint's
     model_args = {f.name: globals()[f.name] for f in fields(MPTConfig)}
-    saved = None
+    saved = stage_from = None
     if init_from == 'resume':
         resume_dir = checkpoint_dirs(out_dir)[-1]
         with open(os.path.join(resume_dir, 'train.json')) as f:
             saved = json.load(f)
         model_args['init_device'] = 'meta'  # the weights are about to be loaded
+    elif is_checkpoint(init_from):  # a stage: the architecture is the checkpoint's, the rest today's settings
+        with open(os.path.join(init_from, 'train.json')) as f:
+            stage_from = json.load(f)
+        model_args.update({k: stage_from['model'][k] for k in _ARCH_FIELDS}, init_device='meta')
     elif init_from != 'scratch':
         if not os.path.isfile(os.path.join(init_from, 'config.json')):
-            fail(f"init_from={init_from!r}: use 'scratch', 'resume' or a Hugging Face MPT directory (with config.json)")
+            fail(f"init_from={init_from!r}: use 'scratch', 'resume', a Hugging Face MPT directory (with config.json) "
+                 f"or a checkpoint of ours (out_dir/ckpt-NNNNNN, with train.json)")
         with open(os.path.join(init_from, 'config.json')) as f:
             hf = json.load(f)
         try:
@@ -516,12 +541,22 @@ if __name__ == '__main__':
             if not os.path.exists(pattern):
                 fail(f"{pattern} not found: run `python prepare.py <dataset>` (it writes data/<dataset>/train.bin, "
                      f"val.bin and meta.json) and set data_dir to its folder, or set {split}_files to a glob of shards")
-        data[split] = load_split(pattern, config.vocab_size, max_seq_len)
-    # a fixed set of val windows, the same for every evaluation and world size
-    eval_batches = []
-    if eval_iters:
-        val_ids = sample_windows(0, int(data['val'][2][-1]), 0, eval_iters * batch_size)
-        eval_batches = [val_ids[i:i + batch_size] for i in range(0, len(val_ids), batch_size)]
+        data[split], data[f'{split}_pattern'] = load_split(pattern, config.vocab_size, max_seq_len), pattern
+    if eval_only and not eval_iters:
+        fail("eval_only=True needs eval_iters > 0")
+    # a fixed set of val windows per eval length, the same for every evaluation and world size: at max_seq_len
+    # eval_iters micro-batches of batch_size; at other lengths as many tokens, in micro-batches of about as many
+    evals = {}  # seq_len: (split, micro-batches of window ids)
+    for L in sorted({max_seq_len, *eval_seq_lens}) if eval_iters else []:
+        if not isinstance(L, int) or L < 1:
+            fail(f"eval_seq_lens={eval_seq_lens}: use positive whole numbers of tokens, e.g. [2048, 4096]")
+        if L > min(len(a) for a in data['val'][1]) - 1:
+            fail(f"eval_seq_lens: {L} tokens is longer than a val file ({data['val_pattern']}) holds: "
+                 f"evaluate at shorter lengths, or prepare a longer val split")
+        split = data['val'] if L == max_seq_len else load_split(data['val_pattern'], config.vocab_size, L)
+        per_batch = max(1, batch_size * max_seq_len // L)
+        val_ids = sample_windows(0, int(split[2][-1]), 0, max(1, eval_iters * batch_size * max_seq_len // L))
+        evals[L] = (split, [val_ids[i:i + per_batch] for i in range(0, len(val_ids), per_batch)])
 
     # model and optimizer state
     model = setup_model(config, mesh, dtype, activation_checkpointing, compile, seed,
@@ -532,6 +567,10 @@ if __name__ == '__main__':
         saved = load_checkpoint(resume_dir, model, exp_avgs)
         iter_num, position, best_val_loss = saved['iter_num'], saved['data_position'], saved['best_val_loss']
         print0(f"resuming {resume_dir} on {world_size} process(es): step {iter_num}")
+    elif stage_from is not None:
+        load_weights(init_from, model)
+        print0(f"starting from the weights of {init_from} (step {stage_from['iter_num']} of that run); Lion's "
+               f"state, the step count, the data order and the schedule start afresh")
     elif init_from != 'scratch':
         load_hf_weights(model, init_from)
     print0(f"{model.num_params():,} parameters, init_device={model.config.init_device}; {world_size} process(es) "
@@ -539,7 +578,7 @@ if __name__ == '__main__':
            f"{len(data['train'][0])} train file(s), {int(data['train'][2][-1]):,} windows")
     if master:
         os.makedirs(out_dir, exist_ok=True)
-    metrics = open(os.path.join(out_dir, 'metrics.jsonl'), 'a' if saved else 'w') if master else None
+    metrics = open(os.path.join(out_dir, 'metrics.jsonl'), 'a' if saved or eval_only else 'w') if master else None
     if wandb_log and master:
         try:
             import wandb
@@ -563,6 +602,25 @@ if __name__ == '__main__':
         # and the step: each step reseeds from them, so the data order and dropout continue as they would have
         return dict(iter_num=iter_num, data_position=position, best_val_loss=best_val_loss, seed=seed,
                     world_size=world_size, model=asdict(config), settings=settings)
+
+    def run_evals(**extra):
+        """Val loss at every eval length: printed, logged, and returned at max_seq_len (what ckpt.pt follows)."""
+        losses = {L: evaluate(model, split, batches, L, config.vocab_size, device) for L, (split, batches) in evals.items()}
+        print0(f"iter {iter_num}: val loss {losses[max_seq_len]:.4f}")
+        record = {'iter': iter_num, 'val_loss': losses[max_seq_len], **extra}
+        if len(losses) > 1:
+            print0("  seq_len  val loss\n" + "\n".join(f"  {L:7d}  {v:8.4f}" + ("  (trained)" if L == max_seq_len else "")
+                                                       for L, v in losses.items()))
+            record['val_loss_by_seq_len'] = {str(L): v for L, v in losses.items()}
+        log(record)
+        return losses[max_seq_len]
+
+    if eval_only:
+        iter_num = stage_from['iter_num'] if stage_from else iter_num  # the step those weights were saved at
+        run_evals(eval_only=True, init_from=init_from)
+        dist.barrier()
+        dist.destroy_process_group()
+        sys.exit(0)
 
     # The loop: iter_num counts the steps queued; the weights after them are what evaluation sees. The host
     # never waits for the step it just queued: it reads the step before's (loss, grad norm, ok, stop) only
@@ -610,11 +668,7 @@ if __name__ == '__main__':
         if (iter_num % eval_interval == 0 or last or stop) and iter_num != last_saved:
             stop = settle() or stop  # every step before this evaluation is finite
             pending = None
-            val_loss = None
-            if eval_iters and not stop:
-                val_loss = evaluate(model, data['val'], eval_batches, max_seq_len, config.vocab_size, device)
-                print0(f"iter {iter_num}: val loss {val_loss:.4f}")
-                log({'iter': iter_num, 'val_loss': val_loss})
+            val_loss = run_evals() if eval_iters and not stop else None
             improved = val_loss is None or val_loss < best_val_loss
             best_val_loss = val_loss if val_loss is not None and improved else best_val_loss
             if iter_num > start_iter:  # not the random init, nor the checkpoint just resumed

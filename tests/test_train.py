@@ -329,6 +329,11 @@ BAD_RUNS = {  # name: (what write_bad writes, extra arguments, the message, a re
     'seed': ('straight', ['--init_from=resume', '--seed=7'], r"trained with seed=1337, not 7: resume with --seed=1337"),
     'attention': ('nothing', ['--attn_impl=flash'], r"attn_impl='flash' \(the flash-attn package\) runs on CUDA only"),
     'corrupt_meta': ('corrupt_meta', [], r"meta\.json is unreadable"),
+    'eval_len': ('straight', ['--init_from=resume', '--eval_only=True', '--eval_seq_lens=[16, 0]'],
+                 r"eval_seq_lens=\[16, 0\]: use positive whole numbers"),
+    'eval_too_long': ('straight', ['--init_from=resume', '--eval_only=True', '--eval_seq_lens=[10000000]'],
+                      r"eval_seq_lens: 10000000 tokens is longer than a val file"),
+    'init_from': ('nothing', ['--init_from=somewhere'], r"init_from='somewhere': use 'scratch', 'resume', a Hugging Face"),
 }
 
 
@@ -432,6 +437,47 @@ def test_init_from_hugging_face_directory(shakespeare, tmp_path):
          '--max_iters=0', '--vocab_size=99', '--d_model=8'])  # the shape comes from the checkpoint
     _, val = metrics(tmp_path / 'out')
     assert val[0] == pytest.approx(expected, rel=1e-5)
+
+
+# ---- stages and evaluation at several lengths ----------------------------------------------------------
+
+def test_a_stage_starts_from_a_checkpoints_weights(straight, shakespeare, tmp_path):
+    # init_from=ckpt-NNNNNN: a new run (step 0, fresh Lion state and schedule) on those weights. With the same
+    # length its first evaluation is stage 1's last, exactly; a stage may also change max_seq_len and
+    # alibi_bias_max (the 65k StoryWriter recipe), while the shape comes from the checkpoint
+    ckpt = straight / 'ckpt-000006'
+    _, stdout, _ = run([*TINY, f'--data_dir={shakespeare}', f'--out_dir={tmp_path / "same"}', f'--init_from={ckpt}',
+                        '--max_iters=2', '--eval_interval=2'])
+    assert "Lion's state, the step count, the data order and the schedule start afresh" in stdout
+    (_, stage1), (losses, stage2) = metrics(straight), metrics(tmp_path / 'same')
+    assert stage2[0] == stage1[6] and sorted(losses) == [0, 1]
+    run([*TINY, f'--data_dir={shakespeare}', f'--out_dir={tmp_path / "longer"}', f'--init_from={ckpt}',
+         '--max_iters=2', '--eval_interval=2', '--max_seq_len=32', '--alibi_bias_max=16', '--d_model=64'])
+    info = json.loads((tmp_path / 'longer' / 'ckpt-000002' / 'train.json').read_text())
+    assert info['model']['max_seq_len'] == 32 and info['model']['alibi_bias_max'] == 16
+    assert info['model']['d_model'] == 32 and info['iter_num'] == 2
+
+
+def test_eval_only_at_several_lengths(straight, shakespeare, tmp_path):
+    # every length gets its own fixed windows (as many tokens as at max_seq_len); each loss must be the
+    # model's mean loss over them, computed here from the checkpoint's tensors; nothing is saved
+    out = tmp_path / 'eval'
+    _, stdout, _ = run([*TINY, f'--data_dir={shakespeare}', f'--out_dir={out}', f'--init_from={straight / "ckpt-000006"}',
+                        '--eval_only=True', '--eval_seq_lens=[8, 16, 40]'])
+    record = json.loads((out / 'metrics.jsonl').read_text().splitlines()[-1])
+    assert record['eval_only'] and record['iter'] == 6 and not train.checkpoint_dirs(out)
+    assert sorted(record['val_loss_by_seq_len']) == ['16', '40', '8']
+    assert record['val_loss'] == record['val_loss_by_seq_len']['16'] == metrics(straight)[1][6]
+    assert re.search(r"seq_len\s+val loss\n\s+8\s+[\d.]+\n\s+16\s+[\d.]+\s+\(trained\)\n\s+40\s+[\d.]+", stdout)
+    model = MPT(MPTConfig(vocab_size=65, d_model=32, n_heads=4, n_layers=2, max_seq_len=16, attn_impl='torch')).eval()
+    model.load_state_dict(checkpoint_tensors(straight / 'ckpt-000006', tmp_path)['model'])
+    for L, per_batch in ((8, 8), (40, 1)):  # 3 x 4 x 16 tokens: 24 windows of 8, 4 of 40 (micro-batches of 64 tokens)
+        split = train.load_split(str(shakespeare / 'val.bin'), 65, L)
+        ids = train.sample_windows(0, int(split[2][-1]), 0, 3 * 4 * 16 // L)
+        with torch.no_grad():
+            losses = [model(*train.to_device(train.read_windows(split, ids[i:i + per_batch], L, 65),
+                                             torch.device('cpu')))[1].item() for i in range(0, len(ids), per_batch)]
+        assert record['val_loss_by_seq_len'][str(L)] == pytest.approx(np.mean(losses), rel=1e-5), L
 
 
 # ---- learning -----------------------------------------------------------------------------------------
