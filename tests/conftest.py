@@ -71,3 +71,20 @@ def released_mpt(tmp_path_factory):
     model = transformers.MptForCausalLM(config).eval()
     model.save_pretrained(path)
     return path
+
+
+@pytest.fixture(scope="session")
+def released_sft(released_mpt, tmp_path_factory):
+    """prepare.py's prompt/response dataset in the released model's tokenizer: each record asks for the
+    line of tiny Shakespeare that follows another. Returns the data_dir."""
+    import subprocess
+    import sys
+    path = tmp_path_factory.mktemp("released_sft")
+    lines = [line for line in SHAKESPEARE.read_text().splitlines() if line.strip()][:4000]
+    records = [{"prompt": f"{a}\n", "response": b} for a, b in zip(lines[::2], lines[1::2])]
+    (path / "sft.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
+    r = subprocess.run([sys.executable, str(Path(__file__).resolve().parents[1] / "prepare.py"),
+                        f"--input={path / 'sft.jsonl'}", f"--tokenizer={released_mpt}", f"--out_dir={path / 'data'}",
+                        "--num_proc=1"], capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr
+    return path / "data"
