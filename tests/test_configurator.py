@@ -5,6 +5,7 @@ import os
 
 import pytest
 
+import train
 from configurator import configure
 from model import MPT, MPTConfig
 
@@ -60,12 +61,8 @@ def test_config_file_runs_in_the_settings_and_typos_there_are_caught(tmp_path):
 def test_every_config_file_builds_its_model(path):
     # the model settings of each config (as train.py has them: every MPTConfig field) make a valid
     # MPTConfig, and the parameter count its first line states is the model's
-    defaults = dict(out_dir='out', data_dir='data', device='cuda', dtype='bfloat16', compile=True,
-                    eval_interval=1, eval_iters=1, log_interval=1, batch_size=1, gradient_accumulation_steps=1,
-                    activation_checkpointing=False, max_iters=1, lr_decay_iters=1, warmup_iters=1,
-                    learning_rate=1.0, min_lr=0.0, weight_decay=0.0, beta1=0.9, beta2=0.95, grad_clip=1.0)
-    fields = {f.name: f.default for f in dataclasses.fields(MPTConfig)}  # as train.py: None stays None
-    s = {**defaults, **fields}
+    s = train.default_settings()  # every setting train.py has, MPTConfig's fields among them (None stays None)
+    fields = {f.name for f in dataclasses.fields(MPTConfig)}
     configure(s, [path], verbose=False)
     config = MPTConfig(**{**{f: s[f] for f in fields}, 'init_device': 'meta'})
     n = MPT(config).num_params()
