@@ -53,6 +53,12 @@ def load_model():
     data_dir = ckpt.get('settings', {}).get('data_dir')
     if meta is None and data_dir and (Path(data_dir) / 'meta.json').is_file():
         meta = json.loads((Path(data_dir) / 'meta.json').read_text())
+    if 'adapters' in ckpt:  # a LoRA run's: its adapters, merged into the base it trained on (re-read)
+        import train
+        state = train.merge_lora(train.read_base(ckpt['base']), ckpt['adapters'], ckpt['lora'])
+        print(f"LoRA adapters (rank {ckpt['lora']['rank']}) merged into {ckpt['base']['path']}"
+              + (" (NF4-dequantized, as trained)" if ckpt['lora']['quantize_base'] else ''), file=sys.stderr)
+        return MPT.from_state_dict(config, state, source=str(path)), meta
     return MPT.from_state_dict(config, ckpt['model'], source=str(path)), meta
 
 

@@ -37,17 +37,20 @@ import signal
 import sys
 import time
 import warnings
+import zlib
 from dataclasses import asdict, fields, replace
 
 import numpy as np
 import torch
 import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
+import torch.nn as nn
+import torch.nn.functional as F
 import torch.utils.checkpoint
 from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict, set_model_state_dict
 from torch.distributed.device_mesh import init_device_mesh
 from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
-from torch.distributed.tensor import DTensor
+from torch.distributed.tensor import DTensor, distribute_tensor
 
 from configurator import configure, settings_in
 from model import MPT, MPTConfig, check_attention, config_from_hf
@@ -90,6 +93,14 @@ grad_clip = 1.0  # clip the global gradient norm to this; 0: no clipping
 warmup_iters = 100
 lr_decay_iters = 4800
 min_lr = 2e-5
+# LoRA (Hu et al. 2021) and QLoRA (Dettmers et al. 2023): fine-tune a Hugging Face MPT (init_from) with its
+# weights frozen and a trainable low-rank update beside each targeted linear layer, see add_lora
+lora_rank = 0  # 0: full fine-tuning, every weight trains; > 0: only the adapters, of this rank, train
+lora_alpha = 16.0  # the adapters' output is scaled by lora_alpha / lora_rank
+lora_dropout = 0.0  # dropout on the adapters' input
+lora_targets = ['Wqkv', 'out_proj', 'up_proj', 'down_proj']  # the linear layers (by name) that get adapters
+quantize_base = ''  # 'nf4': QLoRA, the frozen linear layers kept as 4-bit NormalFloat (torchao), dequantized
+# on the fly in each matmul; '': the frozen base stays fp32
 # system
 device = 'cuda' if torch.cuda.is_available() else 'cpu'  # with torchrun each process takes cuda:LOCAL_RANK
 dtype = 'bfloat16' if torch.cuda.is_available() else 'float32'  # bf16 matmuls on fp32 master weights, or fp32
@@ -178,14 +189,31 @@ def open_tokens(path, vocab_size, seq_len):
     return tokens
 
 
+def open_mask(path, n):
+    """The loss mask beside a token file X.bin (prepare.py's prompt/response data): X.mask, one uint8 per
+    token, 1 where the token is a target the loss counts. None if there is none."""
+    mask_path = os.path.splitext(path)[0] + '.mask'
+    if not os.path.exists(mask_path):
+        return None
+    if os.path.getsize(mask_path) != n:
+        fail(f"{mask_path}: {os.path.getsize(mask_path):,} bytes for the {n:,} tokens of {path}: a loss mask has "
+             f"one byte per token; re-run prepare.py")
+    return np.memmap(mask_path, dtype=np.uint8, mode='r', shape=(n,))
+
+
 def load_split(pattern, vocab_size, seq_len):
-    """(paths, token arrays, first window of each file and the total at the end) for a path or glob."""
+    """(paths, token arrays, first window of each file and the total at the end, loss masks or None) for a
+    path or glob."""
     paths = sorted(glob.glob(pattern))
     if not paths:
         fail(f"no token file matches {pattern}")
     arrays = [open_tokens(p, vocab_size, seq_len) for p in paths]
     first = np.cumsum([0] + [(len(a) - 1) // seq_len for a in arrays])
-    return paths, arrays, first
+    masks = [open_mask(p, len(a)) for p, a in zip(paths, arrays)]
+    if any(m is None for m in masks) and any(m is not None for m in masks):
+        fail(f"{pattern}: some token files have a loss mask (.mask beside the .bin) and some do not: one "
+             f"dataset is prompt/response data or plain text, not both")
+    return paths, arrays, first, masks if masks[0] is not None else None
 
 
 @functools.lru_cache(maxsize=2)
@@ -216,7 +244,7 @@ def rank_windows(ids, rank, world_size, batch_size):
 def read_windows(split, ids, seq_len, vocab_size):
     """(len(ids), seq_len + 1) int64 tokens of the given windows, checked against the vocabulary here on
     the host: on a GPU a bad id would be a device-side assert with no file to blame."""
-    paths, arrays, first = split
+    paths, arrays, first = split[:3]
     files = np.searchsorted(first, ids, side='right') - 1
     starts = (ids - first[files]) * seq_len
     rows = np.stack([arrays[f][s:s + seq_len + 1] for f, s in zip(files, starts)]).astype(np.int64)
@@ -229,9 +257,23 @@ def read_windows(split, ids, seq_len, vocab_size):
     return rows
 
 
-def to_device(rows, device):
-    """Inputs and targets on the device; from pinned memory the copies are asynchronous."""
+def read_masks(split, ids, seq_len):
+    """(len(ids), seq_len + 1) loss masks of the given windows (as read_windows' tokens), or None when the
+    split has none."""
+    masks, first = split[3], split[2]
+    if masks is None:
+        return None
+    files = np.searchsorted(first, ids, side='right') - 1
+    starts = (ids - first[files]) * seq_len
+    return np.stack([masks[f][s:s + seq_len + 1] for f, s in zip(files, starts)])
+
+
+def to_device(rows, device, masks=None):
+    """Inputs and targets on the device; from pinned memory the copies are asynchronous. With loss masks,
+    targets the mask leaves out (prompt tokens) become -1, which the loss ignores."""
     x, y = torch.from_numpy(rows[:, :-1].copy()), torch.from_numpy(rows[:, 1:].copy())
+    if masks is not None:
+        y[torch.from_numpy(masks[:, 1:] == 0)] = -1
     if device.type == 'cuda':
         return x.pin_memory().to(device, non_blocking=True), y.pin_memory().to(device, non_blocking=True)
     return x, y
@@ -247,16 +289,25 @@ def checkpoint_block(block):
 
 
 def setup_model(config, mesh, dtype='bfloat16', activation_checkpointing=False, compile=False, seed=1337,
-                init_weights=True):
+                init_weights=True, lora=None, base=None):
     """The MPT of config, sharded with FSDP2 over mesh: each block, then the root (embedding, final norm).
     Parameters stay fp32 shards (the master weights); with dtype='bfloat16' FSDP all-gathers them as bf16
     for the matmuls and reduce-scatters the gradients in fp32. config.init_device: see the settings.
-    init_weights=False leaves a meta-built model's shards uninitialized, for weights loaded next."""
+    init_weights=False leaves a meta-built model's shards uninitialized, for weights loaded next.
+    lora: add_lora's settings (rank, alpha, dropout, targets, quantize_base), or None. With quantize_base the
+    base weights must be quantized before sharding, so base (read_base's state dict) comes in here, on every
+    rank; without, the base is loaded after (load_hf_weights)."""
     if config.init_device == 'auto':  # counting parameters on the meta device costs nothing
         big = MPT(replace(config, init_device='meta')).num_params() > 1e9
         config = replace(config, init_device='meta' if big else 'cpu')
     torch.manual_seed(seed)
-    model = MPT(config)
+    if lora and lora['quantize_base']:
+        config = replace(config, init_device='cpu')  # the weights are base's, not to be re-initialized
+        model = MPT.from_state_dict(replace(config), base)
+    else:
+        model = MPT(config)
+    if lora:
+        add_lora(model, **lora, device=mesh.device_type)
     for block in model.transformer.blocks:
         if compile:  # only forward: FSDP's hooks around it stay eager
             block.forward = torch.compile(block.forward)
@@ -266,9 +317,13 @@ def setup_model(config, mesh, dtype='bfloat16', activation_checkpointing=False, 
         mp = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
     else:
         mp = MixedPrecisionPolicy()  # no casts: pure fp32
+    # NF4 weights on one process stay out of FSDP: its world-of-one shortcut copies a single all-gather input,
+    # and an NF4 tensor has three (torch 2.13; on 2+ processes FSDP2 shards them through torchao's hooks)
+    ignored = {p for p in model.parameters() if type(p.data).__name__ == 'NF4Tensor'} \
+        if mesh.size() == 1 else set()
     for block in model.transformer.blocks:
-        fully_shard(block, mesh=mesh, mp_policy=mp)
-    fully_shard(model, mesh=mesh, mp_policy=mp)  # also moves a CPU-built model's shards to the device
+        fully_shard(block, mesh=mesh, mp_policy=mp, ignored_params=ignored)
+    fully_shard(model, mesh=mesh, mp_policy=mp, ignored_params=ignored)  # also moves a CPU-built model's shards
     if config.init_device == 'meta':
         model.to_empty(device=mesh.device_type)
     if config.init_device == 'meta' and init_weights:
@@ -278,16 +333,208 @@ def setup_model(config, mesh, dtype='bfloat16', activation_checkpointing=False, 
         with warnings.catch_warnings():
             warnings.filterwarnings('ignore', 'DTensor random operators')
             model.init_weights()
+    if lora:
+        init_lora(model, seed)
     return model
 
 
 def load_hf_weights(model, path):
-    """Rank 0 reads the Hugging Face checkpoint; every rank receives just its shards."""
+    """Rank 0 reads the Hugging Face checkpoint; every rank receives just its shards. A LoRA model's
+    adapters are not in it: they keep what init_lora gave them."""
     state = {}
+    adapters = {name: _local(p).clone() for name, p in model.named_parameters() if is_adapter(name)}
     if dist.get_rank() == 0:
         state = {k: v.float() for k, v in MPT.from_hf(path).state_dict().items()}
+        state.update({name: torch.zeros(p.shape) for name, p in model.named_parameters() if is_adapter(name)})
     options = StateDictOptions(full_state_dict=True, broadcast_from_rank0=True)
     set_model_state_dict(model, state, options=options)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if is_adapter(name):
+                _local(p).copy_(adapters[name])
+
+
+# -----------------------------------------------------------------------------
+# LoRA: y = x W^T + dropout(x) A^T B^T * alpha / rank, with W frozen and only A (rank x in) and B (out x rank)
+# trained; QLoRA keeps the frozen W in 4 bits. The adapters are parameters of the model like any other, so
+# FSDP2 shards them, DCP saves them and Lion updates them as it would the whole model.
+
+LINEAR_NAMES = ('Wqkv', 'out_proj', 'up_proj', 'down_proj')  # MPT's (and Hugging Face MPT's) linear layers
+NF4_BLOCK, NF4_SCALER_BLOCK = 64, 256  # QLoRA's: 64 weights share a scale, 256 scales share an fp32 factor
+
+
+class LoRALinear(nn.Module):
+    """A frozen linear layer (its `weight` keeps its name, so the base's checkpoints load as before) plus
+    PEFT's LoRA adapter: lora_A starts Kaiming-uniform and lora_B zero, so training starts at the base
+    model exactly. An NF4 weight (torchao) dequantizes itself inside F.linear."""
+
+    def __init__(self, linear, rank, alpha, dropout):
+        super().__init__()
+        out_features, in_features = linear.weight.shape
+        self.weight = linear.weight
+        self.lora_A = nn.Parameter(torch.empty(rank, in_features, device=linear.weight.device))
+        self.lora_B = nn.Parameter(torch.empty(out_features, rank, device=linear.weight.device))
+        self.scaling = alpha / rank
+        self.lora_dropout = nn.Dropout(dropout)
+
+    def forward(self, x):
+        return F.linear(x, self.weight) + F.linear(F.linear(self.lora_dropout(x), self.lora_A), self.lora_B) * self.scaling
+
+
+def is_adapter(name):
+    return name.endswith(('.lora_A', '.lora_B'))
+
+
+def to_nf4():
+    """torchao's NF4 quantizer (its home moved from torchao.dtypes.nf4tensor to torchao.quantization), or
+    None when torchao is not installed."""
+    try:
+        from torchao.quantization import to_nf4
+    except ImportError:
+        try:
+            from torchao.dtypes.nf4tensor import to_nf4
+        except ImportError:
+            return None
+    return to_nf4
+
+
+def nf4_problem(name, shape):
+    """Why a weight of this shape cannot be NF4 (QLoRA's blocks must tile it), or None."""
+    numel = math.prod(shape)
+    if numel % (NF4_BLOCK * NF4_SCALER_BLOCK):
+        return (f"{name} {tuple(shape)} has {numel:,} weights, not a multiple of the {NF4_BLOCK} x "
+                f"{NF4_SCALER_BLOCK} = {NF4_BLOCK * NF4_SCALER_BLOCK:,} of NF4's blocks")
+    return None
+
+
+def add_lora(model, rank, alpha, dropout, targets, quantize_base='', device='cpu'):
+    """Freeze every weight of model; give each linear layer named in targets a LoRALinear adapter. With
+    quantize_base='nf4' every linear layer of the blocks (targeted or not) becomes NF4 on device. Returns
+    the names of the adapted layers."""
+    for p in model.parameters():
+        p.requires_grad_(False)
+    quantize = to_nf4() if quantize_base else None
+    adapted = []
+    for block in model.transformer.blocks:
+        for parent in (block.attn, block.ffn):
+            for name in LINEAR_NAMES:
+                linear = getattr(parent, name, None)
+                if linear is None:
+                    continue
+                if quantize is not None:  # from fp32: the dequantized weights are what read_base's round trip gives
+                    linear.weight = nn.Parameter(quantize(linear.weight.detach().to(device).float(), NF4_BLOCK,
+                                                          NF4_SCALER_BLOCK), requires_grad=False)
+                if name in targets:
+                    setattr(parent, name, LoRALinear(linear, rank, alpha, dropout))
+                    adapted.append(name)
+    if quantize is not None:  # FSDP2 wants one dtype: the rest of the base (embedding, norms) as fp32 masters
+        for p in model.parameters():
+            if p.dtype != torch.float32 and type(p.data).__name__ != 'NF4Tensor':
+                p.data = p.data.float()
+    return adapted
+
+
+@torch.no_grad()
+def init_lora(model, seed):
+    """A Kaiming-uniform (PEFT's init), B zero. Each A is drawn whole from a generator seeded by the seed and
+    the layer's name and then sharded, so the adapters start the same for any world size and init_device."""
+    for name, p in model.named_parameters():
+        if not is_adapter(name):
+            continue
+        full = torch.zeros(p.shape)
+        if name.endswith('lora_A'):
+            g = torch.Generator().manual_seed(int(np.random.SeedSequence([seed, zlib.crc32(name.encode())]).generate_state(1)[0]))
+            nn.init.kaiming_uniform_(full, a=math.sqrt(5), generator=g)
+        if isinstance(p, DTensor):
+            full = distribute_tensor(full.to(p.device), p.device_mesh, p.placements)
+        _local(p).copy_(_local(full))
+
+
+def describe_lora(lora):
+    if not lora:
+        return "full fine-tuning (lora_rank=0)"
+    return (f"lora_rank={lora['rank']}, lora_alpha={lora['alpha']:g}, lora_dropout={lora['dropout']:g}, "
+            f"lora_targets={lora['targets']}, quantize_base={lora['quantize_base']!r}")
+
+
+def linear_shapes(config):
+    """{name: (out, in)} of one block's linear layers."""
+    d, kv, hidden = config.d_model, config.kv_n_heads * config.head_dim, config.expansion_ratio * config.d_model
+    return {'Wqkv': (d + 2 * kv, d), 'out_proj': (d, d), 'up_proj': (hidden, d), 'down_proj': (d, hidden)}
+
+
+def memory_plan(config, lora, batch_size, seq_len, activation_checkpointing, dtype, world_size):
+    """One process's memory for a LoRA/QLoRA run, estimated from the shapes (GB = 1e9 bytes): the frozen
+    base (NF4: 4 bits a weight, an 8-bit scale per 64 and an fp32 factor per 256 scales; the embedding and
+    norms fp32), the adapters with their gradients and Lion momentum (fp32 each), the activations of one
+    micro-batch, and the blocks FSDP has all-gathered (this one and the one prefetched). Activations follow
+    Korthikanti et al. (2022), about 17 values a token per d_model per layer with flash attention; with
+    activation checkpointing only each block's input is kept, plus one block's inside while it is recomputed;
+    the logits cost three copies (bf16, fp32, gradient)."""
+    shapes = linear_shapes(config)
+    d, L, V = config.d_model, config.n_layers, config.vocab_size
+    act = 2 if dtype == 'bfloat16' else 4  # bytes per activation value
+    linear = L * sum(math.prod(s) for s in shapes.values())
+    other = V * d + (2 * L + 1) * d
+    adapters = L * sum(lora['rank'] * sum(shapes[t]) for t in lora['targets'])
+    nf4_bytes = 0.5 + 1 / NF4_BLOCK + 4 / (NF4_BLOCK * NF4_SCALER_BLOCK)
+    base = (linear * (nf4_bytes if lora['quantize_base'] else 4) + other * 4) / world_size
+    trained = adapters * 12 / world_size
+    tokens = batch_size * seq_len
+    per_block = tokens * d * 17 * act
+    acts = (L * tokens * d * act + per_block if activation_checkpointing else L * per_block) + tokens * V * (act + 8)
+    block = sum(math.prod(s) for s in shapes.values())
+    gathered = 2 * block * (nf4_bytes if lora['quantize_base'] else act) + (
+        max(math.prod(s) for s in shapes.values()) * (4 + act) if lora['quantize_base'] else 0)  # + a dequantized weight
+    total = base + trained + acts + gathered
+    gb = lambda n: f"{n / 1e9:.2f} GB"
+    return (f"memory plan per process (estimate): base {gb(base)} ({linear / 1e9:.2f}B linear weights "
+            f"{'NF4' if lora['quantize_base'] else 'fp32'}, {other / 1e6:.1f}M fp32), adapters + Lion {gb(trained)} "
+            f"({adapters / 1e6:.2f}M parameters x 12 bytes: weight, gradient, momentum), activations {gb(acts)} "
+            f"(micro-batch {batch_size} x {seq_len}{', checkpointed' if activation_checkpointing else ''}), "
+            f"gathered blocks {gb(gathered)}; total {gb(total)}")
+
+
+def base_fingerprint(path):
+    """What identifies a Hugging Face model directory cheaply: its config.json and its weight files' sizes."""
+    path = os.path.abspath(path)
+    files = sorted(f for f in os.listdir(path) if f.endswith(('.safetensors', '.bin', '.index.json')))
+    with open(os.path.join(path, 'config.json')) as f:
+        return dict(path=path, config=json.load(f), files={f: os.path.getsize(os.path.join(path, f)) for f in files})
+
+
+def read_base(base):
+    """The frozen base of a LoRA run (train.json's 'base': path and fingerprint): its state dict, as stored,
+    after checking that the directory still holds the weights the run started from."""
+    try:
+        now = base_fingerprint(base['path'])
+    except (OSError, ValueError) as e:
+        raise FileNotFoundError(f"the LoRA run's base model {base['path']} cannot be read ({e}): its checkpoints "
+                                f"hold only the adapters, so the base must stay where the run started from it")
+    if now != base:
+        raise ValueError(f"the LoRA run's base model {base['path']} has changed since the run started (config.json "
+                         f"or weight files differ): the adapters were trained on the weights it held then")
+    return MPT.from_hf(base['path']).state_dict()
+
+
+def merge_lora(base, adapters, lora):
+    """A whole model's fp32 state dict from a LoRA run: base (read_base) with each NF4-quantized weight
+    dequantized (quantize_base) and W + (alpha / rank) B @ A added for each adapter."""
+    state = {k: v.float() for k, v in base.items()}
+    if lora['quantize_base']:
+        quantize = to_nf4()
+        if quantize is None:
+            raise ValueError("this QLoRA run's base is NF4-quantized as torchao does it, which needs torchao: "
+                             "pip install torchao")
+        for name in state:
+            if name.endswith(tuple(f'.{n}.weight' for n in LINEAR_NAMES)):
+                state[name] = quantize(state[name], NF4_BLOCK, NF4_SCALER_BLOCK).get_original_weight().float()
+    for name in adapters:
+        if name.endswith('.lora_A'):
+            layer = name[:-len('.lora_A')]
+            A, B = adapters[layer + '.lora_A'].float(), adapters[layer + '.lora_B'].float()
+            state[layer + '.weight'] = state[layer + '.weight'] + (B @ A) * (lora['alpha'] / lora['rank'])
+    return state
 
 
 # -----------------------------------------------------------------------------
@@ -296,7 +543,8 @@ def load_hf_weights(model, path):
 # weights; no torch.optim.Optimizer is needed for that.
 
 def lion_state(model):
-    return {name: torch.zeros_like(p, dtype=torch.float32) for name, p in model.named_parameters()}
+    """A momentum for each parameter that trains (with LoRA only the adapters)."""
+    return {name: torch.zeros_like(p, dtype=torch.float32) for name, p in model.named_parameters() if p.requires_grad}
 
 
 @torch.no_grad()
@@ -344,18 +592,25 @@ def _local(t):
 
 
 def train_step(model, exp_avgs, batches, lr, peak_lr, weight_decay, beta1, beta2, grad_clip, stop=0.0,
-               healthy=None):
+               healthy=None, loss_tokens=None):
     """One optimizer step on this rank's micro-batches [(x, y), ...]. Gradients are reduce-scattered
     (averaged over ranks) only after the last micro-batch, clipped by their global norm, then Lion
     updates each rank's shards, unless the mean loss or the gradient norm is not finite (or healthy, a
     0-dim bool tensor, is False): then nothing changes (lion_step's ok). stop: this rank's request to end
     the run (SIGTERM), summed over the ranks. Returns one device tensor (mean loss over all ranks, grad
     norm before clipping, ok, stop requests): nothing here waits for the device, so the caller can read
-    it a step later, while the device works on the next one."""
+    it a step later, while the device works on the next one.
+    loss_tokens: with loss masks (targets -1 where the loss does not count, as prompts), the number of
+    counted targets in the whole step, over all ranks (the host knows it from the masks): the loss is then
+    their mean, each counted token weighing the same whichever micro-batch holds it, and a micro-batch with
+    none adds nothing (a mean over it would be 0/0)."""
     loss_sum = 0.0
     for i, (x, y) in enumerate(batches):
         model.set_requires_gradient_sync(i == len(batches) - 1)
-        _, loss = model(x, y)
+        logits, loss = model(x, y)
+        if loss_tokens is not None:  # scaled so that the mean over micro-batches and ranks below is the token mean
+            loss = F.cross_entropy(logits.float().flatten(0, 1), y.flatten(), ignore_index=-1, reduction='sum') \
+                * (len(batches) * dist.get_world_size() / max(loss_tokens, 1))
         (loss / len(batches)).backward()
         loss_sum = loss_sum + loss.detach()
     # on DTensor gradients the norm is of the whole model: each rank's part, all-reduced
@@ -380,13 +635,20 @@ def train_step(model, exp_avgs, batches, lr, peak_lr, weight_decay, beta1, beta2
 @torch.no_grad()
 def evaluate(model, split, batches, seq_len, vocab_size, device):
     """Mean loss over a fixed list of micro-batches (window ids), batch j on rank j % world_size. Every
-    rank runs the same number of forwards (each all-gathers weights), padding with batches weighted 0."""
+    rank runs the same number of forwards (each all-gathers weights), padding with batches weighted 0.
+    With loss masks, the mean over the counted targets."""
     rank, world = dist.get_rank(), dist.get_world_size()
     model.eval()
     total = torch.zeros(2, device=device)
     for k in range(-(-len(batches) // world)):
         j = k * world + rank
-        _, loss = model(*to_device(read_windows(split, batches[min(j, len(batches) - 1)], seq_len, vocab_size), device))
+        ids = batches[min(j, len(batches) - 1)]
+        x, y = to_device(read_windows(split, ids, seq_len, vocab_size), device, read_masks(split, ids, seq_len))
+        logits, loss = model(x, y)
+        if split[3] is not None:
+            loss_sum = F.cross_entropy(logits.float().flatten(0, 1), y.flatten(), ignore_index=-1, reduction='sum')
+            total += torch.stack([loss_sum, (y != -1).sum().float()]) * (j < len(batches))
+            continue
         total += torch.stack([loss.float(), torch.ones((), device=device)]) * (j < len(batches))
     dist.all_reduce(total)
     model.train()
@@ -408,6 +670,11 @@ def is_checkpoint(path):
     return os.path.isfile(os.path.join(path, 'train.json')) and os.path.isfile(os.path.join(path, '.metadata'))
 
 
+# a checkpoint holds what trains: the whole model, or a LoRA run's adapters (its frozen base is re-read from the
+# Hugging Face directory it started from, train.json's 'base', and checked against its fingerprint)
+TRAINED = StateDictOptions(ignore_frozen_params=True)
+
+
 def checkpoint_dirs(out_dir):
     """The complete sharded checkpoints in out_dir, oldest first."""
     dirs = [d for d in glob.glob(os.path.join(out_dir, 'ckpt-*')) if os.path.isdir(d) and not d.endswith('.tmp')]
@@ -420,7 +687,7 @@ def save_checkpoint(out_dir, model, exp_avgs, info, keep):
     if dist.get_rank() == 0:
         shutil.rmtree(path + '.tmp', ignore_errors=True)  # cut short by a crash
     dist.barrier()
-    dcp.save({'model': get_model_state_dict(model), 'lion': exp_avgs}, checkpoint_id=path + '.tmp')
+    dcp.save({'model': get_model_state_dict(model, options=TRAINED), 'lion': exp_avgs}, checkpoint_id=path + '.tmp')
     if dist.get_rank() == 0:
         with open(os.path.join(path + '.tmp', 'train.json'), 'w') as f:
             json.dump(info, f, indent=1)
@@ -435,9 +702,10 @@ def save_checkpoint(out_dir, model, exp_avgs, info, keep):
 def load_checkpoint(path, model, exp_avgs):
     """Load weights and Lion state in place; each rank reads the parts of its own shards, whatever the
     world size that saved them. Returns train.json."""
-    state = {'model': get_model_state_dict(model), 'lion': exp_avgs}
+    state = {'model': get_model_state_dict(model, options=TRAINED), 'lion': exp_avgs}
     dcp.load(state, checkpoint_id=path)
-    set_model_state_dict(model, state['model'])
+    # strict=False: the frozen weights are not in it; dcp.load above has already failed on any missing key
+    set_model_state_dict(model, state['model'], options=StateDictOptions(ignore_frozen_params=True, strict=False))
     with open(os.path.join(path, 'train.json')) as f:
         return json.load(f)
 
@@ -453,11 +721,14 @@ def load_weights(path, model):
 
 def save_for_sampling(path, model, extra):
     """out_dir/ckpt.pt, one file that sample.py reads with plain torch.load: full fp32 weights (gathered on
-    rank 0's CPU) and the MPTConfig, written to a temporary name and renamed."""
-    state = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+    rank 0's CPU) and the MPTConfig, written to a temporary name and renamed. A LoRA run's holds only the
+    adapters ('adapters'; extra says 'lora' and 'base'): sample.py merges them into the base."""
+    lora = any(not p.requires_grad for p in model.parameters())
+    options = StateDictOptions(full_state_dict=True, cpu_offload=True, ignore_frozen_params=lora)
+    state = get_model_state_dict(model, options=options)
     if dist.get_rank() == 0:
         config = asdict(replace(model.config, init_device='cpu'))
-        torch.save({'model': state, 'config': config, **extra}, path + '.tmp')
+        torch.save({'adapters' if lora else 'model': state, 'config': config, **extra}, path + '.tmp')
         os.replace(path + '.tmp', path)
 
 
@@ -487,14 +758,43 @@ if __name__ == '__main__':
     # the model: the settings' shape, or a Hugging Face checkpoint's; a resumed run must keep its checkpoint's
     model_args = {f.name: globals()[f.name] for f in fields(MPTConfig)}
     saved = stage_from = None
+    lora = dict(rank=lora_rank, alpha=float(lora_alpha), dropout=float(lora_dropout), targets=list(lora_targets),
+                quantize_base=quantize_base) if lora_rank else None
+    if not (isinstance(lora_rank, int) and lora_rank >= 0):
+        fail(f"lora_rank={lora_rank!r}: 0 (full fine-tuning) or the adapters' rank, e.g. 16")
+    if quantize_base not in ('', 'nf4'):
+        fail(f"quantize_base={quantize_base!r}: use 'nf4' (QLoRA) or '' (no quantization)")
+    if quantize_base and not lora:
+        fail("quantize_base='nf4' keeps a LoRA run's frozen base in 4 bits: set lora_rank > 0 too (a full "
+             "fine-tune trains every weight, and 4-bit weights cannot train)")
+    unknown = [t for t in lora_targets if t not in LINEAR_NAMES]
+    if lora and (unknown or not lora_targets):
+        fail(f"lora_targets={lora_targets}: {', '.join(map(str, unknown)) or 'an empty list'} matches no linear "
+             f"layer of MPT; its linear layers are {', '.join(LINEAR_NAMES)}")
+    if quantize_base and to_nf4() is None:
+        fail("quantize_base='nf4' needs torchao (its NF4 tensors): pip install torchao")
+    if lora and init_from == 'scratch':
+        fail(f"lora_rank={lora_rank} trains adapters on a pretrained model: set init_from to a Hugging Face MPT "
+             f"directory (e.g. a downloaded mpt-7b)")
     if init_from == 'resume':
         resume_dir = checkpoint_dirs(out_dir)[-1]
         with open(os.path.join(resume_dir, 'train.json')) as f:
             saved = json.load(f)
         model_args['init_device'] = 'meta'  # the weights are about to be loaded
+        if saved.get('base') or os.path.isdir(saved.get('started_from', 'scratch')):
+            # started from a Hugging Face model: the shape came from its config.json, not from the settings
+            model_args.update({k: saved['model'][k] for k in _ARCH_FIELDS})
+        if saved.get('lora') != lora:
+            fail(f"the checkpoint in {out_dir} was trained with {describe_lora(saved.get('lora'))}, not "
+                 f"{describe_lora(lora)}: resume with the settings it was trained with")
     elif is_checkpoint(init_from):  # a stage: the architecture is the checkpoint's, the rest today's settings
         with open(os.path.join(init_from, 'train.json')) as f:
             stage_from = json.load(f)
+        if stage_from.get('lora') or lora:
+            fail(f"init_from={init_from}: " + ("a LoRA run's checkpoint holds only its adapters" if stage_from.get('lora')
+                 else "LoRA trains on a Hugging Face model's frozen weights") + ": export the checkpoint with "
+                 f"`python export.py --out_dir={os.path.dirname(os.path.abspath(init_from))} --hf_dir=DIR` and "
+                 f"start from DIR")
         model_args.update({k: stage_from['model'][k] for k in _ARCH_FIELDS}, init_device='meta')
     elif init_from != 'scratch':
         if not os.path.isfile(os.path.join(init_from, 'config.json')):
@@ -519,6 +819,27 @@ if __name__ == '__main__':
     if saved and saved['seed'] != seed:  # the data order and dropout follow the seed: keep the run's
         fail(f"the checkpoint in {out_dir} was trained with seed={saved['seed']}, not {seed}: resume with "
              f"--seed={saved['seed']}")
+    # where the run started (carried over by resumes), and a LoRA run's frozen base
+    started_from = saved.get('started_from') if saved else \
+        os.path.abspath(init_from) if init_from != 'scratch' else init_from
+    base = None
+    if lora:
+        for name, shape in linear_shapes(config).items():
+            problem = nf4_problem(name, shape) if quantize_base else None
+            if not problem and quantize_base and (shape[0] % world_size or
+                                                  math.prod(shape) // (NF4_BLOCK * NF4_SCALER_BLOCK) % world_size):
+                problem = f"{name} {tuple(shape)} does not split evenly over {world_size} processes in NF4's blocks"
+            if problem:
+                fail(f"quantize_base='nf4': {problem}; QLoRA needs every linear layer to tile that way")
+        try:
+            base = saved['base'] if saved else base_fingerprint(init_from)
+            if saved and base_fingerprint(base['path']) != base:
+                raise ValueError(f"the LoRA run's base model {base['path']} has changed since the run started "
+                                 f"(config.json or weight files differ): the adapters were trained on the weights "
+                                 f"it held then")
+        except (OSError, ValueError) as e:
+            fail(f"{e}" if isinstance(e, ValueError) else f"the LoRA run's base model cannot be read ({e}): a LoRA "
+                 f"checkpoint holds only the adapters, so the base must stay where the run started from it")
 
     # data
     meta_path = os.path.join(data_dir, 'meta.json')
@@ -529,6 +850,9 @@ if __name__ == '__main__':
                 meta = json.load(f)
         except (OSError, ValueError) as e:
             fail(f"{meta_path} is unreadable ({e}): re-run prepare.py, or delete it if the .bin files are yours")
+    if meta.get('loss_mask') and not os.path.exists(os.path.join(data_dir, 'train.mask')) and not train_files:
+        fail(f"{meta_path} says the data is prompt/response with loss masks, but {data_dir}/train.mask is "
+             f"missing: re-run prepare.py")
     if meta.get('vocab_size', 0) > config.vocab_size:
         fail(f"{meta_path} says vocab_size={meta['vocab_size']} but the model has vocab_size={config.vocab_size}: "
              f"set --vocab_size={meta['vocab_size']} (or larger)")
@@ -559,10 +883,25 @@ if __name__ == '__main__':
         evals[L] = (split, [val_ids[i:i + per_batch] for i in range(0, len(val_ids), per_batch)])
 
     # model and optimizer state
+    base_state = None
+    if lora and quantize_base:  # every rank reads the base: it is quantized before sharding
+        try:
+            base_state = read_base(base)
+        except (OSError, ValueError) as e:
+            fail(str(e))
     model = setup_model(config, mesh, dtype, activation_checkpointing, compile, seed,
-                        init_weights=init_from == 'scratch')  # else loaded next
+                        init_weights=init_from == 'scratch', lora=lora, base=base_state)  # else loaded next
+    del base_state
+    if lora and not quantize_base:
+        load_hf_weights(model, base['path'])
     exp_avgs = lion_state(model)
     iter_num, position, best_val_loss = 0, 0, math.inf
+    if lora:
+        trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+        print0(f"LoRA rank {lora_rank} (alpha {lora_alpha:g}) on {', '.join(lora_targets)}: {trainable:,} trainable "
+               f"parameters of {model.num_params():,}; base {base['path']}"
+               + (", NF4-quantized" if quantize_base else ", frozen fp32"))
+        print0(memory_plan(config, lora, batch_size, max_seq_len, activation_checkpointing, dtype, world_size))
     if saved:
         saved = load_checkpoint(resume_dir, model, exp_avgs)
         iter_num, position, best_val_loss = saved['iter_num'], saved['data_position'], saved['best_val_loss']
@@ -571,7 +910,7 @@ if __name__ == '__main__':
         load_weights(init_from, model)
         print0(f"starting from the weights of {init_from} (step {stage_from['iter_num']} of that run); Lion's "
                f"state, the step count, the data order and the schedule start afresh")
-    elif init_from != 'scratch':
+    elif init_from != 'scratch' and not lora:
         load_hf_weights(model, init_from)
     print0(f"{model.num_params():,} parameters, init_device={model.config.init_device}; {world_size} process(es) "
            f"on {device.type}; {global_batch} sequences x {max_seq_len} tokens per step; "
@@ -594,14 +933,20 @@ if __name__ == '__main__':
                 wandb.log(record, step=record['iter'])
 
     def step_batches(position):
-        ids = sample_windows(seed, int(data['train'][2][-1]), position, global_batch)
-        return [to_device(read_windows(data['train'], w, max_seq_len, config.vocab_size), device)
-                for w in rank_windows(ids, rank, world_size, batch_size)]
+        """This rank's micro-batches of the step at position, and with loss masks the number of targets the
+        loss counts in the whole step (every rank's windows: each rank reads all the step's masks)."""
+        split = data['train']
+        ids = sample_windows(seed, int(split[2][-1]), position, global_batch)
+        batches = [to_device(read_windows(split, w, max_seq_len, config.vocab_size), device,
+                             read_masks(split, w, max_seq_len)) for w in rank_windows(ids, rank, world_size, batch_size)]
+        loss_tokens = None if split[3] is None else int(read_masks(split, ids, max_seq_len)[:, 1:].sum())
+        return batches, loss_tokens
 
     def checkpoint_info():  # train.json: what a resume needs besides the tensors. The RNG state is the seed
         # and the step: each step reseeds from them, so the data order and dropout continue as they would have
         return dict(iter_num=iter_num, data_position=position, best_val_loss=best_val_loss, seed=seed,
-                    world_size=world_size, model=asdict(config), settings=settings)
+                    world_size=world_size, model=asdict(config), settings=settings, started_from=started_from,
+                    lora=lora, base=base)
 
     def run_evals(**extra):
         """Val loss at every eval length: printed, logged, and returned at max_seq_len (what ckpt.pt follows)."""
@@ -661,7 +1006,7 @@ if __name__ == '__main__':
             step_time, steps_timed = 0.0, 0
         return stop > 0
 
-    batches = step_batches(position)
+    batches, loss_tokens = step_batches(position)
     stop = False
     while True:
         last = iter_num >= max_iters
@@ -676,7 +1021,8 @@ if __name__ == '__main__':
                 last_saved = iter_num
                 if improved and not stop:  # ckpt.pt keeps the best val loss: small data sets overfit
                     save_for_sampling(os.path.join(out_dir, 'ckpt.pt'), model,
-                                      dict(iter_num=iter_num, val_loss=val_loss, settings=settings, meta=meta))
+                                      dict(iter_num=iter_num, val_loss=val_loss, settings=settings, meta=meta,
+                                           lora=lora, base=base))
                 if stop:
                     print0(f"SIGTERM: saved {path}; continue with --init_from=resume")
         if last or stop:
@@ -687,10 +1033,10 @@ if __name__ == '__main__':
         lr = get_lr(iter_num, learning_rate, min_lr, warmup_iters, lr_decay_iters)
         t0 = time.time()
         packet = train_step(model, exp_avgs, batches, lr, learning_rate, weight_decay, beta1, beta2, grad_clip,
-                            stop=len(preempted), healthy=healthy)
+                            stop=len(preempted), healthy=healthy, loss_tokens=loss_tokens)
         healthy = packet[2] > 0
         position += global_batch
-        batches = step_batches(position)  # read while the device still works on this step
+        batches, loss_tokens = step_batches(position)  # read while the device still works on this step
         stop = settle(end=t0)  # the step before this one
         pending = (iter_num, lr, packet, t0)
         iter_num += 1

@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from model import MPT, MPTConfig
-from test_train import checkpoint_tensors, run
+from test_train import checkpoint_tensors, finish, run, start
 
 ROOT = Path(__file__).resolve().parents[1]
 SMALL = ['--max_seq_len=32', '--batch_size=4', '--gradient_accumulation_steps=2', '--eval_interval=2',
@@ -50,6 +50,76 @@ def test_export_of_a_full_fine_tune(released_mpt, released_sft, tmp_path):
     for name in ('tokenizer.json', 'tokenizer_config.json'):  # the released model's tokenizer goes along
         assert (tmp_path / 'hf' / name).read_bytes() == (released_mpt / name).read_bytes()
     assert 'weights as trained' in r.stdout
+
+
+@pytest.fixture(scope='module')
+def lora_run_dirs(released_mpt, released_sft, tmp_path_factory):
+    """A LoRA and a QLoRA run of 2 steps (dropout on the adapters: export must not apply it), side by side."""
+    root = tmp_path_factory.mktemp('runs')
+    lora = [*SMALL, f'--init_from={released_mpt}', f'--data_dir={released_sft}', '--max_iters=2', '--lora_rank=4',
+            '--lora_alpha=8', '--lora_dropout=0.1', "--lora_targets=['Wqkv', 'up_proj', 'down_proj']",
+            '--learning_rate=1e-2']
+    procs = [start([*lora, f'--out_dir={root / "lora"}']), start([*lora, f'--out_dir={root / "qlora"}', '--quantize_base=nf4'])]
+    [finish(p) for p in procs]
+    return root
+
+
+def lora_model(released_mpt, run_dir, tmp_path, quantize):
+    """Ours: the released model with train.py's adapters (not merged) holding the run's trained values."""
+    import train
+    info = json.loads((run_dir / 'ckpt-000002' / 'train.json').read_text())
+    model = MPT.from_hf(released_mpt, attn_impl='torch', max_seq_len=32).float()
+    lora = {**info['lora'], 'quantize_base': 'nf4' if quantize else ''}
+    train.add_lora(model, **lora)
+    adapters = checkpoint_tensors(run_dir / 'ckpt-000002', tmp_path)['model']
+    assert adapters and all(train.is_adapter(k) for k in adapters)
+    missing, unexpected = model.load_state_dict(adapters, strict=False)
+    assert not unexpected and all(not train.is_adapter(k) for k in missing)
+    assert any(adapters[k].abs().max() > 0 for k in adapters if k.endswith('lora_B'))  # they trained
+    return model.eval()
+
+
+@pytest.mark.parametrize('kind', ['lora', 'qlora'])
+def test_export_of_a_lora_run_and_its_peft_adapter(released_mpt, lora_run_dirs, kind, tmp_path):
+    peft = pytest.importorskip('peft')
+    import transformers
+    run_dir, hf, adapter = lora_run_dirs / kind, tmp_path / 'hf', tmp_path / 'adapter'
+    r = export(f'--out_dir={run_dir}', f'--hf_dir={hf}', f'--peft_dir={adapter}')
+    assert r.returncode == 0, r.stderr
+    assert 'LoRA rank 4 merged' in r.stdout and ('NF4 base dequantized' in r.stdout) == (kind == 'qlora')
+    idx = torch.randint(0, 500, (2, 32), generator=torch.Generator().manual_seed(1))
+    ours = lora_model(released_mpt, run_dir, tmp_path, quantize=kind == 'qlora')
+    with torch.no_grad():
+        expected = ours(idx, idx)[0]
+        base_logits = MPT.from_hf(released_mpt, attn_impl='torch').float().eval()(idx, idx)[0]
+    assert not torch.allclose(expected, base_logits, atol=1e-3)  # the adapters matter
+    # the merged model, in transformers: the model as it trained (NF4 base dequantized for QLoRA)
+    assert torch.allclose(hf_logits(hf, idx), expected, atol=1e-4, rtol=0)
+    assert (hf / 'tokenizer.json').read_bytes() == (released_mpt / 'tokenizer.json').read_bytes()
+    # the adapter alone, in PEFT's format, on the released base (unquantized, also for QLoRA)
+    config = json.loads((adapter / 'adapter_config.json').read_text())
+    assert (config['r'], config['lora_alpha'], sorted(config['target_modules'])) == (4, 8.0, ['Wqkv', 'down_proj', 'up_proj'])
+    base = transformers.MptForCausalLM.from_pretrained(released_mpt, torch_dtype=torch.float32)
+    with_adapter = peft.PeftModel.from_pretrained(base, adapter).eval()
+    assert len([n for n, _ in with_adapter.named_parameters() if 'lora_A' in n]) == 2 * 3
+    with torch.no_grad():
+        got = with_adapter(input_ids=idx).logits
+    reference = ours if kind == 'lora' else lora_model(released_mpt, run_dir, tmp_path, quantize=False)
+    with torch.no_grad():
+        assert torch.allclose(got, reference(idx, idx)[0], atol=1e-4, rtol=0)
+
+
+def test_sample_py_samples_a_lora_run_as_its_export(lora_run_dirs, tmp_path):
+    # ckpt.pt of a LoRA run holds the adapters: sample.py merges them into the base, as export.py does
+    assert export(f'--out_dir={lora_run_dirs / "qlora"}', f'--hf_dir={tmp_path / "hf"}').returncode == 0
+    common = ['--start=ROMEO:', '--num_samples=1', '--max_new_tokens=10', '--temperature=0', '--device=cpu',
+              '--dtype=float32']
+    runs = [subprocess.run([sys.executable, str(ROOT / 'sample.py'), *common, *args], capture_output=True,
+                           text=True, timeout=120) for args in ([f'--out_dir={lora_run_dirs / "qlora"}'],
+                                                                 [f'--init_from={tmp_path / "hf"}'])]
+    assert all(r.returncode == 0 for r in runs), [r.stderr for r in runs]
+    assert runs[0].stdout == runs[1].stdout and len(runs[0].stdout) > len('ROMEO:') + 5
+    assert 'LoRA adapters (rank 4) merged' in runs[0].stderr and 'tokenizer.json' in runs[1].stderr
 
 
 def test_export_bad_input(tmp_path):

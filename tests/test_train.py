@@ -498,3 +498,195 @@ def test_shakespeare_char_cpu_learns(shakespeare, tmp_path):
     assert ckpt['config']['d_model'] == 128 and ckpt['meta']['tokenizer'] == 'char' and ckpt['iter_num'] == 200
     model = MPT(MPTConfig(**ckpt['config']))
     model.load_state_dict(ckpt['model'])
+
+
+# ---- loss masks, LoRA and QLoRA on the tiny "released" MPT (tests/conftest.py) ----------------------------
+
+LORA = ['--max_seq_len=32', '--batch_size=4', '--gradient_accumulation_steps=4', '--eval_interval=3', '--eval_iters=2',
+        '--log_interval=1', '--compile=False', '--device=cpu', '--dtype=float32', '--warmup_iters=1',
+        '--lr_decay_iters=6', '--learning_rate=3e-3', '--min_lr=3e-4', '--weight_decay=1e-2', '--lora_rank=4',
+        '--lora_alpha=8']
+QLORA = [*LORA, '--quantize_base=nf4']
+
+
+def test_loss_masks_turn_prompt_targets_into_ignored(released_sft):
+    split = train.load_split(str(released_sft / 'train.bin'), 512, 32)
+    ids = np.array([0, 5, 17])
+    rows, masks = train.read_windows(split, ids, 32, 512), train.read_masks(split, ids, 32)
+    tokens = np.fromfile(released_sft / 'train.bin', dtype=np.uint16)
+    mask = np.fromfile(released_sft / 'train.mask', dtype=np.uint8)
+    x, y = train.to_device(rows, torch.device('cpu'), masks)
+    for r, k in enumerate(ids):  # window k: tokens [32k, 32k + 33); target j is token 32k + j + 1
+        assert x[r].tolist() == tokens[32 * k:32 * k + 32].tolist()
+        expected = [int(t) if m else -1 for t, m in zip(tokens[32 * k + 1:32 * k + 33], mask[32 * k + 1:32 * k + 33])]
+        assert y[r].tolist() == expected
+    assert (y == -1).any() and (y != -1).any()
+
+
+@pytest.fixture(scope='module')
+def lora_runs(released_mpt, released_sft, tmp_path_factory):
+    """LoRA and QLoRA, 6 steps each on 1 process and on 2; each also stopped at 3 and resumed (LoRA on 2
+    processes from 1, QLoRA on 1 from 2 and on 1 from 1). Two runs at a time: CI has 2 cores."""
+    root = tmp_path_factory.mktemp('lora')
+    common = [f'--init_from={released_mpt}', f'--data_dir={released_sft}']
+    plan = {  # name: (settings, processes, max_iters, resumes: [(processes, max_iters)])
+        'lora1': (LORA, 1, 6, []), 'lora2': (LORA, 2, 6, []), 'lora_half': (LORA, 1, 3, [(2, 6)]),
+        'qlora1': (QLORA, 1, 6, []), 'qlora2_half': (QLORA, 2, 3, [(1, 6)]),
+        'qlora_half': (QLORA, 1, 3, [(1, 6)]),
+    }
+    names = list(plan)
+    for pair in (names[i:i + 2] for i in range(0, len(names), 2)):
+        procs = [start([*plan[n][0], *common, f'--out_dir={root / n}', f'--max_iters={plan[n][2]}'], plan[n][1])
+                 for n in pair]
+        [finish(p) for p in procs]
+        resumes = [start([*plan[n][0], *common, f'--out_dir={root / n}', f'--max_iters={iters}', '--init_from=resume'],
+                         procs) for n in pair for procs, iters in plan[n][3]]
+        [finish(p) for p in resumes]
+    return root
+
+
+def adapters_and_lion(path, tmp_path):
+    c = checkpoint_tensors(path, tmp_path)
+    return c['model'], c['lion']
+
+
+@pytest.mark.parametrize('kind', ['lora', 'qlora'])
+def test_lora_learns_and_agrees_across_world_sizes_and_resumes(lora_runs, kind, tmp_path):
+    one, one_val = metrics(lora_runs / f'{kind}1')
+    assert sorted(one) == list(range(6)) and sorted(one_val) == [0, 3, 6]
+    assert one_val[6] < one_val[0] - 0.1 and one[5] < one[0] - 0.1  # it learns (measured: 6.23 -> 6.04)
+    others = ['lora2', 'lora_half'] if kind == 'lora' else ['qlora2_half', 'qlora_half']
+    ref_model, ref_lion = adapters_and_lion(lora_runs / f'{kind}1' / 'ckpt-000006', tmp_path)
+    # only the adapters train, and only they have Lion state and go in checkpoints
+    assert sorted(ref_model) == sorted(ref_lion) and all(train.is_adapter(k) for k in ref_model)
+    assert len(ref_model) == 2 * 4 * 2  # A and B for 4 layers in 2 blocks
+    for other in others:
+        losses, val = metrics(lora_runs / other)
+        assert sorted(losses) == list(range(6)) and sorted(val) == [0, 3, 6], other
+        for it in losses:
+            assert losses[it] == pytest.approx(one[it], rel=1e-5, abs=1e-5), (other, it)
+        for it in val:
+            assert val[it] == pytest.approx(one_val[it], rel=1e-5, abs=1e-5), (other, it)
+        model, lion = adapters_and_lion(lora_runs / other / 'ckpt-000006', tmp_path)
+        for name in ref_model:
+            assert torch.allclose(model[name], ref_model[name], atol=1e-5), (other, name)
+            assert torch.allclose(lion[name], ref_lion[name], atol=1e-6), (other, name)
+    if kind == 'qlora':  # stopped and resumed on the same single process: bit for bit
+        assert metrics(lora_runs / 'qlora_half') == (one, one_val)
+        model, lion = adapters_and_lion(lora_runs / 'qlora_half' / 'ckpt-000006', tmp_path)
+        assert all(torch.equal(model[k], ref_model[k]) and torch.equal(lion[k], ref_lion[k]) for k in ref_model)
+    info = json.loads((lora_runs / f'{kind}1' / 'ckpt-000006' / 'train.json').read_text())
+    assert info['lora'] == dict(rank=4, alpha=8.0, dropout=0.0, targets=['Wqkv', 'out_proj', 'up_proj', 'down_proj'],
+                                quantize_base='nf4' if kind == 'qlora' else '')
+    assert info['base']['path'] and 'config.json' not in info['base']['files']
+
+
+@pytest.mark.parametrize('quantize', ['', 'nf4'])
+def test_lora_freezes_the_base_bit_for_bit(group_of_one, released_mpt, quantize):
+    # in process: the base weights (every linear, the embedding, the norms) are exactly the released ones
+    # after training steps with weight decay, while the adapters move; at the start the model is the base
+    config = MPTConfig(**{**train.config_from_hf(json.loads((released_mpt / 'config.json').read_text())),
+                          'attn_impl': 'torch', 'init_device': 'cpu'})
+    lora = dict(rank=4, alpha=8.0, dropout=0.0, targets=['Wqkv', 'out_proj', 'up_proj', 'down_proj'], quantize_base=quantize)
+    base = MPT.from_hf(released_mpt).state_dict()
+    model = train.setup_model(config, group_of_one, dtype='float32', lora=lora, base=base if quantize else None)
+    if not quantize:
+        train.load_hf_weights(model, released_mpt)
+    exp_avgs = train.lion_state(model)
+    assert sorted(exp_avgs) == sorted(n for n, _ in model.named_parameters() if train.is_adapter(n))
+    def frozen():  # every frozen tensor; of an NF4 weight its 4-bit codes, scales and scale factors
+        out = {}
+        for n, p in model.named_parameters():
+            t = train._local(p).detach()
+            if type(t).__name__ == 'NF4Tensor':
+                out.update({f'{n}.{a}': getattr(t, a).clone() for a in ('quantized_data', 'quantized_scalers',
+                                                                          'quantization_factor')})
+            elif not train.is_adapter(n):
+                out[n] = t.clone()
+        return out
+    before = frozen()
+    nf4 = len(before) - len([n for n, _ in model.named_parameters() if not train.is_adapter(n)])
+    assert nf4 == (2 * 4 * 2 if quantize else 0)  # 3 tensors for each of the 8 linear layers
+    reference = base
+    if quantize:  # the base as torchao's NF4 round trip gives it, independently of train.py
+        from torchao.quantization import to_nf4
+        reference = {k: to_nf4(v, 64, 256).get_original_weight() if k.endswith(('Wqkv.weight', 'proj.weight')) else v
+                     for k, v in base.items()}
+    reference = MPT.from_state_dict(dataclasses.replace(config), dict(reference)).eval()
+    gen = torch.Generator().manual_seed(0)
+    idx = torch.randint(0, 500, (2, 32), generator=gen)
+    with torch.no_grad():
+        expected, got = reference(idx, idx)[0], model(idx, idx)[0]
+    assert torch.allclose(got, expected, atol=1e-5)  # B = 0: the adapters start as nothing
+    for n, t in before.items():
+        if n in base:
+            assert torch.equal(t, base[n].float()), n  # the unquantized base loaded exactly
+    adapters = {n: train._local(p).detach().clone() for n, p in model.named_parameters() if train.is_adapter(n)}
+    for _ in range(3):
+        batch = [tuple(torch.randint(0, 500, (2, 32), generator=gen) for _ in range(2))]
+        packet = train.train_step(model, exp_avgs, batch, 1e-2, 1e-2, 0.1, 0.9, 0.99, 1.0)
+        assert packet[2].item() == 1
+    after = frozen()
+    assert all(torch.equal(before[n], after[n]) for n in before)
+    moved = [n for n, p in model.named_parameters() if train.is_adapter(n) and not torch.equal(train._local(p), adapters[n])]
+    assert len(moved) == len(adapters)
+
+
+def lora_bad(kind, released_mpt, released_sft, lora_runs, d):
+    """(arguments, environment) of one bad LoRA run."""
+    common = [*LORA, f'--init_from={released_mpt}', f'--data_dir={released_sft}', f'--out_dir={d / "out"}', '--max_iters=2']
+    if kind == 'targets':
+        return [*common, "--lora_targets=['qkv', 'out_proj']"], {}
+    if kind == 'no_torchao':
+        (d / 'fake' / 'torchao').mkdir(parents=True)
+        (d / 'fake' / 'torchao' / '__init__.py').write_text("raise ImportError('not installed')\n")
+        return [*common, '--quantize_base=nf4'], {'PYTHONPATH': str(d / 'fake')}
+    if kind == 'scratch':
+        return [*common, '--init_from=scratch'], {}
+    if kind == 'nf4_alone':
+        return [*common, '--lora_rank=0', '--quantize_base=nf4'], {}
+    if kind == 'other_lora':
+        shutil.copytree(lora_runs / 'lora1', d / 'out')
+        return [*common, '--init_from=resume', '--max_iters=8', '--lora_rank=8'], {}
+    if kind == 'base_changed':
+        shutil.copytree(released_mpt, d / 'base')
+        run_dir = d / 'out'
+        shutil.copytree(lora_runs / 'lora1', run_dir)
+        for ckpt in train.checkpoint_dirs(run_dir):  # the run's base is now d/base, which then changes
+            info = json.loads((Path(ckpt) / 'train.json').read_text())
+            info['base']['path'] = str(d / 'base')
+            (Path(ckpt) / 'train.json').write_text(json.dumps(info))
+        (d / 'base' / 'model.safetensors').write_bytes((d / 'base' / 'model.safetensors').read_bytes() + b'\0')
+        return [*common, '--init_from=resume', '--max_iters=8'], {}
+    raise ValueError(kind)
+
+
+LORA_BAD = {
+    'targets': r"lora_targets=\['qkv', 'out_proj'\]: qkv matches no linear layer of MPT; its linear layers are "
+               r"Wqkv, out_proj, up_proj, down_proj",
+    'no_torchao': r"quantize_base='nf4' needs torchao \(its NF4 tensors\): pip install torchao",
+    'scratch': r"lora_rank=4 trains adapters on a pretrained model: set init_from to a Hugging Face MPT directory",
+    'nf4_alone': r"quantize_base='nf4' keeps a LoRA run's frozen base in 4 bits: set lora_rank > 0",
+    'other_lora': r"trained with lora_rank=4, .* not lora_rank=8, .*: resume with the settings it was trained with",
+    'base_changed': r"base model .*base has changed since the run started",
+}
+
+
+@pytest.fixture(scope='module')
+def lora_bad_runs(released_mpt, released_sft, lora_runs, tmp_path_factory):
+    results = {}
+    for name in LORA_BAD:
+        d = tmp_path_factory.mktemp(name)
+        args, env = lora_bad(name, released_mpt, released_sft, lora_runs, d)
+        proc = subprocess.Popen([sys.executable, str(ROOT / 'train.py'), *args], text=True, stdout=subprocess.PIPE,
+                                stderr=subprocess.PIPE, env={**os.environ, 'OMP_NUM_THREADS': '1', **env})
+        results[name] = proc
+    return {name: finish(p, expect_ok=False) for name, p in results.items()}
+
+
+@pytest.mark.parametrize('name', LORA_BAD)
+def test_bad_lora_run_is_one_clear_message(lora_bad_runs, name):
+    returncode, _, stderr = lora_bad_runs[name]
+    assert returncode == 1 and 'Traceback' not in stderr, stderr
+    assert re.search(LORA_BAD[name], stderr), stderr
+    assert stderr.count('error:') == 1
