@@ -1,19 +1,25 @@
-# QLoRA fine-tuning of MPT-30B on your own prompt/response data: the frozen base in 4-bit NF4 (torchao:
-# pip install torchao), rank-64 adapters on every linear layer, as in the QLoRA paper. Hardware: one 80 GB GPU
-# (A100/H100 80GB). train.py's memory plan at start estimates 35 GB for batch_size=4 at 2048 tokens with
-# activation checkpointing: base 16.7 GB (29.6B linear weights at 4.13 bits, the 0.36B embedding in fp32),
-# adapters + Lion 4.2 GB (352M parameters x 12 bytes), activations 11.8 GB, gathered blocks 1.9 GB; the README
-# shows the arithmetic. Loading needs about 60 GB of host memory (the bf16 checkpoint, quantized tensor by tensor
-# on the GPU).
+# QLoRA fine-tuning of MPT-30B (29,957,200,896 parameters, vocab 50432) on your own prompt/response data:
+# the frozen base in 4-bit NF4 (torchao: pip install torchao), rank-64 adapters on every linear layer, as in
+# the QLoRA paper. Hardware: one 80 GB GPU (A100/H100 80GB). train.py's memory plan at start estimates 35 GB
+# for batch_size=4 at 2048 tokens with activation checkpointing: base 16.7 GB (29.6B linear weights at 4.13
+# bits, the 0.36B embedding in fp32), adapters + Lion 4.2 GB (352M parameters x 12 bytes), activations 11.8 GB,
+# gathered blocks 1.9 GB; the README shows the arithmetic. Loading needs about 60 GB of host memory (the bf16
+# checkpoint, quantized tensor by tensor on the GPU).
 #   python prepare.py --input=my_data.jsonl --tokenizer=mpt-30b --out_dir=data/my_data
 #   python train.py config/finetune_mpt_30b_qlora.py --data_dir=data/my_data
 #   python export.py --out_dir=out-mpt-30b-qlora --hf_dir=mpt-30b-mine --peft_dir=mpt-30b-mine-adapter
 # mpt-30b is a downloaded Hugging Face MPT-30B directory (`huggingface-cli download mosaicml/mpt-30b --local-dir
 # mpt-30b`). Hyperparameters: QLoRA's for 33B models (r 64, alpha 16, dropout 0.05, AdamW lr 1e-4 -> Lion 3e-5,
-# 16 sequences per step); not tuned here.
+# 16 sequences per step, max grad norm 0.3); not tuned here.
 init_from = 'mpt-30b'
 data_dir = 'data/my_data'
 out_dir = 'out-mpt-30b-qlora'
+
+# model: MPT-30B's shape (init_from's config.json sets it; here for the record)
+vocab_size = 50432
+d_model = 7168
+n_heads = 64
+n_layers = 48
 
 # QLoRA
 quantize_base = 'nf4'

@@ -1,7 +1,8 @@
-# LoRA fine-tuning of MPT-7B on your own prompt/response data (llm-foundry's .jsonl format). Hardware: one
-# 80 GB GPU (A100/H100 80GB): train.py's memory plan at start estimates 35 GB for batch_size=4 at 2048 tokens
-# (frozen fp32 base 26.6 GB, adapters + Lion 0.4 GB, activations 7.4 GB); on a 40 GB GPU use --batch_size=1
-# --gradient_accumulation_steps=64 (about 30 GB), or QLoRA with --quantize_base=nf4 (about 13 GB).
+# LoRA fine-tuning of MPT-7B (6,649,286,656 parameters, vocab 50432) on your own prompt/response data
+# (.jsonl records {"prompt": ..., "response": ...}, llm-foundry's format). Hardware: one 80 GB GPU (A100/H100
+# 80GB): train.py's memory plan at start estimates 35 GB for batch_size=4 at 2048 tokens (frozen fp32 base
+# 26.6 GB, adapters + Lion 0.4 GB, activations 7.4 GB, gathered blocks 0.8 GB); on a 40 GB GPU use
+# --batch_size=1 --gradient_accumulation_steps=64 (about 30 GB), or QLoRA with --quantize_base=nf4 (about 13 GB).
 #   python prepare.py --input=my_data.jsonl --tokenizer=mpt-7b --out_dir=data/my_data
 #   python train.py config/finetune_mpt_7b.py --data_dir=data/my_data
 #   python export.py --out_dir=out-mpt-7b-lora --hf_dir=mpt-7b-mine    # then: python sample.py --init_from=mpt-7b-mine
@@ -11,6 +12,12 @@
 init_from = 'mpt-7b'
 data_dir = 'data/my_data'
 out_dir = 'out-mpt-7b-lora'
+
+# model: MPT-7B's shape (init_from's config.json sets it; here for the record)
+vocab_size = 50432
+d_model = 4096
+n_heads = 32
+n_layers = 32
 
 # LoRA: rank-16 adapters on every linear layer (Wqkv, out_proj, up_proj, down_proj); 33.6M trainable parameters
 lora_rank = 16
