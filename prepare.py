@@ -492,7 +492,7 @@ def prepare(cfg):
     if files:  # a Hugging Face tokenizer's documents stay whole (see the top)
         read = lambda: pieces(read_files(files, field, pairs), cut=tokenizer_file is None)
     else:
-        read = lambda: pieces(read_hub(source, field, **hub_sources[source]))
+        read = lambda: pieces(read_hub(source, field, **hub_sources[source]), cut=tokenizer_file is None)
 
     if tokenizer == "char":  # the vocabulary comes first, so char reads the text twice: it is for small corpora
         chars = set()

@@ -68,8 +68,7 @@ def released_mpt(tmp_path_factory):
     torch.manual_seed(0)
     cfg = {k: v for k, v in RELEASED.items() if k != "tokenizer_vocab"}
     config = transformers.MptConfig(**cfg, expansion_ratio=4, no_bias=True, eos_token_id=0)
-    model = transformers.MptForCausalLM(config).eval()
-    model.save_pretrained(path)
+    transformers.MptForCausalLM(config).save_pretrained(path)
     return path
 
 

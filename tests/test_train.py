@@ -690,3 +690,36 @@ def test_bad_lora_run_is_one_clear_message(lora_bad_runs, name):
     assert returncode == 1 and 'Traceback' not in stderr, stderr
     assert re.search(LORA_BAD[name], stderr), stderr
     assert stderr.count('error:') == 1
+
+
+def test_masked_loss_is_the_mean_over_counted_targets(group_of_one, released_sft):
+    # train_step with loss_tokens: the mean cross-entropy over the targets the masks keep, each weighing the
+    # same whichever micro-batch holds it; a micro-batch with none adds nothing (no 0/0). evaluate likewise.
+    config = MPTConfig(vocab_size=512, d_model=32, n_heads=4, n_layers=2, max_seq_len=16, attn_impl='torch')
+    model = train.setup_model(config, group_of_one, dtype='float32')
+    exp_avgs = train.lion_state(model)
+    gen = torch.Generator().manual_seed(0)
+    xs = [torch.randint(0, 512, (2, 16), generator=gen) for _ in range(3)]
+    ys = [torch.randint(0, 512, (2, 16), generator=gen) for _ in range(3)]
+    ys[0][0, :10] = -1
+    ys[1][:] = -1  # nothing counted in this micro-batch
+    ys[2][1, 3:] = -1
+    with torch.no_grad():  # the reference: -log p(target) averaged over the counted targets, token by token
+        nll = [-torch.log_softmax(model(x, y.clamp(min=0))[0], -1).gather(-1, y.clamp(min=0)[..., None])[..., 0]
+               for x, y in zip(xs, ys)]
+        counted = torch.cat([n[y != -1] for n, y in zip(nll, ys)])
+    tokens = sum(int((y != -1).sum()) for y in ys)
+    packet = train.train_step(model, exp_avgs, list(zip(xs, ys)), 1e-3, 1e-3, 0.0, 0.9, 0.99, 1.0, loss_tokens=tokens)
+    loss, norm, ok, _ = packet.tolist()
+    assert ok == 1 and math.isfinite(norm) and loss == pytest.approx(counted.mean().item(), rel=1e-5)
+    # evaluate on prepare.py's prompt/response val split: the mean over the response targets
+    split = train.load_split(str(released_sft / 'val.bin'), 512, 16)
+    batches = [np.array([0, 1]), np.array([2, 3]), np.array([4])]
+    with torch.no_grad():
+        total = count = 0.0
+        for ids in batches:
+            x, y = train.to_device(train.read_windows(split, ids, 16, 512), torch.device('cpu'), train.read_masks(split, ids, 16))
+            logp = torch.log_softmax(model.eval()(x, y.clamp(min=0))[0], -1).gather(-1, y.clamp(min=0)[..., None])[..., 0]
+            total, count = total - logp[y != -1].sum().item(), count + int((y != -1).sum())
+    model.train()
+    assert 0 < count < 5 * 16 and train.evaluate(model, split, batches, 16, 512, torch.device('cpu')) == pytest.approx(total / count, rel=1e-5)
