@@ -50,6 +50,10 @@ def test_export_of_a_full_fine_tune(released_mpt, released_sft, tmp_path):
     for name in ('tokenizer.json', 'tokenizer_config.json'):  # the released model's tokenizer goes along
         assert (tmp_path / 'hf' / name).read_bytes() == (released_mpt / name).read_bytes()
     assert 'weights as trained' in r.stdout
+    r = export(f'--out_dir={out}', f'--hf_dir={tmp_path / "hf2"}', f'--peft_dir={tmp_path / "adapter"}')
+    assert r.returncode == 1 and 'is not a LoRA run (lora_rank=0)' in r.stderr and 'Traceback' not in r.stderr
+    r = export(f'--out_dir={out}', f'--hf_dir={tmp_path / "hf"}')  # not over an earlier export
+    assert r.returncode == 1 and 'is not empty: choose another folder or add --overwrite' in r.stderr
 
 
 @pytest.fixture(scope='module')
