@@ -53,6 +53,10 @@ class MPTConfig:
     layer_norm_epsilon: float = 1e-5
     init_device: str = 'cpu'  # 'meta' builds the model without memory (FSDP then initializes shards)
     attn_impl: str = 'triton'  # 'triton' (CPU: falls back to 'torch') | 'torch' | 'flash', see attention()
+    # 'triton' only: True gives bitwise-repeatable attention gradients (dQ in its own kernel, a fixed summation
+    # order; a slower backward). False (the default, as flash-attn's) sums dQ with fp32 atomics, whose order
+    # varies between runs: the gradients then differ from run to run in the last bits (fp32 rounding).
+    attn_deterministic: bool = False
 
     def __post_init__(self):
         if self.kv_n_heads is None:
@@ -175,7 +179,7 @@ def attention(q, k, v, slopes, config, causal=True, dropout_p=0.0, key_start=Non
     if impl == 'triton':
         if dropout_p > 0:
             raise ValueError("attn_pdrop > 0 needs attn_impl='torch': the Triton kernel has no dropout")
-        return flash_attn_alibi(q, k, v, slopes, causal, config.softmax_scale)
+        return flash_attn_alibi(q, k, v, slopes, causal, config.softmax_scale, config.attn_deterministic)
     if impl == 'flash':
         return flash_package_attention(q, k, v, slopes, causal, config.softmax_scale, dropout_p)
     return torch_attention(q, k, v, slopes, causal, config.softmax_scale, dropout_p, key_start)
@@ -607,36 +611,101 @@ def peak_flops_per_device(device=None):
 # accumulates in fp32, and keeps only a log-sum-exp (LSE) per row for the backward, as FlashAttention-2.
 # Written here rather than taken from flash-attn because that package is CUDA C++ built per GPU and
 # torch version; this kernel is Python that compiles wherever Triton runs.
+#
+# Kernels: _attn_fwd (one program per (batch, head, query block)); the backward runs _bwd_preprocess
+# (delta = rowsum(dO * O)), then _attn_bwd_dkdv, one program per (batch, kv head, key block) walking
+# query tiles, which also accumulates dQ with fp32 atomics (5 GEMMs, as FlashAttention-2/3); with
+# deterministic=True it leaves dQ to _attn_bwd_dq instead (7 GEMMs, a fixed summation order).
+# Grids are 1-D (CUDA caps grid axes 1 and 2 at 65,535; axis 0 takes 2^31 - 1 programs), and every
+# block's offset from its tensor's base is computed in int64 (see _tile).
+
+from typing import Optional  # noqa: E402
+
+from triton.tools.tensor_descriptor import TensorDescriptor  # noqa: E402  (Triton >= 3.4)
 
 LOG2E = 1.4426950408889634  # exp(x) == exp2(x * LOG2E)
 # Triton reads TRITON_INTERPRET when @triton.jit runs (for tl.zeros & co. at `import triton`), not at launch:
 # CPU runs need it set before triton is first imported. Snapshot it with the kernels' own decoration.
 _INTERPRET = bool(triton.knobs.runtime.interpret)
+# Under the interpreter the forward takes the pointer path unless a test sets this to run the sm_90 path
+# (host-side tensor descriptors) on the CPU.
+INTERPRET_TMA = False
+# Row strides at or above this are copied to contiguous memory first: offsets inside a block stay int32
+# (block rows * row stride < 2^31), only each block's start is int64.
+_MAX_ROW_STRIDE = 2 ** 24
 
-# Autotuning, keyed on head dim, causal and power-of-two length buckets. Entries are
-# (config, archs, largest padded head dim BLOCK_D): sm_80 (mma.sync) holds the invariant dot operand
-# (q, or k and v) in registers while sm_90 (wgmma) reads it from shared memory, so the register budget
-# differs per arch; at BLOCK_D = 128 big tiles spill, at 64 they fit. tests/test_attention.py compiles
-# every entry for its archs and fails on register spills. Under the interpreter a single small config
-# keeps the tests fast while lengths like 100 and 257 still span several blocks in both dimensions.
-TUNE_KEY = ["HEAD_DIM", "CAUSAL", "tq_bucket", "tk_bucket"]
+# Autotuning, keyed on head dim, causal, a power-of-two bucket of Tq (not Tk: while decoding with a KV
+# cache Tk grows by one each step and would retune at every power of two), and the kernel variant.
+# Entries are (config, archs, largest padded head dim BLOCK_D, decode): sm_80 (mma.sync) holds the
+# invariant dot operand in registers while sm_90 (wgmma) reads it from shared memory, so the register
+# budget differs per arch. decode=True entries serve only Tq <= 16 (one new token per step: a 64-row
+# tile, the smallest wgmma M, is mostly padding but decode is bound by reading K/V, not by the MMAs),
+# False only longer Tq, None both. tests/test_attention.py compiles every entry with the Triton the GPU
+# machines run and the installed one and fails on register spills, ptxas' "wgmma serialized" advisory,
+# sm_90 kernels without wgmma, sm_90 wgmma with N < 64, and an sm_90 forward without TMA loads.
+# Under the interpreter a single small config keeps the tests fast while lengths like 100 and 257 still
+# span several blocks in both dimensions.
+FWD_KEY = ["HEAD_DIM", "CAUSAL", "tq_bucket", "TMA"]
+DKDV_KEY = ["HEAD_DIM", "CAUSAL", "tq_bucket", "FUSE_DQ", "TMA", "DQ_TMA"]
+DQ_KEY = ["HEAD_DIM", "CAUSAL", "tq_bucket"]
+DECODE_MAX_TQ = 16
 
 
-def _tune(block_m, block_n, num_warps, num_stages, archs=(80, 90), max_block_d=128):
-    config = triton.Config({"BLOCK_M": block_m, "BLOCK_N": block_n}, num_warps=num_warps, num_stages=num_stages)
-    return config, archs, max_block_d
+_TRITON = tuple(int(x) for x in triton.__version__.split(".")[:2])
+
+
+def _tune(block_m, block_n, num_warps, num_stages, archs=(80, 90), max_block_d=128, decode=None, pre_hook=None,
+          tritons=None):
+    # tritons: (oldest, newest) (major, minor) Triton versions for an entry that spills with other versions
+    # (each version's ptxas allocates registers differently)
+    if tritons is not None and not tritons[0] <= _TRITON <= tritons[1]:
+        return None
+    config = triton.Config({"BLOCK_M": block_m, "BLOCK_N": block_n}, num_warps=num_warps, num_stages=num_stages,
+                           pre_hook=pre_hook)
+    return config, archs, max_block_d, decode
+
+
+def _set_block_shapes(nargs):
+    # host-side tensor descriptors (sm_90 forward) carry their block shape, which depends on the config
+    if isinstance(nargs["Q"], TensorDescriptor):
+        block_d = nargs["BLOCK_D"]
+        nargs["Q"].block_shape = nargs["O"].block_shape = [1, 1, nargs["BLOCK_M"], block_d]
+        nargs["K"].block_shape = nargs["V"].block_shape = [1, 1, nargs["BLOCK_N"], block_d]
+
+
+def _dkdv_pre_hook(nargs):
+    # Before every launch of the dK/dV kernel (autotuning launches it several times): zero the fp32 dQ
+    # accumulator, and give the descriptors (sm_90) their block shapes, BLOCK_M rows on the query side
+    # and BLOCK_N on the key side.
+    dq = nargs["DQ"]
+    (dq.base if isinstance(dq, TensorDescriptor) else dq).zero_()
+    if isinstance(nargs["K"], TensorDescriptor):
+        for name in ("Q", "DO", "DQ", "K", "V", "DK", "DV"):
+            if isinstance(nargs[name], TensorDescriptor):
+                rows = nargs["BLOCK_M"] if name in ("Q", "DO", "DQ") else nargs["BLOCK_N"]
+                nargs[name].block_shape = [1, 1, rows, nargs["BLOCK_D"]]
 
 
 if _INTERPRET:
-    FWD_TUNING, DKDV_TUNING, DQ_TUNING = [_tune(32, 16, 4, 1)], [_tune(16, 32, 4, 1)], [_tune(32, 16, 4, 1)]
+    FWD_TUNING = [_tune(32, 16, 4, 1, pre_hook=_set_block_shapes)]
+    DKDV_TUNING, DQ_TUNING = [_tune(16, 32, 4, 1, pre_hook=_dkdv_pre_hook)], [_tune(32, 16, 4, 1)]
 else:  # BLOCK_M x BLOCK_N = queries x keys in every kernel
-    FWD_TUNING = [_tune(128, 64, 8, 3, archs=(80,)), _tune(128, 64, 8, 2, archs=(90,)),
-                  _tune(64, 64, 4, 3, archs=(80,)), _tune(128, 32, 8, 3, archs=(90,)),
-                  _tune(128, 128, 8, 3, max_block_d=64)]
-    DKDV_TUNING = [_tune(16, 128, 8, 3), _tune(32, 128, 8, 2, archs=(90,)), _tune(16, 64, 4, 3, archs=(80,)),
-                   _tune(64, 128, 8, 2, archs=(90,), max_block_d=64), _tune(32, 128, 8, 2, archs=(80,), max_block_d=64)]
-    DQ_TUNING = [_tune(128, 32, 8, 2), _tune(128, 64, 8, 2, archs=(90,)), _tune(64, 64, 4, 2),
-                 _tune(128, 64, 8, 3, max_block_d=64)]
+    _fwd = functools.partial(_tune, pre_hook=_set_block_shapes)
+    _bwd = functools.partial(_tune, pre_hook=_dkdv_pre_hook)
+    # decode (Tq <= 16): sm_90 a 64-row tile with 128 keys per step, sm_80 the 64x64 tile (smaller ones spill
+    # with Triton 3.6 at D = 112)
+    FWD_TUNING = [_fwd(128, 128, 8, 3, archs=(90,), decode=False), _fwd(128, 64, 8, 3, archs=(90,), decode=False),
+                  _fwd(128, 64, 8, 2, archs=(80,), max_block_d=64, decode=False), _fwd(64, 64, 4, 3, archs=(80,)),
+                  _fwd(64, 128, 4, 3, archs=(90,), decode=True)]
+    # sm_90 at D > 64: K and V are re-read every iteration (see _dkdv_inner) and 2 stages of them overflow
+    # shared memory, hence 1 stage. With Triton 3.6 the fused-dQ variant spills 64 bytes at D = 128
+    # (tests/test_attention.py allows exactly that); no spill-free tile with N >= 64 was found there.
+    DKDV_TUNING = [_bwd(64, 128, 8, 1, archs=(90,)), _bwd(64, 64, 4, 2, archs=(90,), max_block_d=64),
+                   _bwd(32, 64, 8, 2, archs=(80,)), _bwd(32, 128, 8, 2, archs=(80,), max_block_d=64)]
+    DQ_TUNING = [_tune(128, 64, 8, 2, archs=(90,)), _tune(64, 64, 4, 2, archs=(90,), max_block_d=64),
+                 _tune(128, 32, 8, 2, archs=(80,)), _tune(128, 64, 8, 3, max_block_d=64)]
+    FWD_TUNING, DKDV_TUNING, DQ_TUNING = ([t for t in table if t is not None]
+                                          for table in (FWD_TUNING, DKDV_TUNING, DQ_TUNING))
 
 
 @functools.lru_cache
@@ -644,11 +713,13 @@ def _arch(device):
     return 90 if torch.cuda.get_device_capability(device)[0] >= 9 else 80
 
 
-def _autotune(tuning):
-    def prune(configs, named_args, **kwargs):
-        arch = _arch(named_args["Q"].device)
-        return [c for c, (_, archs, max_d) in zip(configs, tuning) if arch in archs and kwargs["BLOCK_D"] <= max_d]
-    return triton.autotune([c for c, _, _ in tuning], key=TUNE_KEY, prune_configs_by={"early_config_prune": prune})
+def _autotune(tuning, key, **kwargs):
+    def prune(configs, named_args, **meta):
+        arch = _arch(named_args["LSE"].device)
+        decode = named_args["tq_bucket"] <= DECODE_MAX_TQ
+        return [c for c, (_, archs, max_d, dec) in zip(configs, tuning)
+                if arch in archs and meta["BLOCK_D"] <= max_d and dec in (None, decode)]
+    return triton.autotune([c for c, *_ in tuning], key=key, prune_configs_by={"early_config_prune": prune}, **kwargs)
 
 
 # ALiBi frames. The bias slope2*(j - i_abs) splits into a per-key part and a per-row part, and the row
@@ -658,6 +729,29 @@ def _autotune(tuning):
 # (where the softmax mass is) so fp32 keeps its precision at long T. The LSE crosses between programs in
 # the true frame: the forward stores lse - slope2*(i_abs - c), and each backward program adds back
 # slope2*(i_abs - c') for its own constant c'. These are BLOCK_M ops per program, not per score.
+
+
+@triton.jit
+def _tile(X, start, n_rows, stride, BLOCK: tl.constexpr, BLOCK_D: tl.constexpr, HEAD_DIM: tl.constexpr):
+    # Pointers and mask for rows [start, start + BLOCK) of one (batch, head) slice X with row stride
+    # `stride`. start * stride is int64: with the model's fused qkv rows it passes 2^31 elements at long T.
+    # Inside the block int32 is enough (rows * stride < 2^31: the wrapper copies larger row strides).
+    rows = tl.arange(0, BLOCK)
+    cols = tl.arange(0, BLOCK_D)
+    ptrs = X + tl.cast(start, tl.int64) * stride + (rows[:, None] * stride + cols[None, :])
+    mask = (start + rows[:, None] < n_rows) & (cols[None, :] < HEAD_DIM)
+    return ptrs, mask
+
+
+@triton.jit
+def _block_ids(n_blocks, REVERSE: tl.constexpr):
+    # The 1-D grid holds (batch x head) x blocks, blocks of one head adjacent so that the programs running
+    # together share that head's K/V in L2. REVERSE: later query blocks (more keys, causal) start first.
+    pid = tl.program_id(0)
+    bh, blk = pid // n_blocks, pid % n_blocks
+    if REVERSE:
+        blk = n_blocks - 1 - blk
+    return bh, blk
 
 
 @triton.jit
@@ -677,15 +771,18 @@ def _key_range(offs_m, start_m, off_shift, Tk, BLOCK_M: tl.constexpr, BLOCK_N: t
 
 
 @triton.jit
-def _fwd_inner(acc, l_i, m_i, q, K, V, stride_kn, stride_vn, lo, hi, Tk, last_key, c, qk_scale, slope2,
+def _fwd_inner(acc, l_i, m_i, q, K, V, b, hk, stride_kn, stride_vn, lo, hi, Tk, last_key, c, qk_scale, slope2,
                HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr, MASKED: tl.constexpr,
-               HAS_ALIBI: tl.constexpr, DOT_PREC: tl.constexpr):
-    offs_d = tl.arange(0, BLOCK_D)
+               HAS_ALIBI: tl.constexpr, DOT_PREC: tl.constexpr, TMA: tl.constexpr):
     for start_n in range(lo, hi, BLOCK_N):
-        offs_n = start_n + tl.arange(0, BLOCK_N)
-        kv_mask = (offs_n[:, None] < Tk) & (offs_d[None, :] < HEAD_DIM)
-        k = tl.load(K + offs_n[:, None] * stride_kn + offs_d[None, :], mask=kv_mask, other=0.0)  # (BLOCK_N, BLOCK_D)
+        # TMA (sm_90): the descriptor zero-fills rows past Tk and columns past HEAD_DIM, no mask needed
+        if TMA:
+            k = K.load([b, hk, start_n, 0]).reshape(BLOCK_N, BLOCK_D)
+        else:
+            k_ptrs, kv_mask = _tile(K, start_n, Tk, stride_kn, BLOCK_N, BLOCK_D, HEAD_DIM)
+            k = tl.load(k_ptrs, mask=kv_mask, other=0.0)  # (BLOCK_N, BLOCK_D)
         s = tl.dot(q, tl.trans(k), input_precision=DOT_PREC) * qk_scale  # (BLOCK_M, BLOCK_N), log2 units
+        offs_n = start_n + tl.arange(0, BLOCK_N)
         if HAS_ALIBI:
             s += (slope2 * (offs_n - c).to(tl.float32))[None, :]  # shifted frame, see "ALiBi frames"
         if MASKED:  # diagonal / ragged blocks only; last_key = min(i_abs, Tk - 1) per row
@@ -695,35 +792,39 @@ def _fwd_inner(acc, l_i, m_i, q, K, V, stride_kn, stride_vn, lo, hi, Tk, last_ke
         p = tl.exp2(s - m_new[:, None])  # (BLOCK_M, BLOCK_N)
         alpha = tl.exp2(m_i - m_new)
         l_i = l_i * alpha + tl.sum(p, 1)
-        v = tl.load(V + offs_n[:, None] * stride_vn + offs_d[None, :], mask=kv_mask, other=0.0)  # (BLOCK_N, BLOCK_D)
+        if TMA:
+            v = V.load([b, hk, start_n, 0]).reshape(BLOCK_N, BLOCK_D)
+        else:
+            v_ptrs, kv_mask = _tile(V, start_n, Tk, stride_vn, BLOCK_N, BLOCK_D, HEAD_DIM)
+            v = tl.load(v_ptrs, mask=kv_mask, other=0.0)  # (BLOCK_N, BLOCK_D)
         acc = tl.dot(p.to(v.dtype), v, acc * alpha[:, None], input_precision=DOT_PREC)  # (BLOCK_M, BLOCK_D)
         m_i = m_new
     return acc, l_i, m_i
 
 
-@_autotune(FWD_TUNING)
-@triton.jit
+@_autotune(FWD_TUNING, FWD_KEY)
+@triton.jit(do_not_specialize=["Tk"])  # decoding: Tk grows every step, specializing on it would recompile
 def _attn_fwd(Q, K, V, O, LSE, SLOPES, qk_scale,
               stride_qb, stride_qh, stride_qm, stride_kb, stride_kh, stride_kn,
               stride_vb, stride_vh, stride_vn, stride_ob, stride_oh, stride_om,
-              H, G, Tq, Tk, tq_bucket, tk_bucket,
+              H, G, Tq, Tk, tq_bucket,
               HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, CAUSAL: tl.constexpr, HAS_ALIBI: tl.constexpr,
-              DOT_PREC: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
-    pid_m = tl.program_id(0)
-    if CAUSAL:  # later query blocks see more keys: launch them first so the tail of the grid is short
-        pid_m = tl.num_programs(0) - 1 - pid_m
-    bh = tl.program_id(1)
-    b, h = (bh // H).to(tl.int64), (bh % H).to(tl.int64)
-    Q += b * stride_qb + h * stride_qh
-    K += b * stride_kb + (h // G) * stride_kh  # GQA: query head h reads kv head h // G
-    V += b * stride_vb + (h // G) * stride_vh
-    O += b * stride_ob + h * stride_oh
+              DOT_PREC: tl.constexpr, TMA: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+    # Q, K, V, O are pointers, or with TMA host-side tensor descriptors over the (B, H, T, D) views
+    bh, pid_m = _block_ids(tl.cdiv(Tq, BLOCK_M), CAUSAL)
+    b, h = bh // H, bh % H
+    hk = h // G  # GQA: query head h reads kv head h // G
     start_m = pid_m * BLOCK_M
     off_shift = Tk - Tq  # i_abs = i + off_shift (bottom-right aligned causal mask)
     offs_m = start_m + tl.arange(0, BLOCK_M)
-    offs_d = tl.arange(0, BLOCK_D)
-    io_mask = (offs_m[:, None] < Tq) & (offs_d[None, :] < HEAD_DIM)
-    q = tl.load(Q + offs_m[:, None] * stride_qm + offs_d[None, :], mask=io_mask, other=0.0)  # (BLOCK_M, BLOCK_D)
+    if TMA:
+        q = Q.load([b, h, start_m, 0]).reshape(BLOCK_M, BLOCK_D)
+    else:
+        Q += b.to(tl.int64) * stride_qb + h.to(tl.int64) * stride_qh
+        K += b.to(tl.int64) * stride_kb + hk.to(tl.int64) * stride_kh
+        V += b.to(tl.int64) * stride_vb + hk.to(tl.int64) * stride_vh
+        q_ptrs, q_mask = _tile(Q, start_m, Tq, stride_qm, BLOCK_M, BLOCK_D, HEAD_DIM)
+        q = tl.load(q_ptrs, mask=q_mask, other=0.0)  # (BLOCK_M, BLOCK_D)
 
     slope2 = tl.load(SLOPES + h) * 1.4426950408889634 if HAS_ALIBI else 0.0
     c = start_m + off_shift  # frame constant: i_abs of the block's first row
@@ -733,15 +834,20 @@ def _attn_fwd(Q, K, V, O, LSE, SLOPES, qk_scale,
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
     acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
     full_end, hi, last_key = _key_range(offs_m, start_m, off_shift, Tk, BLOCK_M, BLOCK_N, CAUSAL)
-    acc, l_i, m_i = _fwd_inner(acc, l_i, m_i, q, K, V, stride_kn, stride_vn, 0, full_end, Tk, last_key,
-                               c, qk_scale, slope2, HEAD_DIM, BLOCK_D, BLOCK_N, False, HAS_ALIBI, DOT_PREC)
-    acc, l_i, m_i = _fwd_inner(acc, l_i, m_i, q, K, V, stride_kn, stride_vn, full_end, hi, Tk, last_key,
-                               c, qk_scale, slope2, HEAD_DIM, BLOCK_D, BLOCK_N, True, HAS_ALIBI, DOT_PREC)
+    acc, l_i, m_i = _fwd_inner(acc, l_i, m_i, q, K, V, b, hk, stride_kn, stride_vn, 0, full_end, Tk, last_key,
+                               c, qk_scale, slope2, HEAD_DIM, BLOCK_D, BLOCK_N, False, HAS_ALIBI, DOT_PREC, TMA)
+    acc, l_i, m_i = _fwd_inner(acc, l_i, m_i, q, K, V, b, hk, stride_kn, stride_vn, full_end, hi, Tk, last_key,
+                               c, qk_scale, slope2, HEAD_DIM, BLOCK_D, BLOCK_N, True, HAS_ALIBI, DOT_PREC, TMA)
 
     empty = l_i == 0.0  # fully-masked rows: output 0, LSE +inf (so the backward's exp2(s - lse) is 0)
     l_i = tl.where(empty, 1.0, l_i)
-    tl.store(O + offs_m[:, None] * stride_om + offs_d[None, :], (acc / l_i[:, None]).to(O.dtype.element_ty),
-             mask=io_mask)
+    o = (acc / l_i[:, None]).to(q.dtype)
+    if TMA:
+        O.store([b, h, start_m, 0], o.reshape(1, 1, BLOCK_M, BLOCK_D))  # rows past Tq are clipped
+    else:
+        O += b.to(tl.int64) * stride_ob + h.to(tl.int64) * stride_oh
+        o_ptrs, o_mask = _tile(O, start_m, Tq, stride_om, BLOCK_M, BLOCK_D, HEAD_DIM)
+        tl.store(o_ptrs, o, mask=o_mask)
     lse = m_i + tl.log2(l_i) - slope2 * (offs_m - start_m).to(tl.float32)  # back to the true frame
     tl.store(LSE + bh.to(tl.int64) * Tq + offs_m, tl.where(empty, float("inf"), lse), mask=offs_m < Tq)
 
@@ -750,107 +856,149 @@ def _attn_fwd(Q, K, V, O, LSE, SLOPES, qk_scale,
 def _bwd_preprocess(O, DO, DELTA, stride_ob, stride_oh, stride_om, stride_dob, stride_doh, stride_dom, H, Tq,
                     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr):
     # delta_i = rowsum(dO_i * O_i) = sum_j P_ij dP_ij, the softmax-backward term shared by every key
-    bh = tl.program_id(1)
+    bh, pid_m = _block_ids(tl.cdiv(Tq, BLOCK_M), False)
     b, h = (bh // H).to(tl.int64), (bh % H).to(tl.int64)
-    offs_m = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
-    offs_d = tl.arange(0, BLOCK_D)
-    mask = (offs_m[:, None] < Tq) & (offs_d[None, :] < HEAD_DIM)
-    o = tl.load(O + b * stride_ob + h * stride_oh + offs_m[:, None] * stride_om + offs_d[None, :], mask=mask, other=0.0)
-    do = tl.load(DO + b * stride_dob + h * stride_doh + offs_m[:, None] * stride_dom + offs_d[None, :], mask=mask,
-                 other=0.0)
+    start_m = pid_m * BLOCK_M
+    o_ptrs, mask = _tile(O + b * stride_ob + h * stride_oh, start_m, Tq, stride_om, BLOCK_M, BLOCK_D, HEAD_DIM)
+    do_ptrs, _ = _tile(DO + b * stride_dob + h * stride_doh, start_m, Tq, stride_dom, BLOCK_M, BLOCK_D, HEAD_DIM)
+    o = tl.load(o_ptrs, mask=mask, other=0.0)
+    do = tl.load(do_ptrs, mask=mask, other=0.0)
     delta = tl.sum(o.to(tl.float32) * do.to(tl.float32), 1)  # (BLOCK_M,)
+    offs_m = start_m + tl.arange(0, BLOCK_M)
     tl.store(DELTA + bh.to(tl.int64) * Tq + offs_m, delta, mask=offs_m < Tq)
 
 
 @triton.jit
-def _dkdv_inner(dk, dv, k, v, Q, DO, LSE, DELTA, SLOPES, stride_qh, stride_qm, stride_doh, stride_dom, Tq,
-                h0, n_heads, lo, n_blocks, start_n, off_shift, qk_scale, HEAD_DIM: tl.constexpr,
-                BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, MASKED: tl.constexpr,
-                HAS_ALIBI: tl.constexpr, DOT_PREC: tl.constexpr):
+def _dkdv_inner(dk, dv, k, v, K, V, hk, Q, DO, DQ, LSE, DELTA, SLOPES, b, stride_qh, stride_qm, stride_doh, stride_dom,
+                stride_dqh, stride_dqm, Tq, Tk, h0, n_heads, lo, n_blocks, start_n, off_shift, qk_scale, sm_scale,
+                HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                MASKED: tl.constexpr, CAUSAL: tl.constexpr, HAS_ALIBI: tl.constexpr, DOT_PREC: tl.constexpr,
+                FUSE_DQ: tl.constexpr, TMA: tl.constexpr, DQ_TMA: tl.constexpr):
     # Query blocks [lo, lo + n_blocks * BLOCK_M) of query heads h0 .. h0 + n_heads - 1, as one flat loop: a
     # nested loop over heads lets the compiler hoist both stages' invariants above it, costing registers.
-    # Works transposed, (keys, queries), so that dV += P^T dO and dK += dS^T Q need no transposes.
+    # Works transposed, (keys, queries), so that dV += P^T dO and dK += dS^T Q need no transposes; the
+    # score GEMMs K Q^T and V dO^T then have N = BLOCK_M (>= 64 on sm_90, for full-width wgmma).
     offs_n = start_n + tl.arange(0, BLOCK_N)
-    offs_d = tl.arange(0, BLOCK_D)
     for it in range(0, n_heads * n_blocks):
         h = h0 + it // n_blocks
-        offs_m = lo + (it % n_blocks) * BLOCK_M + tl.arange(0, BLOCK_M)
-        io_mask = (offs_m[:, None] < Tq) & (offs_d[None, :] < HEAD_DIM)
-        q = tl.load(Q + h * stride_qh + offs_m[:, None] * stride_qm + offs_d[None, :], mask=io_mask, other=0.0)
-        do = tl.load(DO + h * stride_doh + offs_m[:, None] * stride_dom + offs_d[None, :], mask=io_mask, other=0.0)
+        start_m = lo + (it % n_blocks) * BLOCK_M
+        offs_m = start_m + tl.arange(0, BLOCK_M)
+        if TMA:  # rows past Tq are zero-filled
+            # K and V tiles again every iteration (from L2, straight into shared memory), rather than held in
+            # registers across the loop: wgmma then reads them from shared memory, and the registers go to
+            # the dK and dV accumulators (2 x BLOCK_N x BLOCK_D fp32), which otherwise spill at D = 128
+            k_it = K.load([b, hk, start_n, 0]).reshape(BLOCK_N, BLOCK_D)
+            v_it = V.load([b, hk, start_n, 0]).reshape(BLOCK_N, BLOCK_D)
+            q = Q.load([b, h, start_m, 0]).reshape(BLOCK_M, BLOCK_D)
+            do = DO.load([b, h, start_m, 0]).reshape(BLOCK_M, BLOCK_D)
+        else:
+            q_ptrs, io_mask = _tile(Q + h.to(tl.int64) * stride_qh, start_m, Tq, stride_qm, BLOCK_M, BLOCK_D, HEAD_DIM)
+            do_ptrs, _ = _tile(DO + h.to(tl.int64) * stride_doh, start_m, Tq, stride_dom, BLOCK_M, BLOCK_D, HEAD_DIM)
+            q = tl.load(q_ptrs, mask=io_mask, other=0.0)  # (BLOCK_M, BLOCK_D)
+            do = tl.load(do_ptrs, mask=io_mask, other=0.0)
+            k_it, v_it = k, v
         # rows past Tq get lse = +inf, hence P = 0: no row mask is needed in the math below
-        lse = tl.load(LSE + h * Tq + offs_m, mask=offs_m < Tq, other=float("inf"))  # (BLOCK_M,)
-        delta = tl.load(DELTA + h * Tq + offs_m, mask=offs_m < Tq, other=0.0)
-        s_t = tl.dot(k, tl.trans(q), input_precision=DOT_PREC) * qk_scale  # (BLOCK_N, BLOCK_M)
+        lse = tl.load(LSE + h.to(tl.int64) * Tq + offs_m, mask=offs_m < Tq, other=float("inf"))  # (BLOCK_M,)
+        delta = tl.load(DELTA + h.to(tl.int64) * Tq + offs_m, mask=offs_m < Tq, other=0.0)
+        s_t = tl.dot(k_it, tl.trans(q), input_precision=DOT_PREC) * qk_scale  # (BLOCK_N, BLOCK_M)
         if HAS_ALIBI:  # this program's frame is c' = start_n: kb = slope2 * (j - start_n), lse shifted to match
             slope2 = tl.load(SLOPES + h) * 1.4426950408889634
             s_t += (slope2 * tl.arange(0, BLOCK_N).to(tl.float32))[:, None]
             lse += slope2 * (offs_m + off_shift - start_n).to(tl.float32)
         p_t = tl.exp2(s_t - lse[None, :])
-        if MASKED:  # causal diagonal blocks only; keys past Tk need no mask, their dK/dV are never stored
-            p_t = tl.where(offs_n[:, None] <= offs_m[None, :] + off_shift, p_t, 0.0)
+        if MASKED:  # causal diagonal blocks, or (not causal) the last key block when it is ragged
+            if CAUSAL:
+                p_t = tl.where(offs_n[:, None] <= offs_m[None, :] + off_shift, p_t, 0.0)
+            else:
+                p_t = tl.where(offs_n[:, None] < Tk, p_t, 0.0)
         dv = tl.dot(p_t.to(do.dtype), do, dv, input_precision=DOT_PREC)  # (BLOCK_N, BLOCK_D)
-        dp_t = tl.dot(v, tl.trans(do), input_precision=DOT_PREC)  # (BLOCK_N, BLOCK_M)
-        ds_t = p_t * (dp_t - delta[None, :])  # dL/d(score), natural units
-        dk = tl.dot(ds_t.to(q.dtype), q, dk, input_precision=DOT_PREC)  # (BLOCK_N, BLOCK_D)
+        dp_t = tl.dot(v_it, tl.trans(do), input_precision=DOT_PREC)  # (BLOCK_N, BLOCK_M)
+        ds_t = (p_t * (dp_t - delta[None, :])).to(q.dtype)  # dL/d(score), natural units
+        dk = tl.dot(ds_t, q, dk, input_precision=DOT_PREC)  # (BLOCK_N, BLOCK_D)
+        if FUSE_DQ:  # this key block's share of dQ = scale * dS K, summed over key blocks by fp32 atomics
+            dq = tl.dot(tl.trans(ds_t), k_it, input_precision=DOT_PREC) * sm_scale  # (BLOCK_M, BLOCK_D)
+            if DQ_TMA:  # a TMA reduce-add (rows past Tq are clipped): no pointer tile in registers
+                DQ.atomic_add([b, h, start_m, 0], dq.reshape(1, 1, BLOCK_M, BLOCK_D))
+            else:
+                dq_ptrs, dq_mask = _tile(DQ + h.to(tl.int64) * stride_dqh, start_m, Tq, stride_dqm, BLOCK_M, BLOCK_D,
+                                         HEAD_DIM)
+                tl.atomic_add(dq_ptrs, dq, mask=dq_mask, sem="relaxed")
     return dk, dv
 
 
-@_autotune(DKDV_TUNING)
+@_autotune(DKDV_TUNING, DKDV_KEY)
 @triton.jit
-def _attn_bwd_dkdv(Q, K, V, DO, LSE, DELTA, DK, DV, SLOPES, qk_scale, sm_scale,
+def _attn_bwd_dkdv(Q, K, V, DO, LSE, DELTA, DK, DV, DQ, SLOPES, qk_scale, sm_scale,
                    stride_qb, stride_qh, stride_qm, stride_kb, stride_kh, stride_kn, stride_vb, stride_vh, stride_vn,
                    stride_dob, stride_doh, stride_dom, stride_dkb, stride_dkh, stride_dkn,
-                   H, G, Tq, Tk, tq_bucket, tk_bucket,
+                   stride_dqb, stride_dqh, stride_dqm, H, G, Tq, Tk, tq_bucket,
                    HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, CAUSAL: tl.constexpr, HAS_ALIBI: tl.constexpr,
-                   DOT_PREC: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+                   DOT_PREC: tl.constexpr, FUSE_DQ: tl.constexpr, TMA: tl.constexpr, DQ_TMA: tl.constexpr,
+                   BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
     # One program per (batch, kv head, key block), covering the G query heads that share the kv head:
-    # every dK/dV row has a single owner, so GQA needs no atomics.
-    bh = tl.program_id(1)
-    b, hk = (bh // (H // G)).to(tl.int64), (bh % (H // G)).to(tl.int64)
-    start_n = tl.program_id(0) * BLOCK_N
+    # every dK/dV row has a single owner, so GQA needs no atomics for them. DK and DV share strides.
+    # With TMA (sm_90) the tensors are host-side descriptors: no pointer tiles to hold in registers.
+    bhk, pid_n = _block_ids(tl.cdiv(Tk, BLOCK_N), False)
+    b, hk = bhk // (H // G), bhk % (H // G)
+    start_n = pid_n * BLOCK_N
     off_shift = Tk - Tq
-    offs_n = start_n + tl.arange(0, BLOCK_N)
-    offs_d = tl.arange(0, BLOCK_D)
-    kv_mask = (offs_n[:, None] < Tk) & (offs_d[None, :] < HEAD_DIM)
-    k = tl.load(K + b * stride_kb + hk * stride_kh + offs_n[:, None] * stride_kn + offs_d[None, :], mask=kv_mask,
-                other=0.0)  # (BLOCK_N, BLOCK_D)
-    v = tl.load(V + b * stride_vb + hk * stride_vh + offs_n[:, None] * stride_vn + offs_d[None, :], mask=kv_mask,
-                other=0.0)
+    k, v = 0, 0  # with TMA, loaded inside the loop (_dkdv_inner)
+    if not TMA:
+        b64, hk64 = b.to(tl.int64), hk.to(tl.int64)
+        k_ptrs, kv_mask = _tile(K + b64 * stride_kb + hk64 * stride_kh, start_n, Tk, stride_kn, BLOCK_N, BLOCK_D,
+                                HEAD_DIM)
+        v_ptrs, _ = _tile(V + b64 * stride_vb + hk64 * stride_vh, start_n, Tk, stride_vn, BLOCK_N, BLOCK_D, HEAD_DIM)
+        k = tl.load(k_ptrs, mask=kv_mask, other=0.0)  # (BLOCK_N, BLOCK_D)
+        v = tl.load(v_ptrs, mask=kv_mask, other=0.0)
+        Q += b64 * stride_qb
+        DO += b64 * stride_dob
+    if not DQ_TMA:
+        DQ += b.to(tl.int64) * stride_dqb
     dk = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
     dv = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
     # Query rows with i_abs < start_n see none of these keys (skipped); rows before `mid` have i_abs below
-    # the block's last key (masked stage); all later rows see every key of the block (no mask).
+    # the block's last key (masked stage); all later rows see every key of the block (no mask). Without
+    # the causal mask only a ragged last key block needs a mask (keys past Tk would reach dQ).
     if CAUSAL:
         lo = tl.maximum(start_n - off_shift, 0) // BLOCK_M * BLOCK_M
         mid = tl.cdiv(tl.minimum(tl.maximum(start_n + BLOCK_N - 1 - off_shift, 0), Tq), BLOCK_M) * BLOCK_M
     else:
-        lo, mid = 0, 0
-    Q += b * stride_qb
-    DO += b * stride_dob
-    LSE += b * H * Tq
-    DELTA += b * H * Tq
-    dk, dv = _dkdv_inner(dk, dv, k, v, Q, DO, LSE, DELTA, SLOPES, stride_qh, stride_qm, stride_doh, stride_dom, Tq,
-                         hk * G, G, lo, (mid - lo) // BLOCK_M, start_n, off_shift, qk_scale,
-                         HEAD_DIM, BLOCK_D, BLOCK_M, BLOCK_N, True, HAS_ALIBI, DOT_PREC)
-    dk, dv = _dkdv_inner(dk, dv, k, v, Q, DO, LSE, DELTA, SLOPES, stride_qh, stride_qm, stride_doh, stride_dom, Tq,
-                         hk * G, G, mid, tl.cdiv(tl.maximum(Tq - mid, 0), BLOCK_M), start_n, off_shift, qk_scale,
-                         HEAD_DIM, BLOCK_D, BLOCK_M, BLOCK_N, False, HAS_ALIBI, DOT_PREC)
-    dkv_offs = b * stride_dkb + hk * stride_dkh + offs_n[:, None] * stride_dkn + offs_d[None, :]
-    tl.store(DK + dkv_offs, (dk * sm_scale).to(DK.dtype.element_ty), mask=kv_mask)  # d(score)/dk = scale * q
-    tl.store(DV + dkv_offs, dv.to(DV.dtype.element_ty), mask=kv_mask)
+        lo = 0
+        mid = tl.where(start_n + BLOCK_N > Tk, tl.cdiv(Tq, BLOCK_M) * BLOCK_M, 0)
+    LSE += b.to(tl.int64) * H * Tq
+    DELTA += b.to(tl.int64) * H * Tq
+    dk, dv = _dkdv_inner(dk, dv, k, v, K, V, hk, Q, DO, DQ, LSE, DELTA, SLOPES, b, stride_qh, stride_qm, stride_doh, stride_dom,
+                         stride_dqh, stride_dqm, Tq, Tk, hk * G, G, lo, (mid - lo) // BLOCK_M, start_n, off_shift,
+                         qk_scale, sm_scale, HEAD_DIM, BLOCK_D, BLOCK_M, BLOCK_N, True, CAUSAL, HAS_ALIBI, DOT_PREC,
+                         FUSE_DQ, TMA, DQ_TMA)
+    dk, dv = _dkdv_inner(dk, dv, k, v, K, V, hk, Q, DO, DQ, LSE, DELTA, SLOPES, b, stride_qh, stride_qm, stride_doh, stride_dom,
+                         stride_dqh, stride_dqm, Tq, Tk, hk * G, G, mid, tl.cdiv(tl.maximum(Tq - mid, 0), BLOCK_M),
+                         start_n, off_shift, qk_scale, sm_scale, HEAD_DIM, BLOCK_D, BLOCK_M, BLOCK_N, False, CAUSAL,
+                         HAS_ALIBI, DOT_PREC, FUSE_DQ, TMA, DQ_TMA)
+    if TMA:  # rows past Tk are clipped
+        dk = (dk * sm_scale).to(DK.dtype)  # d(score)/dk = scale * q
+        dv = dv.to(DV.dtype)
+        DK.store([b, hk, start_n, 0], dk.reshape(1, 1, BLOCK_N, BLOCK_D))
+        DV.store([b, hk, start_n, 0], dv.reshape(1, 1, BLOCK_N, BLOCK_D))
+    else:
+        dk_ptrs, _ = _tile(DK + b64 * stride_dkb + hk64 * stride_dkh, start_n, Tk, stride_dkn, BLOCK_N, BLOCK_D,
+                           HEAD_DIM)
+        dv_ptrs, _ = _tile(DV + b64 * stride_dkb + hk64 * stride_dkh, start_n, Tk, stride_dkn, BLOCK_N, BLOCK_D,
+                           HEAD_DIM)
+        tl.store(dk_ptrs, (dk * sm_scale).to(k.dtype), mask=kv_mask)  # d(score)/dk = scale * q
+        tl.store(dv_ptrs, dv.to(v.dtype), mask=kv_mask)
 
 
 @triton.jit
 def _dq_inner(dq, q, do, lse, delta, K, V, stride_kn, stride_vn, lo, hi, Tk, last_key, c, qk_scale, slope2,
               HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr, MASKED: tl.constexpr,
               HAS_ALIBI: tl.constexpr, DOT_PREC: tl.constexpr):
-    offs_d = tl.arange(0, BLOCK_D)
     for start_n in range(lo, hi, BLOCK_N):
         offs_n = start_n + tl.arange(0, BLOCK_N)
-        kv_mask = (offs_n[:, None] < Tk) & (offs_d[None, :] < HEAD_DIM)
-        k = tl.load(K + offs_n[:, None] * stride_kn + offs_d[None, :], mask=kv_mask, other=0.0)  # (BLOCK_N, BLOCK_D)
-        v = tl.load(V + offs_n[:, None] * stride_vn + offs_d[None, :], mask=kv_mask, other=0.0)
+        k_ptrs, kv_mask = _tile(K, start_n, Tk, stride_kn, BLOCK_N, BLOCK_D, HEAD_DIM)
+        v_ptrs, _ = _tile(V, start_n, Tk, stride_vn, BLOCK_N, BLOCK_D, HEAD_DIM)
+        k = tl.load(k_ptrs, mask=kv_mask, other=0.0)  # (BLOCK_N, BLOCK_D)
+        v = tl.load(v_ptrs, mask=kv_mask, other=0.0)
         s = tl.dot(q, tl.trans(k), input_precision=DOT_PREC) * qk_scale  # (BLOCK_M, BLOCK_N)
         if HAS_ALIBI:
             s += (slope2 * (offs_n - c).to(tl.float32))[None, :]
@@ -863,29 +1011,25 @@ def _dq_inner(dq, q, do, lse, delta, K, V, stride_kn, stride_vn, lo, hi, Tk, las
     return dq
 
 
-@_autotune(DQ_TUNING)
+@_autotune(DQ_TUNING, DQ_KEY)
 @triton.jit
 def _attn_bwd_dq(Q, K, V, DO, LSE, DELTA, DQ, SLOPES, qk_scale, sm_scale,
                  stride_qb, stride_qh, stride_qm, stride_kb, stride_kh, stride_kn, stride_vb, stride_vh, stride_vn,
                  stride_dob, stride_doh, stride_dom, stride_dqb, stride_dqh, stride_dqm,
-                 H, G, Tq, Tk, tq_bucket, tk_bucket,
+                 H, G, Tq, Tk, tq_bucket,
                  HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, CAUSAL: tl.constexpr, HAS_ALIBI: tl.constexpr,
                  DOT_PREC: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
-    # One program per (batch, query head, query block), walking the same key blocks as the forward.
-    pid_m = tl.program_id(0)
-    if CAUSAL:
-        pid_m = tl.num_programs(0) - 1 - pid_m
-    bh = tl.program_id(1)
+    # deterministic=True only: one program per (batch, query head, query block), walking the same key
+    # blocks as the forward, so each dQ element is summed in one fixed order
+    bh, pid_m = _block_ids(tl.cdiv(Tq, BLOCK_M), CAUSAL)
     b, h = (bh // H).to(tl.int64), (bh % H).to(tl.int64)
     start_m = pid_m * BLOCK_M
     off_shift = Tk - Tq
     offs_m = start_m + tl.arange(0, BLOCK_M)
-    offs_d = tl.arange(0, BLOCK_D)
-    io_mask = (offs_m[:, None] < Tq) & (offs_d[None, :] < HEAD_DIM)
-    q = tl.load(Q + b * stride_qb + h * stride_qh + offs_m[:, None] * stride_qm + offs_d[None, :], mask=io_mask,
-                other=0.0)  # (BLOCK_M, BLOCK_D)
-    do = tl.load(DO + b * stride_dob + h * stride_doh + offs_m[:, None] * stride_dom + offs_d[None, :], mask=io_mask,
-                 other=0.0)
+    q_ptrs, io_mask = _tile(Q + b * stride_qb + h * stride_qh, start_m, Tq, stride_qm, BLOCK_M, BLOCK_D, HEAD_DIM)
+    do_ptrs, _ = _tile(DO + b * stride_dob + h * stride_doh, start_m, Tq, stride_dom, BLOCK_M, BLOCK_D, HEAD_DIM)
+    q = tl.load(q_ptrs, mask=io_mask, other=0.0)  # (BLOCK_M, BLOCK_D)
+    do = tl.load(do_ptrs, mask=io_mask, other=0.0)
     lse = tl.load(LSE + bh.to(tl.int64) * Tq + offs_m, mask=offs_m < Tq, other=float("inf"))  # (BLOCK_M,)
     delta = tl.load(DELTA + bh.to(tl.int64) * Tq + offs_m, mask=offs_m < Tq, other=0.0)
     slope2 = tl.load(SLOPES + h) * 1.4426950408889634 if HAS_ALIBI else 0.0
@@ -899,12 +1043,12 @@ def _attn_bwd_dq(Q, K, V, DO, LSE, DELTA, DQ, SLOPES, qk_scale, sm_scale,
                    qk_scale, slope2, HEAD_DIM, BLOCK_D, BLOCK_N, False, HAS_ALIBI, DOT_PREC)
     dq = _dq_inner(dq, q, do, lse, delta, K, V, stride_kn, stride_vn, full_end, hi, Tk, last_key, c,
                    qk_scale, slope2, HEAD_DIM, BLOCK_D, BLOCK_N, True, HAS_ALIBI, DOT_PREC)
-    tl.store(DQ + b * stride_dqb + h * stride_dqh + offs_m[:, None] * stride_dqm + offs_d[None, :],
-             (dq * sm_scale).to(DQ.dtype.element_ty), mask=io_mask)
+    dq_ptrs, _ = _tile(DQ + b * stride_dqb + h * stride_dqh, start_m, Tq, stride_dqm, BLOCK_M, BLOCK_D, HEAD_DIM)
+    tl.store(dq_ptrs, (dq * sm_scale).to(q.dtype), mask=io_mask)
 
 
 def _bucket(t):
-    # autotune key for a sequence length: powers of two, so KV-cache decoding does not retune every step
+    # autotune key for Tq: powers of two (prefill lengths vary; decode is always 1, so it tunes once)
     return min(triton.next_power_of_2(t), 16384)
 
 
@@ -942,33 +1086,72 @@ def _check_inputs(q, k, v, alibi_slopes):
                          f"got {tuple(alibi_slopes.shape)}")
 
 
+def _kernel_layout(x):
+    # the kernels index with strides: any layout works if the last dim is contiguous and rows are not too far
+    # apart (see _MAX_ROW_STRIDE); the model's fused qkv views need no copy
+    return x if x.stride(-1) == 1 and x.stride(-2) < _MAX_ROW_STRIDE else x.contiguous()
+
+
+def _use_tma(q, *tensors):
+    # sm_90's forward loads and stores tiles with TMA through host-side tensor descriptors, which need
+    # 16-byte aligned bases and strides; anything else (and sm_80) takes the pointer path
+    if _INTERPRET:
+        use = INTERPRET_TMA
+    else:
+        use = _arch(q.device) >= 90
+    return use and all(x.numel() > 0 and x.data_ptr() % 16 == 0 and x.stride(-1) == 1
+                       and all(s * x.element_size() % 16 == 0 for s in x.stride()[:-1]) for x in (q, *tensors))
+
+
+def _descriptor(x, block_d):
+    # (B, H, T, D) view; block shapes are set per autotune config (_set_block_shapes)
+    return TensorDescriptor(x, list(x.shape), list(x.stride()), [1, 1, 16, block_d])
+
+
 def _attn_forward(q, k, v, slopes, causal, sm_scale):
     B, H, Tq, D = q.shape
     H_kv, Tk = k.shape[1], k.shape[2]
     o = _empty_bhtd(B, H, Tq, D, q)
     lse = torch.empty(B, H, Tq, device=q.device, dtype=torch.float32)  # base-2, true ALiBi frame
-    grid = lambda META: (triton.cdiv(Tq, META["BLOCK_M"]), B * H)
-    _attn_fwd[grid](q, k, v, o, lse, slopes if slopes is not None else q, sm_scale * LOG2E,
+    meta = _meta(D, causal, slopes, q.dtype)
+    tma = _use_tma(q, k, v, o)
+    tiles = [_descriptor(x, meta["BLOCK_D"]) for x in (q, k, v, o)] if tma else [q, k, v, o]
+    grid = lambda META: (triton.cdiv(Tq, META["BLOCK_M"]) * B * H,)
+    _attn_fwd[grid](*tiles, lse, slopes if slopes is not None else q, sm_scale * LOG2E,
                     *q.stride()[:3], *k.stride()[:3], *v.stride()[:3], *o.stride()[:3],
-                    H, H // H_kv, Tq, Tk, _bucket(Tq), _bucket(Tk), **_meta(D, causal, slopes, q.dtype))
+                    H, H // H_kv, Tq, Tk, _bucket(Tq), TMA=tma, **meta)
     return o, lse
 
 
-def _attn_backward(do, q, k, v, o, lse, slopes, causal, sm_scale):
+def _attn_backward(do, q, k, v, o, lse, slopes, causal, sm_scale, deterministic):
     B, H, Tq, D = q.shape
     H_kv, Tk = k.shape[1], k.shape[2]
     meta = _meta(D, causal, slopes, q.dtype)
     delta = torch.empty_like(lse)
     pre_block = 32 if _INTERPRET else 128
-    _bwd_preprocess[(triton.cdiv(Tq, pre_block), B * H)](o, do, delta, *o.stride()[:3], *do.stride()[:3], H, Tq,
-                                                         HEAD_DIM=D, BLOCK_D=meta["BLOCK_D"], BLOCK_M=pre_block)
-    dq, dk, dv = _empty_bhtd(B, H, Tq, D, q), _empty_bhtd(B, H_kv, Tk, D, q), _empty_bhtd(B, H_kv, Tk, D, q)
+    _bwd_preprocess[(triton.cdiv(Tq, pre_block) * B * H,)](o, do, delta, *o.stride()[:3], *do.stride()[:3], H, Tq,
+                                                           HEAD_DIM=D, BLOCK_D=meta["BLOCK_D"], BLOCK_M=pre_block)
+    dk, dv = _empty_bhtd(B, H_kv, Tk, D, q), _empty_bhtd(B, H_kv, Tk, D, q)
+    # dQ: fp32 atomics in the dK/dV kernel (zeroed here), or the separate dQ kernel when deterministic
+    dq_acc = lse.new_zeros(1) if deterministic else _empty_bhtd(B, H, Tq, D, lse)  # zeroed by _dkdv_pre_hook
     args = (slopes if slopes is not None else q, sm_scale * LOG2E, sm_scale,
             *q.stride()[:3], *k.stride()[:3], *v.stride()[:3], *do.stride()[:3])
-    tail = (H, H // H_kv, Tq, Tk, _bucket(Tq), _bucket(Tk))
-    grid = lambda META: (triton.cdiv(Tk, META["BLOCK_N"]), B * H_kv)
-    _attn_bwd_dkdv[grid](q, k, v, do, lse, delta, dk, dv, *args, *dk.stride()[:3], *tail, **meta)
-    grid = lambda META: (triton.cdiv(Tq, META["BLOCK_M"]), B * H)
+    tail = (H, H // H_kv, Tq, Tk, _bucket(Tq))
+    dq_strides = (0, 0, 0) if deterministic else dq_acc.stride()[:3]
+    tiles = [q, k, v, do, dk, dv]
+    tma = _use_tma(*tiles)
+    # dQ by TMA reduce-add where the dK/dV kernel uses TMA, except under the interpreter, which has no
+    # descriptor reductions (as of Triton 3.9): there the pointer atomics stand in
+    dq_tma = tma and not deterministic and not _INTERPRET and _use_tma(dq_acc)
+    q_, k_, v_, do_, dk_, dv_ = [_descriptor(x, meta["BLOCK_D"]) for x in tiles] if tma else tiles
+    dq_ = _descriptor(dq_acc, meta["BLOCK_D"]) if dq_tma else dq_acc
+    grid = lambda META: (triton.cdiv(Tk, META["BLOCK_N"]) * B * H_kv,)
+    _attn_bwd_dkdv[grid](q_, k_, v_, do_, lse, delta, dk_, dv_, dq_, *args, *dk.stride()[:3], *dq_strides, *tail,
+                         FUSE_DQ=not deterministic, TMA=tma, DQ_TMA=dq_tma, **meta)
+    if not deterministic:
+        return dq_acc.to(q.dtype), dk, dv  # keeps the (B, T, H, D) memory layout
+    dq = _empty_bhtd(B, H, Tq, D, q)
+    grid = lambda META: (triton.cdiv(Tq, META["BLOCK_M"]) * B * H,)
     _attn_bwd_dq[grid](q, k, v, do, lse, delta, dq, *args, *dq.stride()[:3], *tail, **meta)
     return dq, dk, dv
 
@@ -984,37 +1167,69 @@ def _meta(D, causal, slopes, dtype):
                 HAS_ALIBI=slopes is not None, DOT_PREC="ieee" if dtype == torch.float32 else "tf32")
 
 
-class FlashAttnALiBi(torch.autograd.Function):
+# torch.compile: the kernels are custom ops (opaque to the compiler, which sees their fake versions: the
+# output shapes and strides), with a registered autograd formula, so a compiled block is one graph.
+# The ops take q, k, v with the last dim contiguous (flash_attn_alibi sees to it).
 
-    @staticmethod
-    def forward(ctx, q, k, v, alibi_slopes, causal, softmax_scale):
-        # the kernels index with strides and only need the last dim contiguous (the qkv views already are)
-        q, k, v = (x if x.stride(-1) == 1 else x.contiguous() for x in (q, k, v))
-        slopes = None if alibi_slopes is None else alibi_slopes.to(device=q.device, dtype=torch.float32).contiguous()
-        sm_scale = softmax_scale if softmax_scale is not None else 1.0 / math.sqrt(q.shape[-1])
-        with torch.cuda.device(q.device) if q.is_cuda else contextlib.nullcontext():  # launch on q's GPU
-            o, lse = _attn_forward(q, k, v, slopes, causal, sm_scale)
-        ctx.save_for_backward(q, k, v, o, lse, slopes)
-        ctx.causal, ctx.sm_scale = causal, sm_scale
-        return o
-
-    @staticmethod
-    def backward(ctx, do):
-        q, k, v, o, lse, slopes = ctx.saved_tensors
-        do = do if do.stride(-1) == 1 else do.contiguous()
-        with torch.cuda.device(q.device) if q.is_cuda else contextlib.nullcontext():  # launch on q's GPU
-            dq, dk, dv = _attn_backward(do, q, k, v, o, lse, slopes, ctx.causal, ctx.sm_scale)
-        return dq, dk, dv, None, None, None
+def _on_device(q):
+    return torch.cuda.device(q.device) if q.is_cuda else contextlib.nullcontext()  # launch on q's GPU
 
 
-# torch.compile (train.py compiles each block) runs this eagerly, between two compiled graphs: the kernels
-# are opaque to it anyway, and tracing the autotuner and its config pruning is not supported everywhere
-@torch.compiler.disable
-def flash_attn_alibi(q, k, v, alibi_slopes=None, causal=True, softmax_scale=None):
+@torch.library.custom_op("mpt::flash_attn_alibi_fwd", mutates_args=())
+def _flash_fwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, slopes: Optional[torch.Tensor], causal: bool,
+               sm_scale: float, deterministic: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    # deterministic only matters to the backward; it is an input here so that autograd can keep it
+    q, k, v = (_kernel_layout(x) for x in (q, k, v))
+    with _on_device(q):
+        return _attn_forward(q, k, v, slopes, causal, sm_scale)
+
+
+@_flash_fwd.register_fake
+def _(q, k, v, slopes, causal, sm_scale, deterministic):
+    B, H, Tq, D = q.shape
+    return _empty_bhtd(B, H, Tq, D, q), q.new_empty(B, H, Tq, dtype=torch.float32)
+
+
+@torch.library.custom_op("mpt::flash_attn_alibi_bwd", mutates_args=())
+def _flash_bwd(do: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, o: torch.Tensor,
+               lse: torch.Tensor, slopes: Optional[torch.Tensor], causal: bool, sm_scale: float,
+               deterministic: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    do, q, k, v = (_kernel_layout(x) for x in (do, q, k, v))
+    with _on_device(q):
+        return _attn_backward(do, q, k, v, o, lse, slopes, causal, sm_scale, deterministic)
+
+
+@_flash_bwd.register_fake
+def _(do, q, k, v, o, lse, slopes, causal, sm_scale, deterministic):
+    (B, H, Tq, D), (H_kv, Tk) = q.shape, k.shape[1:3]
+    return _empty_bhtd(B, H, Tq, D, q), _empty_bhtd(B, H_kv, Tk, D, q), _empty_bhtd(B, H_kv, Tk, D, q)
+
+
+def _flash_setup_context(ctx, inputs, output):
+    q, k, v, slopes, causal, sm_scale, deterministic = inputs
+    ctx.save_for_backward(q, k, v, output[0], output[1], slopes)
+    ctx.causal, ctx.sm_scale, ctx.deterministic = causal, sm_scale, deterministic
+
+
+def _flash_backward(ctx, do, _dlse):
+    q, k, v, o, lse, slopes = ctx.saved_tensors
+    dq, dk, dv = _flash_bwd(do, q, k, v, o, lse, slopes, ctx.causal, ctx.sm_scale, ctx.deterministic)
+    return dq, dk, dv, None, None, None, None
+
+
+_flash_fwd.register_autograd(_flash_backward, setup_context=_flash_setup_context)
+
+
+def flash_attn_alibi(q, k, v, alibi_slopes=None, causal=True, softmax_scale=None, deterministic=False):
     """Attention with ALiBi, as torch SDPA plus a bias slope_h * (j - i_abs), in Triton.
     q: (B, H, Tq, D); k, v: (B, H_kv, Tk, D) with H % H_kv == 0; any strides (last dim contiguous
     avoids a copy). fp16/bf16 on CUDA (fp32 too under TRITON_INTERPRET=1); D <= 128.
     alibi_slopes: (H,) fp32 or None. causal masks j > i + Tk - Tq. Returns (B, H, Tq, D) in q's dtype,
-    a view of (B, Tq, H, D) memory."""
+    a view of (B, Tq, H, D) memory. deterministic=True computes dQ in a separate kernel with a fixed
+    summation order (bitwise-repeatable gradients, about 7/5 of the backward's GEMM work); the default
+    accumulates dQ with fp32 atomics in the dK/dV kernel, whose order varies from run to run (by fp32
+    rounding only). torch.compile traces through it without a graph break (custom ops)."""
     _check_inputs(q, k, v, alibi_slopes)
-    return FlashAttnALiBi.apply(q, k, v, alibi_slopes, causal, softmax_scale)
+    slopes = None if alibi_slopes is None else alibi_slopes.to(device=q.device, dtype=torch.float32).contiguous()
+    sm_scale = softmax_scale if softmax_scale is not None else 1.0 / math.sqrt(q.shape[-1])
+    return _flash_fwd(q, k, v, slopes, bool(causal), float(sm_scale), bool(deterministic))[0]
