@@ -10,7 +10,7 @@ hold even on a noisy machine. Takes the same settings as train.py (a config file
 train:  the real training step of train.py (forward, backward, Lion; its FSDP wrapping and
         precision) on random tokens: ms/step, tokens/s, MFU, peak memory; --compare_hf=True times
         transformers' MptForCausalLM (eager attention) on the same config and batch.
-attn:   forward and forward+backward TFLOP/s of causal ALiBi attention, bf16: our Triton kernel,
+attn:   forward, backward and forward+backward TFLOP/s of causal ALiBi attention, bf16: our Triton kernel,
         SDPA with the bias as a float mask, FlexAttention with an ALiBi score_mod, SDPA without
         bias (the ceiling for a kernel without ALiBi), flash-attn if installed, the eager reference.
 sample: decode tokens/s of model.generate against transformers' generate on the same weights.
@@ -291,15 +291,20 @@ def bench_attn():
                     row['note'] = f"disagrees with the reference (max err {err:.3g}): not timed"
                     continue
                 t_fwd = timed(lambda: fn(q, k, v))
+                out = fn(q, k, v)  # the backward alone: one forward's graph, differentiated again and again
+                t_bwd = timed(lambda: torch.autograd.grad(out, (q, k, v), do, retain_graph=True))
+                del out
                 t_all = timed(lambda: attention_and_grads(fn, q, k, v, do))
                 row.update(fwd_ms=t_fwd * 1e3, fwd_tflops=flops / t_fwd / 1e12,
-                           fwd_bwd_ms=t_all * 1e3, fwd_bwd_tflops=3.5 * flops / t_all / 1e12)  # bwd = 2.5 fwd
+                           bwd_ms=t_bwd * 1e3, bwd_tflops=2.5 * flops / t_bwd / 1e12,  # bwd = 2.5 fwd
+                           fwd_bwd_ms=t_all * 1e3, fwd_bwd_tflops=3.5 * flops / t_all / 1e12)
             except torch.OutOfMemoryError:
                 row['note'] = 'out of memory'
             finally:
                 if cuda:
                     torch.cuda.empty_cache()
-    print_table(rows, ['shape', 'impl', 'fwd_ms', 'fwd_tflops', 'fwd_bwd_ms', 'fwd_bwd_tflops', 'max_err', 'note'])
+    print_table(rows, ['shape', 'impl', 'fwd_ms', 'fwd_tflops', 'bwd_ms', 'bwd_tflops', 'fwd_bwd_ms', 'fwd_bwd_tflops',
+                       'max_err', 'note'])
     return rows
 
 

@@ -40,7 +40,8 @@ def test_attn_mode_checks_agreement_and_reports_tflops(tmp_path):
     rows = {r["impl"]: r for r in result["rows"]}
     for name in ("SDPA + ALiBi float mask", "SDPA, no bias (ceiling)", "eager reference"):
         assert rows[name]["max_err"] < 1e-4 and rows[name]["fwd_tflops"] > 0
-        assert rows[name]["fwd_bwd_tflops"] > 0
+        assert rows[name]["bwd_tflops"] > 0 and rows[name]["fwd_bwd_tflops"] > 0
+        assert rows[name]["bwd_tflops"] == pytest.approx(2.5 * 4 * 2 * 128 * 128 * 32 / 2 / rows[name]["bwd_ms"] / 1e9)
     assert rows["ours (triton)"]["note"] == "needs CUDA"  # a subprocess without TRITON_INTERPRET
 
 
