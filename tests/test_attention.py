@@ -567,3 +567,30 @@ def test_compiled_block_has_no_graph_break():
     tol = TOL[DTYPE]
     for eager, compiled in zip(*results):
         assert (eager.double() - compiled.double()).abs().max() <= tol * max(1.0, eager.abs().max().item())
+
+
+def test_decoding_does_not_retune(monkeypatch):
+    # KV-cache decoding: one query against 1, 2, ..., 300 keys. The forward's autotune key (what a new tuning
+    # run is triggered by) must stay the same at every step: Tk is not part of it. Prefill lengths may retune
+    # per power of two of Tq. The launches are recorded (their arguments by name), not run.
+    require_kernels()
+    keys, arg_names = [], fa._attn_fwd.arg_names
+
+    class Recorder:
+        def __getitem__(self, grid):
+            def launch(*args, **kwargs):
+                named = dict(zip(arg_names, args), **kwargs)
+                keys.append(tuple(named[k] for k in fa.FWD_KEY))
+                assert named["Tq"] == 1 or named["tq_bucket"] > fa.DECODE_MAX_TQ
+            return launch
+
+    monkeypatch.setattr(fa, "_attn_fwd", Recorder())
+    k = torch.zeros(1, 2, 300, 32, device=DEVICE, dtype=DTYPE)
+    q = torch.zeros(1, 2, 1, 32, device=DEVICE, dtype=DTYPE)
+    for t in range(1, 301):
+        fa.flash_attn_alibi(q, k[:, :, :t], k[:, :, :t], alibi_slopes=alibi_slopes(2).to(DEVICE))
+    assert len(keys) == 300 and len(set(keys)) == 1
+    assert set(keys).pop()[fa.FWD_KEY.index("tq_bucket")] <= fa.DECODE_MAX_TQ  # the decode configs serve it
+    for t in (100, 128, 200, 256):  # prefill: Tq = Tk, one key per power of two
+        fa.flash_attn_alibi(k[:, :, :t], k[:, :, :t], k[:, :, :t])
+    assert len(set(keys)) == 1 + 2
