@@ -137,3 +137,12 @@ def test_export_bad_input(tmp_path):
         import re
         assert re.search(message, r.stderr), r.stderr
     assert not (tmp_path / 'hf').exists()
+
+
+def test_a_lora_checkpoint_is_no_stage_to_start_from(released_sft, lora_run_dirs, tmp_path):
+    # a LoRA checkpoint holds only adapters: train.py's init_from=<ckpt> says to export it first
+    ckpt = lora_run_dirs / 'lora' / 'ckpt-000002'
+    code, _, stderr = run([*SMALL, f'--init_from={ckpt}', f'--data_dir={released_sft}', f'--out_dir={tmp_path / "o"}',
+                           '--max_iters=1'], expect_ok=False)
+    assert code == 1 and 'Traceback' not in stderr and stderr.count('error:') == 1, stderr
+    assert "a LoRA run's checkpoint holds only its adapters: export the checkpoint with `python export.py" in stderr
