@@ -19,6 +19,7 @@ import json
 import os
 import shutil
 import sys
+import warnings
 from pathlib import Path
 
 import torch
@@ -51,7 +52,9 @@ def read_checkpoint(path, group='model'):
     metadata = dcp.FileSystemReader(path).read_metadata().state_dict_metadata
     state = {key.split('.', 1)[1]: torch.empty(m.size, dtype=m.properties.dtype)
              for key, m in metadata.items() if key.startswith(group + '.') and isinstance(m, TensorStorageMetadata)}
-    dcp.load({group: state}, checkpoint_id=path, no_dist=True)
+    with warnings.catch_warnings():  # "assuming the intent is to load in a single process": it is
+        warnings.filterwarnings('ignore', 'torch.distributed is disabled')
+        dcp.load({group: state}, checkpoint_id=path, no_dist=True)
     return state
 
 

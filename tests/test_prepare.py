@@ -347,12 +347,18 @@ def test_prompt_response_tokens_and_loss_masks(tmp_path, tokenizer_dir):
     ("broken tokenizer.json", {"a.txt": "x"}, ["--tokenizer={tmp}/bad.json"], "bad.json: not a tokenizer.json"),
     ("char pairs", {"a.jsonl": '{"prompt": "p", "response": "r"}\n'}, ["--tokenizer=char"],
      "prompt/response data needs an end-of-text token"),
+    ("vocab past uint16", {"a.txt": "x"}, ["--tokenizer={tmp}/big.json"],
+     "vocabulary has 70,000 symbols; uint16 token files hold at most 65,536"),
 ])
 def test_prompt_response_and_tokenizer_bad_input(tmp_path, tokenizer_dir, case, files, args, message):
     (tmp_path / "in").mkdir()
     (tmp_path / "notok").mkdir()
     (tmp_path / "notok" / "config.json").write_text("{}")
     (tmp_path / "bad.json").write_text('{"not": "a tokenizer"}')
+    if case == "vocab past uint16":  # a word-level tokenizer with 70,000 ids, <|endoftext|> the last
+        from tokenizers import Tokenizer, models
+        vocab = {f"w{i}": i for i in range(69_999)} | {"<|endoftext|>": 69_999}
+        Tokenizer(models.WordLevel(vocab, unk_token="w0")).save(str(tmp_path / "big.json"))
     for name, text in files.items():
         (tmp_path / "in" / name).write_text(text)
     tok = [a.format(tmp=tmp_path) for a in args] or [f"--tokenizer={tokenizer_dir}"]
