@@ -57,6 +57,9 @@ class MPTConfig:
     # order; a slower backward). False (the default, as flash-attn's) sums dQ with fp32 atomics, whose order
     # varies between runs: the gradients then differ from run to run in the last bits (fp32 rounding).
     attn_deterministic: bool = False
+    # packed documents: MPT.forward's sequence_id (B, T) document ids keep each token's attention inside its
+    # own document (llm-foundry's and transformers' name); False ignores sequence_id
+    attn_uses_sequence_id: bool = False
 
     def __post_init__(self):
         if self.kv_n_heads is None:
@@ -94,9 +97,12 @@ def alibi_slopes(n_heads, alibi_bias_max=8):
 # Queries are the last Tq positions of the Tk keys (bottom-right aligned), so the same code serves
 # training (Tq == Tk) and generation with a KV cache (Tq < Tk).
 
-def torch_attention(q, k, v, slopes=None, causal=True, softmax_scale=None, dropout_p=0.0, key_start=None):
+def torch_attention(q, k, v, slopes=None, causal=True, softmax_scale=None, dropout_p=0.0, key_start=None,
+                    sequence_id=None):
     """The reference: SDPA with ALiBi (and the masks) given as an additive float mask.
-    key_start (B,): keys before it are padding (left-padded prompts in generate) and are masked."""
+    key_start (B,): keys before it are padding (left-padded prompts in generate) and are masked.
+    sequence_id (B, Tk): document ids of the keys (queries: the last Tq); a query sees only keys with
+    its own id (a block-diagonal mask for packed documents)."""
     Tq, Tk = q.size(-2), k.size(-2)
     i = torch.arange(Tk - Tq, Tk, device=q.device).view(-1, 1)  # absolute query positions
     j = torch.arange(Tk, device=q.device).view(1, -1)
@@ -106,6 +112,8 @@ def torch_attention(q, k, v, slopes=None, causal=True, softmax_scale=None, dropo
     masked = (j > i) if causal else torch.zeros(Tq, Tk, dtype=torch.bool, device=q.device)
     if key_start is not None:
         masked = masked | (j < key_start.view(-1, 1, 1, 1))  # (B, 1, Tq, Tk)
+    if sequence_id is not None:
+        masked = masked | (sequence_id[:, Tk - Tq:, None] != sequence_id[:, None, :])[:, None]  # (B, 1, Tq, Tk)
     # a query with no key at all (Tq > Tk, or a padding query) outputs 0; its row stays unmasked
     # for SDPA, since softmax over a row of -inf gives NaN, also in the backward
     empty = masked.all(dim=-1, keepdim=True)
@@ -156,6 +164,9 @@ def check_attention(config, device, dtype):
                              f"head dims up to 128: use more heads, or attn_impl='torch'")
     if impl == 'triton' and config.attn_pdrop > 0 and (on_cuda or _INTERPRET):
         raise ValueError("attn_pdrop > 0 needs attn_impl='torch': the Triton kernel has no dropout")
+    if impl == 'flash' and config.attn_uses_sequence_id:
+        raise ValueError("attn_uses_sequence_id=True needs attn_impl='triton' or 'torch': the 'flash' path does "
+                         "not take document ids")
     if impl == 'flash':
         if not on_cuda:
             raise ValueError("attn_impl='flash' (the flash-attn package) runs on CUDA only: use attn_impl='torch'")
@@ -166,7 +177,7 @@ def check_attention(config, device, dtype):
                              "--no-build-isolation (or use attn_impl='triton')") from None
 
 
-def attention(q, k, v, slopes, config, causal=True, dropout_p=0.0, key_start=None):
+def attention(q, k, v, slopes, config, causal=True, dropout_p=0.0, key_start=None, sequence_id=None):
     """The one place where config.attn_impl picks an implementation."""
     impl = config.attn_impl
     if impl == 'triton' and not q.is_cuda and not _INTERPRET:
@@ -179,10 +190,14 @@ def attention(q, k, v, slopes, config, causal=True, dropout_p=0.0, key_start=Non
     if impl == 'triton':
         if dropout_p > 0:
             raise ValueError("attn_pdrop > 0 needs attn_impl='torch': the Triton kernel has no dropout")
-        return flash_attn_alibi(q, k, v, slopes, causal, config.softmax_scale, config.attn_deterministic)
+        return flash_attn_alibi(q, k, v, slopes, causal, config.softmax_scale, config.attn_deterministic,
+                                sequence_id)
     if impl == 'flash':
+        if sequence_id is not None:
+            raise ValueError("attn_uses_sequence_id=True needs attn_impl='triton' or 'torch': the 'flash' path "
+                             "does not take document ids (flash-attn's variable-length API is not wired up)")
         return flash_package_attention(q, k, v, slopes, causal, config.softmax_scale, dropout_p)
-    return torch_attention(q, k, v, slopes, causal, config.softmax_scale, dropout_p, key_start)
+    return torch_attention(q, k, v, slopes, causal, config.softmax_scale, dropout_p, key_start, sequence_id)
 
 
 # -----------------------------------------------------------------------------
@@ -206,7 +221,7 @@ class Attention(nn.Module):
         self.out_proj = nn.Linear(config.d_model, config.d_model, bias=False)
         self.out_proj._is_residual = True
 
-    def forward(self, x, slopes, kv_cache=None):
+    def forward(self, x, slopes, kv_cache=None, sequence_id=None):
         B, T, C = x.size()
         cfg = self.config
         qkv = self.Wqkv(x)
@@ -223,7 +238,8 @@ class Attention(nn.Module):
             k, v = kv_cache.update(k, v)  # (B, n_kv, T_past + T, hs)
             key_start = kv_cache.key_start
         dropout_p = cfg.attn_pdrop if self.training else 0.0
-        y = attention(q, k, v, slopes, cfg, dropout_p=dropout_p, key_start=key_start)  # (B, nh, T, hs)
+        y = attention(q, k, v, slopes, cfg, dropout_p=dropout_p, key_start=key_start,
+                      sequence_id=sequence_id)  # (B, nh, T, hs)
         y = y.transpose(1, 2).reshape(B, T, C)
         return self.out_proj(y)
 
@@ -250,8 +266,8 @@ class Block(nn.Module):
         self.ffn = MLP(config)
         self.resid_drop = nn.Dropout(config.resid_pdrop)
 
-    def forward(self, x, slopes, kv_cache=None):
-        x = x + self.resid_drop(self.attn(self.norm_1(x), slopes, kv_cache))
+    def forward(self, x, slopes, kv_cache=None, sequence_id=None):
+        x = x + self.resid_drop(self.attn(self.norm_1(x), slopes, kv_cache, sequence_id))
         x = x + self.resid_drop(self.ffn(self.norm_2(x)))
         return x
 
@@ -297,9 +313,12 @@ class MPT(nn.Module):
         """Number of parameters; the output head is the token embedding, so it counts once."""
         return sum(p.numel() for p in self.parameters())
 
-    def forward(self, idx, targets=None, kv_cache=None):
+    def forward(self, idx, targets=None, sequence_id=None, kv_cache=None):
         """idx (B, T) token ids -> (logits, loss). With targets (B, T) (-1 = ignore) the logits of every
-        position and the mean cross-entropy; without, only the last position's logits (B, 1, V)."""
+        position and the mean cross-entropy; without, only the last position's logits (B, 1, V).
+        sequence_id (B, T) integer document ids, non-decreasing along each row (packed documents): with
+        config.attn_uses_sequence_id a token attends only to its own document's tokens; without, it is
+        ignored (as in llm-foundry)."""
         if not idx.is_cuda and idx.numel():
             # checked on CPU only, where it costs nothing; on CUDA a bad id is a device-side assert,
             # so train.py and sample.py check their tokens on the host before they reach the GPU
@@ -307,10 +326,17 @@ class MPT(nn.Module):
             if lo < 0 or hi >= V:
                 raise ValueError(f"token id {hi if hi >= V else lo} is outside the vocabulary [0, {V}): "
                                  f"the data was made with another tokenizer, or vocab_size is too small")
+        if not self.config.attn_uses_sequence_id:
+            sequence_id = None
+        elif sequence_id is not None:
+            if tuple(sequence_id.shape) != tuple(idx.shape):
+                raise ValueError(f"sequence_id must have idx's shape {tuple(idx.shape)}, got {tuple(sequence_id.shape)}")
+            if kv_cache is not None:
+                raise ValueError("sequence_id and kv_cache together are not supported: generate one document")
         x = self.transformer.emb_drop(self.transformer.wte(idx))  # (B, T, C)
         slopes = self.alibi(x.device)
         for i, block in enumerate(self.transformer.blocks):
-            x = block(x, slopes, None if kv_cache is None else kv_cache[i])
+            x = block(x, slopes, None if kv_cache is None else kv_cache[i], sequence_id)
         x = self.transformer.norm_f(x)
         if targets is None:
             x = x[:, [-1], :]  # inference: only the last position's logits are needed
@@ -468,7 +494,7 @@ class MPT(nn.Module):
                             'attn_pdrop': int(cfg.attn_pdrop) if cfg.attn_pdrop == int(cfg.attn_pdrop)
                             else cfg.attn_pdrop, 'attn_type': 'multihead_attention',
                             'clip_qkv': cfg.clip_qkv, 'softmax_scale': cfg.softmax_scale, 'qk_ln': False,
-                            'prefix_lm': False, 'attn_uses_sequence_id': False},
+                            'prefix_lm': False, 'attn_uses_sequence_id': cfg.attn_uses_sequence_id},
         }
 
     def save_hf(self, path):
@@ -640,29 +666,29 @@ _MAX_ROW_STRIDE = 2 ** 24
 # invariant dot operand in registers while sm_90 (wgmma) reads it from shared memory, so the register
 # budget differs per arch. decode=True entries serve only Tq <= 16 (one new token per step: a 64-row
 # tile, the smallest wgmma M, is mostly padding but decode is bound by reading K/V, not by the MMAs),
-# False only longer Tq, None both. tests/test_attention.py compiles every entry with the Triton the GPU
+# False only longer Tq, None both; likewise seq=True/False for kernels with/without sequence ids. tests/test_attention.py compiles every entry with the Triton the GPU
 # machines run and the installed one and fails on register spills, ptxas' "wgmma serialized" advisory,
 # sm_90 kernels without wgmma, sm_90 wgmma with N < 64, and an sm_90 forward without TMA loads.
 # Under the interpreter a single small config keeps the tests fast while lengths like 100 and 257 still
 # span several blocks in both dimensions.
-FWD_KEY = ["HEAD_DIM", "CAUSAL", "tq_bucket", "TMA"]
-DKDV_KEY = ["HEAD_DIM", "CAUSAL", "tq_bucket", "FUSE_DQ", "TMA", "DQ_TMA"]
-DQ_KEY = ["HEAD_DIM", "CAUSAL", "tq_bucket"]
+FWD_KEY = ["HEAD_DIM", "CAUSAL", "HAS_SEQ", "tq_bucket", "TMA"]
+DKDV_KEY = ["HEAD_DIM", "CAUSAL", "HAS_SEQ", "tq_bucket", "FUSE_DQ", "TMA", "DQ_TMA"]
+DQ_KEY = ["HEAD_DIM", "CAUSAL", "HAS_SEQ", "tq_bucket"]
 DECODE_MAX_TQ = 16
 
 
 _TRITON = tuple(int(x) for x in triton.__version__.split(".")[:2])
 
 
-def _tune(block_m, block_n, num_warps, num_stages, archs=(80, 90), max_block_d=128, decode=None, pre_hook=None,
-          tritons=None):
+def _tune(block_m, block_n, num_warps, num_stages, archs=(80, 90), max_block_d=128, decode=None, seq=None,
+          pre_hook=None, tritons=None):
     # tritons: (oldest, newest) (major, minor) Triton versions for an entry that spills with other versions
     # (each version's ptxas allocates registers differently)
     if tritons is not None and not tritons[0] <= _TRITON <= tritons[1]:
         return None
     config = triton.Config({"BLOCK_M": block_m, "BLOCK_N": block_n}, num_warps=num_warps, num_stages=num_stages,
                            pre_hook=pre_hook)
-    return config, archs, max_block_d, decode
+    return config, archs, max_block_d, decode, seq
 
 
 def _set_block_shapes(nargs):
@@ -695,14 +721,17 @@ else:  # BLOCK_M x BLOCK_N = queries x keys in every kernel
     # decode (Tq <= 16): sm_90 a 64-row tile with 128 keys per step, sm_80 the 64x64 tile (smaller ones spill
     # with Triton 3.6 at D = 112)
     FWD_TUNING = [_fwd(128, 128, 8, 3, archs=(90,), decode=False), _fwd(128, 64, 8, 3, archs=(90,), decode=False),
-                  _fwd(128, 64, 8, 2, archs=(80,), max_block_d=64, decode=False), _fwd(64, 64, 4, 3, archs=(80,)),
+                  _fwd(128, 64, 8, 2, archs=(80,), max_block_d=64, decode=False), _fwd(64, 64, 4, 3, archs=(80,), seq=False),
+                  _fwd(64, 32, 4, 3, archs=(80,), seq=True),
                   _fwd(64, 128, 4, 3, archs=(90,), decode=True)]
     # sm_90 at D > 64: K and V are re-read every iteration (see _dkdv_inner) and 2 stages of them overflow
     # shared memory, hence 1 stage. With Triton 3.6 the fused-dQ variant spills 64 bytes at D = 128
-    # (tests/test_attention.py allows exactly that); no spill-free tile with N >= 64 was found there.
+    # (24 with sequence ids; Triton 3.9: 16 with sequence ids, else none): tests/test_attention.py allows exactly
+    # these. No spill-free tile with N >= 64 was found there.
     DKDV_TUNING = [_bwd(64, 128, 8, 1, archs=(90,)), _bwd(64, 64, 4, 2, archs=(90,), max_block_d=64),
                    _bwd(32, 64, 8, 2, archs=(80,)), _bwd(32, 128, 8, 2, archs=(80,), max_block_d=64)]
-    DQ_TUNING = [_tune(128, 64, 8, 2, archs=(90,)), _tune(64, 64, 4, 2, archs=(90,), max_block_d=64),
+    DQ_TUNING = [_tune(128, 64, 8, 2, archs=(90,), seq=False), _tune(128, 64, 8, 1, archs=(90,), seq=True),
+                 _tune(64, 64, 4, 2, archs=(90,), max_block_d=64),
                  _tune(128, 32, 8, 2, archs=(80,)), _tune(128, 64, 8, 3, max_block_d=64)]
     FWD_TUNING, DKDV_TUNING, DQ_TUNING = ([t for t in table if t is not None]
                                           for table in (FWD_TUNING, DKDV_TUNING, DQ_TUNING))
@@ -717,8 +746,8 @@ def _autotune(tuning, key, **kwargs):
     def prune(configs, named_args, **meta):
         arch = _arch(named_args["LSE"].device)
         decode = named_args["tq_bucket"] <= DECODE_MAX_TQ
-        return [c for c, (_, archs, max_d, dec) in zip(configs, tuning)
-                if arch in archs and meta["BLOCK_D"] <= max_d and dec in (None, decode)]
+        return [c for c, (_, archs, max_d, dec, seq) in zip(configs, tuning)
+                if arch in archs and meta["BLOCK_D"] <= max_d and dec in (None, decode) and seq in (None, meta["HAS_SEQ"])]
     return triton.autotune([c for c, *_ in tuning], key=key, prune_configs_by={"early_config_prune": prune}, **kwargs)
 
 
@@ -755,25 +784,50 @@ def _block_ids(n_blocks, REVERSE: tl.constexpr):
 
 
 @triton.jit
-def _key_range(offs_m, start_m, off_shift, Tk, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, CAUSAL: tl.constexpr):
-    # Key blocks that query rows offs_m = [start_m, start_m + BLOCK_M) visit: [0, full_end) need no mask,
-    # [full_end, hi) straddle the diagonal or the end of the keys; keys >= hi are masked for every row.
-    # last_key is the last visible key of each row, min(i_abs, Tk - 1).
+def _row_keys(offs_m, off_shift, Tk, DOC_START, DOC_END, CAUSAL: tl.constexpr, HAS_SEQ: tl.constexpr):
+    # The keys each query row sees, [first_key, row_end): causal, those up to its i_abs; with sequence ids
+    # only those of its own document, [DOC_START, DOC_END) of its position (computed on the host).
+    i_abs = offs_m + off_shift
     if CAUSAL:
-        hi = tl.minimum(start_m + BLOCK_M + off_shift, Tk)  # one past the last row's i_abs
-        full_end = tl.minimum(start_m + off_shift + 1, Tk)  # keys <= the first row's i_abs
-        last_key = tl.minimum(offs_m + off_shift, Tk - 1)
+        row_end = tl.minimum(i_abs + 1, Tk)
     else:
-        hi = Tk
-        full_end = Tk
-        last_key = tl.zeros_like(offs_m) + (Tk - 1)
-    return tl.maximum(full_end, 0) // BLOCK_N * BLOCK_N, tl.maximum(hi, 0), last_key
+        row_end = tl.zeros_like(offs_m) + Tk
+    if HAS_SEQ:  # Tq <= Tk here, so i_abs >= 0; rows past Tq take the last row's document
+        pos = tl.minimum(i_abs, Tk - 1)
+        first_key = tl.load(DOC_START + pos)
+        if not CAUSAL:
+            row_end = tl.load(DOC_END + pos)
+    else:
+        first_key = tl.zeros_like(offs_m)
+    return first_key, row_end
 
 
 @triton.jit
-def _fwd_inner(acc, l_i, m_i, q, K, V, b, hk, stride_kn, stride_vn, lo, hi, Tk, last_key, c, qk_scale, slope2,
-               HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr, MASKED: tl.constexpr,
-               HAS_ALIBI: tl.constexpr, DOT_PREC: tl.constexpr, TMA: tl.constexpr):
+def _key_blocks(first_key, row_end, start_m, off_shift, Tk, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                CAUSAL: tl.constexpr, HAS_SEQ: tl.constexpr):
+    # Key blocks a query block [start_m, start_m + BLOCK_M) visits: [lo, mid) start before some row's
+    # document (masked; only with sequence ids), [mid, full_end) are visible to every row (no mask),
+    # [max(full_end, mid), hi) straddle the diagonal, a document's end or the end of the keys (masked).
+    # Blocks before lo (earlier documents) and from hi on are skipped.
+    if HAS_SEQ:
+        lo = tl.min(first_key, 0) // BLOCK_N * BLOCK_N
+        mid = tl.cdiv(tl.max(first_key, 0), BLOCK_N) * BLOCK_N
+        full_end = tl.min(row_end, 0)
+        hi = tl.max(row_end, 0)
+    else:  # the same bounds in closed form, without reductions over the rows (registers)
+        lo, mid = 0, 0
+        if CAUSAL:
+            full_end = tl.minimum(start_m + off_shift + 1, Tk)  # keys <= the first row's i_abs
+            hi = tl.minimum(start_m + BLOCK_M + off_shift, Tk)  # one past the last row's i_abs
+        else:
+            full_end, hi = Tk, Tk
+    return lo, mid, tl.maximum(full_end, 0) // BLOCK_N * BLOCK_N, tl.maximum(hi, 0)
+
+
+@triton.jit
+def _fwd_inner(acc, l_i, m_i, q, K, V, b, hk, stride_kn, stride_vn, lo, hi, Tk, first_key, row_end, c, qk_scale,
+               slope2, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr, MASKED: tl.constexpr,
+               HAS_ALIBI: tl.constexpr, HAS_SEQ: tl.constexpr, DOT_PREC: tl.constexpr, TMA: tl.constexpr):
     for start_n in range(lo, hi, BLOCK_N):
         # TMA (sm_90): the descriptor zero-fills rows past Tk and columns past HEAD_DIM, no mask needed
         if TMA:
@@ -785,8 +839,11 @@ def _fwd_inner(acc, l_i, m_i, q, K, V, b, hk, stride_kn, stride_vn, lo, hi, Tk, 
         offs_n = start_n + tl.arange(0, BLOCK_N)
         if HAS_ALIBI:
             s += (slope2 * (offs_n - c).to(tl.float32))[None, :]  # shifted frame, see "ALiBi frames"
-        if MASKED:  # diagonal / ragged blocks only; last_key = min(i_abs, Tk - 1) per row
-            s = tl.where(offs_n[None, :] <= last_key[:, None], s, float("-inf"))
+        if MASKED:  # blocks on the diagonal, a document boundary or the end of the keys only
+            visible = offs_n[None, :] < row_end[:, None]
+            if HAS_SEQ:
+                visible = visible & (offs_n[None, :] >= first_key[:, None])
+            s = tl.where(visible, s, float("-inf"))
         # online softmax: rescale what we have so far to the new running max
         m_new = tl.maximum(m_i, tl.max(s, 1))  # (BLOCK_M,)
         p = tl.exp2(s - m_new[:, None])  # (BLOCK_M, BLOCK_N)
@@ -804,12 +861,13 @@ def _fwd_inner(acc, l_i, m_i, q, K, V, b, hk, stride_kn, stride_vn, lo, hi, Tk, 
 
 @_autotune(FWD_TUNING, FWD_KEY)
 @triton.jit(do_not_specialize=["Tk"])  # decoding: Tk grows every step, specializing on it would recompile
-def _attn_fwd(Q, K, V, O, LSE, SLOPES, qk_scale,
+def _attn_fwd(Q, K, V, O, LSE, SLOPES, DOC_START, DOC_END, qk_scale,
               stride_qb, stride_qh, stride_qm, stride_kb, stride_kh, stride_kn,
               stride_vb, stride_vh, stride_vn, stride_ob, stride_oh, stride_om,
               H, G, Tq, Tk, tq_bucket,
               HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, CAUSAL: tl.constexpr, HAS_ALIBI: tl.constexpr,
-              DOT_PREC: tl.constexpr, TMA: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+              HAS_SEQ: tl.constexpr, DOT_PREC: tl.constexpr, TMA: tl.constexpr, BLOCK_M: tl.constexpr,
+              BLOCK_N: tl.constexpr):
     # Q, K, V, O are pointers, or with TMA host-side tensor descriptors over the (B, H, T, D) views
     bh, pid_m = _block_ids(tl.cdiv(Tq, BLOCK_M), CAUSAL)
     b, h = bh // H, bh % H
@@ -833,11 +891,20 @@ def _attn_fwd(Q, K, V, O, LSE, SLOPES, qk_scale,
     m_i = tl.zeros([BLOCK_M], dtype=tl.float32) - 1.0e30
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
     acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
-    full_end, hi, last_key = _key_range(offs_m, start_m, off_shift, Tk, BLOCK_M, BLOCK_N, CAUSAL)
-    acc, l_i, m_i = _fwd_inner(acc, l_i, m_i, q, K, V, b, hk, stride_kn, stride_vn, 0, full_end, Tk, last_key,
-                               c, qk_scale, slope2, HEAD_DIM, BLOCK_D, BLOCK_N, False, HAS_ALIBI, DOT_PREC, TMA)
-    acc, l_i, m_i = _fwd_inner(acc, l_i, m_i, q, K, V, b, hk, stride_kn, stride_vn, full_end, hi, Tk, last_key,
-                               c, qk_scale, slope2, HEAD_DIM, BLOCK_D, BLOCK_N, True, HAS_ALIBI, DOT_PREC, TMA)
+    first_key, row_end = _row_keys(offs_m, off_shift, Tk, DOC_START + b.to(tl.int64) * Tk,
+                                   DOC_END + b.to(tl.int64) * Tk, CAUSAL, HAS_SEQ)
+    lo, mid, full_end, hi = _key_blocks(first_key, row_end, start_m, off_shift, Tk, BLOCK_M, BLOCK_N, CAUSAL,
+                                        HAS_SEQ)
+    if HAS_SEQ:
+        acc, l_i, m_i = _fwd_inner(acc, l_i, m_i, q, K, V, b, hk, stride_kn, stride_vn, lo, tl.minimum(mid, hi), Tk,
+                                   first_key, row_end, c, qk_scale, slope2, HEAD_DIM, BLOCK_D, BLOCK_N, True,
+                                   HAS_ALIBI, HAS_SEQ, DOT_PREC, TMA)
+    acc, l_i, m_i = _fwd_inner(acc, l_i, m_i, q, K, V, b, hk, stride_kn, stride_vn, mid, full_end, Tk, first_key,
+                               row_end, c, qk_scale, slope2, HEAD_DIM, BLOCK_D, BLOCK_N, False, HAS_ALIBI, HAS_SEQ,
+                               DOT_PREC, TMA)
+    acc, l_i, m_i = _fwd_inner(acc, l_i, m_i, q, K, V, b, hk, stride_kn, stride_vn, tl.maximum(full_end, mid), hi,
+                               Tk, first_key, row_end, c, qk_scale, slope2, HEAD_DIM, BLOCK_D, BLOCK_N, True,
+                               HAS_ALIBI, HAS_SEQ, DOT_PREC, TMA)
 
     empty = l_i == 0.0  # fully-masked rows: output 0, LSE +inf (so the backward's exp2(s - lse) is 0)
     l_i = tl.where(empty, 1.0, l_i)
@@ -869,11 +936,11 @@ def _bwd_preprocess(O, DO, DELTA, stride_ob, stride_oh, stride_om, stride_dob, s
 
 
 @triton.jit
-def _dkdv_inner(dk, dv, k, v, K, V, hk, Q, DO, DQ, LSE, DELTA, SLOPES, b, stride_qh, stride_qm, stride_doh, stride_dom,
+def _dkdv_inner(dk, dv, k, v, K, V, hk, Q, DO, DQ, LSE, DELTA, SLOPES, DOC_START, DOC_END, b, stride_qh, stride_qm, stride_doh, stride_dom,
                 stride_dqh, stride_dqm, Tq, Tk, h0, n_heads, lo, n_blocks, start_n, off_shift, qk_scale, sm_scale,
                 HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-                MASKED: tl.constexpr, CAUSAL: tl.constexpr, HAS_ALIBI: tl.constexpr, DOT_PREC: tl.constexpr,
-                FUSE_DQ: tl.constexpr, TMA: tl.constexpr, DQ_TMA: tl.constexpr):
+                MASKED: tl.constexpr, CAUSAL: tl.constexpr, HAS_ALIBI: tl.constexpr, HAS_SEQ: tl.constexpr,
+                DOT_PREC: tl.constexpr, FUSE_DQ: tl.constexpr, TMA: tl.constexpr, DQ_TMA: tl.constexpr):
     # Query blocks [lo, lo + n_blocks * BLOCK_M) of query heads h0 .. h0 + n_heads - 1, as one flat loop: a
     # nested loop over heads lets the compiler hoist both stages' invariants above it, costing registers.
     # Works transposed, (keys, queries), so that dV += P^T dO and dK += dS^T Q need no transposes; the
@@ -907,7 +974,11 @@ def _dkdv_inner(dk, dv, k, v, K, V, hk, Q, DO, DQ, LSE, DELTA, SLOPES, b, stride
             lse += slope2 * (offs_m + off_shift - start_n).to(tl.float32)
         p_t = tl.exp2(s_t - lse[None, :])
         if MASKED:  # causal diagonal blocks, or (not causal) the last key block when it is ragged
-            if CAUSAL:
+            if HAS_SEQ:  # every block, see _attn_bwd_dkdv
+                first_key, row_end = _row_keys(offs_m, off_shift, Tk, DOC_START, DOC_END, CAUSAL, HAS_SEQ)
+                p_t = tl.where((offs_n[:, None] >= first_key[None, :]) & (offs_n[:, None] < row_end[None, :]),
+                               p_t, 0.0)
+            elif CAUSAL:
                 p_t = tl.where(offs_n[:, None] <= offs_m[None, :] + off_shift, p_t, 0.0)
             else:
                 p_t = tl.where(offs_n[:, None] < Tk, p_t, 0.0)
@@ -928,13 +999,13 @@ def _dkdv_inner(dk, dv, k, v, K, V, hk, Q, DO, DQ, LSE, DELTA, SLOPES, b, stride
 
 @_autotune(DKDV_TUNING, DKDV_KEY)
 @triton.jit
-def _attn_bwd_dkdv(Q, K, V, DO, LSE, DELTA, DK, DV, DQ, SLOPES, qk_scale, sm_scale,
+def _attn_bwd_dkdv(Q, K, V, DO, LSE, DELTA, DK, DV, DQ, SLOPES, DOC_START, DOC_END, qk_scale, sm_scale,
                    stride_qb, stride_qh, stride_qm, stride_kb, stride_kh, stride_kn, stride_vb, stride_vh, stride_vn,
                    stride_dob, stride_doh, stride_dom, stride_dkb, stride_dkh, stride_dkn,
                    stride_dqb, stride_dqh, stride_dqm, H, G, Tq, Tk, tq_bucket,
                    HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, CAUSAL: tl.constexpr, HAS_ALIBI: tl.constexpr,
-                   DOT_PREC: tl.constexpr, FUSE_DQ: tl.constexpr, TMA: tl.constexpr, DQ_TMA: tl.constexpr,
-                   BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+                   HAS_SEQ: tl.constexpr, DOT_PREC: tl.constexpr, FUSE_DQ: tl.constexpr, TMA: tl.constexpr,
+                   DQ_TMA: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
     # One program per (batch, kv head, key block), covering the G query heads that share the kv head:
     # every dK/dV row has a single owner, so GQA needs no atomics for them. DK and DV share strides.
     # With TMA (sm_90) the tensors are host-side descriptors: no pointer tiles to hold in registers.
@@ -959,22 +1030,34 @@ def _attn_bwd_dkdv(Q, K, V, DO, LSE, DELTA, DK, DV, DQ, SLOPES, qk_scale, sm_sca
     # Query rows with i_abs < start_n see none of these keys (skipped); rows before `mid` have i_abs below
     # the block's last key (masked stage); all later rows see every key of the block (no mask). Without
     # the causal mask only a ragged last key block needs a mask (keys past Tk would reach dQ).
+    # With sequence ids only the rows of the documents these keys belong to are visited (the rest see
+    # none of them), all with the mask (a simplification: blocks inside one document would not need it).
+    DOC_START += b.to(tl.int64) * Tk
+    DOC_END += b.to(tl.int64) * Tk
+    n_full = 1
     if CAUSAL:
         lo = tl.maximum(start_n - off_shift, 0) // BLOCK_M * BLOCK_M
         mid = tl.cdiv(tl.minimum(tl.maximum(start_n + BLOCK_N - 1 - off_shift, 0), Tq), BLOCK_M) * BLOCK_M
     else:
         lo = 0
         mid = tl.where(start_n + BLOCK_N > Tk, tl.cdiv(Tq, BLOCK_M) * BLOCK_M, 0)
+    if HAS_SEQ:  # rows of later documents than the block's last key's see none of it
+        rows_end = tl.load(DOC_END + tl.minimum(start_n + BLOCK_N, Tk) - 1) - off_shift
+        if not CAUSAL:  # nor rows of earlier documents than its first key's
+            lo = tl.maximum(tl.load(DOC_START + start_n) - off_shift, 0) // BLOCK_M * BLOCK_M
+        mid = tl.cdiv(tl.minimum(tl.maximum(rows_end, 0), Tq), BLOCK_M) * BLOCK_M
+        n_full = 0
     LSE += b.to(tl.int64) * H * Tq
     DELTA += b.to(tl.int64) * H * Tq
-    dk, dv = _dkdv_inner(dk, dv, k, v, K, V, hk, Q, DO, DQ, LSE, DELTA, SLOPES, b, stride_qh, stride_qm, stride_doh, stride_dom,
+    dk, dv = _dkdv_inner(dk, dv, k, v, K, V, hk, Q, DO, DQ, LSE, DELTA, SLOPES, DOC_START, DOC_END, b, stride_qh, stride_qm, stride_doh, stride_dom,
                          stride_dqh, stride_dqm, Tq, Tk, hk * G, G, lo, (mid - lo) // BLOCK_M, start_n, off_shift,
-                         qk_scale, sm_scale, HEAD_DIM, BLOCK_D, BLOCK_M, BLOCK_N, True, CAUSAL, HAS_ALIBI, DOT_PREC,
-                         FUSE_DQ, TMA, DQ_TMA)
-    dk, dv = _dkdv_inner(dk, dv, k, v, K, V, hk, Q, DO, DQ, LSE, DELTA, SLOPES, b, stride_qh, stride_qm, stride_doh, stride_dom,
-                         stride_dqh, stride_dqm, Tq, Tk, hk * G, G, mid, tl.cdiv(tl.maximum(Tq - mid, 0), BLOCK_M),
-                         start_n, off_shift, qk_scale, sm_scale, HEAD_DIM, BLOCK_D, BLOCK_M, BLOCK_N, False, CAUSAL,
-                         HAS_ALIBI, DOT_PREC, FUSE_DQ, TMA, DQ_TMA)
+                         qk_scale, sm_scale, HEAD_DIM, BLOCK_D, BLOCK_M, BLOCK_N, True, CAUSAL, HAS_ALIBI, HAS_SEQ,
+                         DOT_PREC, FUSE_DQ, TMA, DQ_TMA)
+    dk, dv = _dkdv_inner(dk, dv, k, v, K, V, hk, Q, DO, DQ, LSE, DELTA, SLOPES, DOC_START, DOC_END, b, stride_qh, stride_qm, stride_doh, stride_dom,
+                         stride_dqh, stride_dqm, Tq, Tk, hk * G, G, mid,
+                         n_full * tl.cdiv(tl.maximum(Tq - mid, 0), BLOCK_M), start_n, off_shift, qk_scale, sm_scale,
+                         HEAD_DIM, BLOCK_D, BLOCK_M, BLOCK_N, False, CAUSAL, HAS_ALIBI, HAS_SEQ, DOT_PREC, FUSE_DQ,
+                         TMA, DQ_TMA)
     if TMA:  # rows past Tk are clipped
         dk = (dk * sm_scale).to(DK.dtype)  # d(score)/dk = scale * q
         dv = dv.to(DV.dtype)
@@ -990,9 +1073,9 @@ def _attn_bwd_dkdv(Q, K, V, DO, LSE, DELTA, DK, DV, DQ, SLOPES, qk_scale, sm_sca
 
 
 @triton.jit
-def _dq_inner(dq, q, do, lse, delta, K, V, stride_kn, stride_vn, lo, hi, Tk, last_key, c, qk_scale, slope2,
-              HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr, MASKED: tl.constexpr,
-              HAS_ALIBI: tl.constexpr, DOT_PREC: tl.constexpr):
+def _dq_inner(dq, q, do, lse, delta, K, V, stride_kn, stride_vn, lo, hi, Tk, first_key, row_end, c, qk_scale,
+              slope2, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr, MASKED: tl.constexpr,
+              HAS_ALIBI: tl.constexpr, HAS_SEQ: tl.constexpr, DOT_PREC: tl.constexpr):
     for start_n in range(lo, hi, BLOCK_N):
         offs_n = start_n + tl.arange(0, BLOCK_N)
         k_ptrs, kv_mask = _tile(K, start_n, Tk, stride_kn, BLOCK_N, BLOCK_D, HEAD_DIM)
@@ -1003,7 +1086,10 @@ def _dq_inner(dq, q, do, lse, delta, K, V, stride_kn, stride_vn, lo, hi, Tk, las
         if HAS_ALIBI:
             s += (slope2 * (offs_n - c).to(tl.float32))[None, :]
         if MASKED:  # keys past Tk are masked here too: they would feed dQ through ds * k
-            s = tl.where(offs_n[None, :] <= last_key[:, None], s, float("-inf"))
+            visible = offs_n[None, :] < row_end[:, None]
+            if HAS_SEQ:
+                visible = visible & (offs_n[None, :] >= first_key[:, None])
+            s = tl.where(visible, s, float("-inf"))
         p = tl.exp2(s - lse[:, None])  # (BLOCK_M, BLOCK_N)
         dp = tl.dot(do, tl.trans(v), input_precision=DOT_PREC)  # (BLOCK_M, BLOCK_N)
         ds = p * (dp - delta[:, None])
@@ -1013,12 +1099,12 @@ def _dq_inner(dq, q, do, lse, delta, K, V, stride_kn, stride_vn, lo, hi, Tk, las
 
 @_autotune(DQ_TUNING, DQ_KEY)
 @triton.jit
-def _attn_bwd_dq(Q, K, V, DO, LSE, DELTA, DQ, SLOPES, qk_scale, sm_scale,
+def _attn_bwd_dq(Q, K, V, DO, LSE, DELTA, DQ, SLOPES, DOC_START, DOC_END, qk_scale, sm_scale,
                  stride_qb, stride_qh, stride_qm, stride_kb, stride_kh, stride_kn, stride_vb, stride_vh, stride_vn,
                  stride_dob, stride_doh, stride_dom, stride_dqb, stride_dqh, stride_dqm,
                  H, G, Tq, Tk, tq_bucket,
                  HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, CAUSAL: tl.constexpr, HAS_ALIBI: tl.constexpr,
-                 DOT_PREC: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+                 HAS_SEQ: tl.constexpr, DOT_PREC: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
     # deterministic=True only: one program per (batch, query head, query block), walking the same key
     # blocks as the forward, so each dQ element is summed in one fixed order
     bh, pid_m = _block_ids(tl.cdiv(Tq, BLOCK_M), CAUSAL)
@@ -1038,11 +1124,16 @@ def _attn_bwd_dq(Q, K, V, DO, LSE, DELTA, DQ, SLOPES, qk_scale, sm_scale,
     K += b * stride_kb + (h // G) * stride_kh
     V += b * stride_vb + (h // G) * stride_vh
     dq = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
-    full_end, hi, last_key = _key_range(offs_m, start_m, off_shift, Tk, BLOCK_M, BLOCK_N, CAUSAL)
-    dq = _dq_inner(dq, q, do, lse, delta, K, V, stride_kn, stride_vn, 0, full_end, Tk, last_key, c,
-                   qk_scale, slope2, HEAD_DIM, BLOCK_D, BLOCK_N, False, HAS_ALIBI, DOT_PREC)
-    dq = _dq_inner(dq, q, do, lse, delta, K, V, stride_kn, stride_vn, full_end, hi, Tk, last_key, c,
-                   qk_scale, slope2, HEAD_DIM, BLOCK_D, BLOCK_N, True, HAS_ALIBI, DOT_PREC)
+    first_key, row_end = _row_keys(offs_m, off_shift, Tk, DOC_START + b * Tk, DOC_END + b * Tk, CAUSAL, HAS_SEQ)
+    lo, mid, full_end, hi = _key_blocks(first_key, row_end, start_m, off_shift, Tk, BLOCK_M, BLOCK_N, CAUSAL,
+                                        HAS_SEQ)
+    if HAS_SEQ:
+        dq = _dq_inner(dq, q, do, lse, delta, K, V, stride_kn, stride_vn, lo, tl.minimum(mid, hi), Tk, first_key,
+                       row_end, c, qk_scale, slope2, HEAD_DIM, BLOCK_D, BLOCK_N, True, HAS_ALIBI, HAS_SEQ, DOT_PREC)
+    dq = _dq_inner(dq, q, do, lse, delta, K, V, stride_kn, stride_vn, mid, full_end, Tk, first_key, row_end, c,
+                   qk_scale, slope2, HEAD_DIM, BLOCK_D, BLOCK_N, False, HAS_ALIBI, HAS_SEQ, DOT_PREC)
+    dq = _dq_inner(dq, q, do, lse, delta, K, V, stride_kn, stride_vn, tl.maximum(full_end, mid), hi, Tk, first_key,
+                   row_end, c, qk_scale, slope2, HEAD_DIM, BLOCK_D, BLOCK_N, True, HAS_ALIBI, HAS_SEQ, DOT_PREC)
     dq_ptrs, _ = _tile(DQ + b * stride_dqb + h * stride_dqh, start_m, Tq, stride_dqm, BLOCK_M, BLOCK_D, HEAD_DIM)
     tl.store(dq_ptrs, (dq * sm_scale).to(q.dtype), mask=io_mask)
 
@@ -1108,33 +1199,43 @@ def _descriptor(x, block_d):
     return TensorDescriptor(x, list(x.shape), list(x.stride()), [1, 1, 16, block_d])
 
 
-def _attn_forward(q, k, v, slopes, causal, sm_scale):
+def _doc_bounds(sequence_id, like):
+    """(B, Tk) non-decreasing document ids -> where each position's document starts and ends, (B, Tk) int32
+    each, or two placeholders (never read) without ids."""
+    if sequence_id is None:
+        return like, like
+    ids = sequence_id.to(device=like.device).contiguous()
+    return (torch.searchsorted(ids, ids, out_int32=True), torch.searchsorted(ids, ids, right=True, out_int32=True))
+
+
+def _attn_forward(q, k, v, slopes, causal, sm_scale, sequence_id=None):
     B, H, Tq, D = q.shape
     H_kv, Tk = k.shape[1], k.shape[2]
     o = _empty_bhtd(B, H, Tq, D, q)
     lse = torch.empty(B, H, Tq, device=q.device, dtype=torch.float32)  # base-2, true ALiBi frame
-    meta = _meta(D, causal, slopes, q.dtype)
+    meta = _meta(D, causal, slopes, q.dtype, sequence_id)
     tma = _use_tma(q, k, v, o)
     tiles = [_descriptor(x, meta["BLOCK_D"]) for x in (q, k, v, o)] if tma else [q, k, v, o]
     grid = lambda META: (triton.cdiv(Tq, META["BLOCK_M"]) * B * H,)
-    _attn_fwd[grid](*tiles, lse, slopes if slopes is not None else q, sm_scale * LOG2E,
+    _attn_fwd[grid](*tiles, lse, slopes if slopes is not None else q, *_doc_bounds(sequence_id, lse), sm_scale * LOG2E,
                     *q.stride()[:3], *k.stride()[:3], *v.stride()[:3], *o.stride()[:3],
                     H, H // H_kv, Tq, Tk, _bucket(Tq), TMA=tma, **meta)
     return o, lse
 
 
-def _attn_backward(do, q, k, v, o, lse, slopes, causal, sm_scale, deterministic):
+def _attn_backward(do, q, k, v, o, lse, slopes, causal, sm_scale, deterministic, sequence_id=None):
     B, H, Tq, D = q.shape
     H_kv, Tk = k.shape[1], k.shape[2]
-    meta = _meta(D, causal, slopes, q.dtype)
+    meta = _meta(D, causal, slopes, q.dtype, sequence_id)
     delta = torch.empty_like(lse)
     pre_block = 32 if _INTERPRET else 128
     _bwd_preprocess[(triton.cdiv(Tq, pre_block) * B * H,)](o, do, delta, *o.stride()[:3], *do.stride()[:3], H, Tq,
                                                            HEAD_DIM=D, BLOCK_D=meta["BLOCK_D"], BLOCK_M=pre_block)
+    docs = _doc_bounds(sequence_id, lse)
     dk, dv = _empty_bhtd(B, H_kv, Tk, D, q), _empty_bhtd(B, H_kv, Tk, D, q)
     # dQ: fp32 atomics in the dK/dV kernel (zeroed here), or the separate dQ kernel when deterministic
     dq_acc = lse.new_zeros(1) if deterministic else _empty_bhtd(B, H, Tq, D, lse)  # zeroed by _dkdv_pre_hook
-    args = (slopes if slopes is not None else q, sm_scale * LOG2E, sm_scale,
+    args = (slopes if slopes is not None else q, *docs, sm_scale * LOG2E, sm_scale,
             *q.stride()[:3], *k.stride()[:3], *v.stride()[:3], *do.stride()[:3])
     tail = (H, H // H_kv, Tq, Tk, _bucket(Tq))
     dq_strides = (0, 0, 0) if deterministic else dq_acc.stride()[:3]
@@ -1162,9 +1263,10 @@ def _empty_bhtd(B, H, T, D, like):
     return torch.empty(B, T, H, D, device=like.device, dtype=like.dtype).transpose(1, 2)
 
 
-def _meta(D, causal, slopes, dtype):
+def _meta(D, causal, slopes, dtype, sequence_id=None):
     return dict(HEAD_DIM=D, BLOCK_D=max(16, triton.next_power_of_2(D)), CAUSAL=bool(causal),
-                HAS_ALIBI=slopes is not None, DOT_PREC="ieee" if dtype == torch.float32 else "tf32")
+                HAS_ALIBI=slopes is not None, HAS_SEQ=sequence_id is not None,
+                DOT_PREC="ieee" if dtype == torch.float32 else "tf32")
 
 
 # torch.compile: the kernels are custom ops (opaque to the compiler, which sees their fake versions: the
@@ -1177,15 +1279,16 @@ def _on_device(q):
 
 @torch.library.custom_op("mpt::flash_attn_alibi_fwd", mutates_args=())
 def _flash_fwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, slopes: Optional[torch.Tensor], causal: bool,
-               sm_scale: float, deterministic: bool) -> tuple[torch.Tensor, torch.Tensor]:
+               sm_scale: float, deterministic: bool, sequence_id: Optional[torch.Tensor]
+               ) -> tuple[torch.Tensor, torch.Tensor]:
     # deterministic only matters to the backward; it is an input here so that autograd can keep it
     q, k, v = (_kernel_layout(x) for x in (q, k, v))
     with _on_device(q):
-        return _attn_forward(q, k, v, slopes, causal, sm_scale)
+        return _attn_forward(q, k, v, slopes, causal, sm_scale, sequence_id)
 
 
 @_flash_fwd.register_fake
-def _(q, k, v, slopes, causal, sm_scale, deterministic):
+def _(q, k, v, slopes, causal, sm_scale, deterministic, sequence_id):
     B, H, Tq, D = q.shape
     return _empty_bhtd(B, H, Tq, D, q), q.new_empty(B, H, Tq, dtype=torch.float32)
 
@@ -1193,34 +1296,53 @@ def _(q, k, v, slopes, causal, sm_scale, deterministic):
 @torch.library.custom_op("mpt::flash_attn_alibi_bwd", mutates_args=())
 def _flash_bwd(do: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, o: torch.Tensor,
                lse: torch.Tensor, slopes: Optional[torch.Tensor], causal: bool, sm_scale: float,
-               deterministic: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+               deterministic: bool, sequence_id: Optional[torch.Tensor]
+               ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     do, q, k, v = (_kernel_layout(x) for x in (do, q, k, v))
     with _on_device(q):
-        return _attn_backward(do, q, k, v, o, lse, slopes, causal, sm_scale, deterministic)
+        return _attn_backward(do, q, k, v, o, lse, slopes, causal, sm_scale, deterministic, sequence_id)
 
 
 @_flash_bwd.register_fake
-def _(do, q, k, v, o, lse, slopes, causal, sm_scale, deterministic):
+def _(do, q, k, v, o, lse, slopes, causal, sm_scale, deterministic, sequence_id):
     (B, H, Tq, D), (H_kv, Tk) = q.shape, k.shape[1:3]
     return _empty_bhtd(B, H, Tq, D, q), _empty_bhtd(B, H_kv, Tk, D, q), _empty_bhtd(B, H_kv, Tk, D, q)
 
 
 def _flash_setup_context(ctx, inputs, output):
-    q, k, v, slopes, causal, sm_scale, deterministic = inputs
-    ctx.save_for_backward(q, k, v, output[0], output[1], slopes)
+    q, k, v, slopes, causal, sm_scale, deterministic, sequence_id = inputs
+    ctx.save_for_backward(q, k, v, output[0], output[1], slopes, sequence_id)
     ctx.causal, ctx.sm_scale, ctx.deterministic = causal, sm_scale, deterministic
 
 
 def _flash_backward(ctx, do, _dlse):
-    q, k, v, o, lse, slopes = ctx.saved_tensors
-    dq, dk, dv = _flash_bwd(do, q, k, v, o, lse, slopes, ctx.causal, ctx.sm_scale, ctx.deterministic)
-    return dq, dk, dv, None, None, None, None
+    q, k, v, o, lse, slopes, sequence_id = ctx.saved_tensors
+    dq, dk, dv = _flash_bwd(do, q, k, v, o, lse, slopes, ctx.causal, ctx.sm_scale, ctx.deterministic, sequence_id)
+    return dq, dk, dv, None, None, None, None, None
 
 
 _flash_fwd.register_autograd(_flash_backward, setup_context=_flash_setup_context)
 
 
-def flash_attn_alibi(q, k, v, alibi_slopes=None, causal=True, softmax_scale=None, deterministic=False):
+def _check_sequence_id(sequence_id, q, k):
+    (B, _, Tq, _), Tk = q.shape, k.shape[2]
+    if tuple(sequence_id.shape) != (B, Tk):
+        raise ValueError(f"flash_attn_alibi: sequence_id must have shape (batch, keys) = ({B}, {Tk}), "
+                         f"got {tuple(sequence_id.shape)}")
+    if sequence_id.dtype.is_floating_point or sequence_id.dtype == torch.bool:
+        raise ValueError(f"flash_attn_alibi: sequence_id must be an integer tensor, got {sequence_id.dtype}")
+    if Tq > Tk:
+        raise ValueError(f"flash_attn_alibi: with sequence_id the queries are the last Tq of the Tk keys: "
+                         f"Tq = {Tq} > Tk = {Tk}")
+    # checked where it costs nothing (a CPU tensor, not while tracing); on CUDA it would be a device sync
+    if sequence_id.device.type == 'cpu' and not torch.compiler.is_compiling() and Tk > 1 and \
+            bool((sequence_id[:, 1:] < sequence_id[:, :-1]).any()):
+        raise ValueError("flash_attn_alibi: sequence_id must be non-decreasing along each row (packed "
+                         "documents, one id per document)")
+
+
+def flash_attn_alibi(q, k, v, alibi_slopes=None, causal=True, softmax_scale=None, deterministic=False,
+                     sequence_id=None):
     """Attention with ALiBi, as torch SDPA plus a bias slope_h * (j - i_abs), in Triton.
     q: (B, H, Tq, D); k, v: (B, H_kv, Tk, D) with H % H_kv == 0; any strides (last dim contiguous
     avoids a copy). fp16/bf16 on CUDA (fp32 too under TRITON_INTERPRET=1); D <= 128.
@@ -1228,8 +1350,12 @@ def flash_attn_alibi(q, k, v, alibi_slopes=None, causal=True, softmax_scale=None
     a view of (B, Tq, H, D) memory. deterministic=True computes dQ in a separate kernel with a fixed
     summation order (bitwise-repeatable gradients, about 7/5 of the backward's GEMM work); the default
     accumulates dQ with fp32 atomics in the dK/dV kernel, whose order varies from run to run (by fp32
-    rounding only). torch.compile traces through it without a graph break (custom ops)."""
+    rounding only). sequence_id: (B, Tk) integer document ids of the keys, non-decreasing along each row
+    (packed documents); a query (the last Tq positions) attends only to keys of its own document, and key
+    blocks wholly outside it are skipped. torch.compile traces through it without a graph break (custom ops)."""
     _check_inputs(q, k, v, alibi_slopes)
+    if sequence_id is not None:
+        _check_sequence_id(sequence_id, q, k)
     slopes = None if alibi_slopes is None else alibi_slopes.to(device=q.device, dtype=torch.float32).contiguous()
     sm_scale = softmax_scale if softmax_scale is not None else 1.0 / math.sqrt(q.shape[-1])
-    return _flash_fwd(q, k, v, slopes, bool(causal), float(sm_scale), bool(deterministic))[0]
+    return _flash_fwd(q, k, v, slopes, bool(causal), float(sm_scale), bool(deterministic), sequence_id)[0]

@@ -42,9 +42,10 @@ def require_kernels():
                     "first `import triton` of the test session (tests/conftest.py)")
 
 
-def reference_attention(q, k, v, slopes, causal, scale):
+def reference_attention(q, k, v, slopes, causal, scale, sequence_id=None):
     """The same math written out plainly in float64: explicit scores, bias slope * (j - i_abs) with
-    i_abs = i + Tk - Tq, bottom-right causal mask, softmax, and zeros for rows that see no key."""
+    i_abs = i + Tk - Tq, bottom-right causal mask, softmax, and zeros for rows that see no key. With
+    sequence_id (B, Tk), a block-diagonal mask: query i sees key j only if ids[i_abs] == ids[j]."""
     q, k, v = q.double(), k.double(), v.double()
     H, Tq, Tk = q.shape[1], q.shape[2], k.shape[2]
     k = k.repeat_interleave(H // k.shape[1], dim=1)
@@ -55,6 +56,9 @@ def reference_attention(q, k, v, slopes, causal, scale):
     if slopes is not None:
         scores = scores + slopes.double().view(1, H, 1, 1) * (j - i_abs)
     visible = j <= i_abs if causal else torch.ones(Tq, Tk, dtype=torch.bool)
+    if sequence_id is not None:
+        ids = sequence_id.cpu()
+        visible = visible & (ids[:, Tk - Tq:, None] == ids[:, None, :])[:, None]  # (B, 1, Tq, Tk)
     empty = ~visible.any(dim=-1, keepdim=True)
     scores = scores.masked_fill(~visible, float("-inf")).masked_fill(empty, 0.0)
     probs = torch.softmax(scores, dim=-1).masked_fill(empty, 0.0)
@@ -93,19 +97,22 @@ def make_inputs(B, H, H_kv, Tq, Tk, D, dtype, layout, gen):
 TOL = {torch.float32: 1e-5, torch.float16: 3e-3, torch.bfloat16: 3e-2}
 
 
-def check_attention(B, H, H_kv, Tq, Tk, D, causal, alibi, layout, dtype, seed=0, deterministic=False):
+def check_attention(B, H, H_kv, Tq, Tk, D, causal, alibi, layout, dtype, seed=0, deterministic=False,
+                    sequence_id=None):
     require_kernels()
     gen = torch.Generator().manual_seed(seed)
     leaves, split = make_inputs(B, H, H_kv, Tq, Tk, D, dtype, layout, gen)
     slopes = alibi_slopes(H).to(DEVICE) if alibi else None
-    out = fa.flash_attn_alibi(*split(*leaves), alibi_slopes=slopes, causal=causal, deterministic=deterministic)
+    out = fa.flash_attn_alibi(*split(*leaves), alibi_slopes=slopes, causal=causal, deterministic=deterministic,
+                              sequence_id=sequence_id)
     assert out.shape == (B, H, Tq, D) and out.dtype == dtype
     assert out.transpose(1, 2).is_contiguous()  # (B, Tq, H, D) memory: the model's reshape is free
     dout = torch.randn(out.shape, generator=gen).to(DEVICE, dtype)
     out.backward(dout)
 
     leaves64 = [x.detach().cpu().double().requires_grad_() for x in leaves]
-    ref = reference_attention(*split(*leaves64), slopes.cpu() if alibi else None, causal, 1 / math.sqrt(D))
+    ref = reference_attention(*split(*leaves64), slopes.cpu() if alibi else None, causal, 1 / math.sqrt(D),
+                              sequence_id)
     ref.backward(dout.cpu().double())
     for name, got, want in [("out", out, ref)] + [(f"grad{i}", x.grad, y.grad)
                                                    for i, (x, y) in enumerate(zip(leaves, leaves64))]:
@@ -266,6 +273,54 @@ def test_grid_takes_more_than_65535_heads(monkeypatch):
         assert grid[0] < 2 ** 31
 
 
+def _packed_ids(B, T, doc_lengths, gen):
+    """(B, T) document ids: row 0 packs doc_lengths (the last one filling the rest), other rows random ones."""
+    rows = []
+    for r in range(B):
+        lengths = doc_lengths if r == 0 else torch.randint(1, 40, (T,), generator=gen).tolist()
+        ids = torch.repeat_interleave(torch.arange(len(lengths)), torch.tensor(lengths))[:T]
+        rows.append(torch.cat([ids, ids.new_full((T - len(ids),), len(lengths))]) + 3 * r)
+    return torch.stack(rows)
+
+
+# Packed documents (sequence_id): several documents inside one 16/32-row block (lengths 1, 2, 3, 5), one
+# spanning several blocks (60), Tq < Tk (the ids are the keys'), GQA, ALiBi on and off, causal or not,
+# both backward paths, the sm_90 (descriptor) path
+SEQ_CASES = [
+    # B, H, H_kv, Tq, Tk, D, causal, alibi, layout, deterministic, tma
+    (2, 2, 2, 100, 100, 32, True, True, "fused", False, False),
+    (1, 4, 2, 100, 100, 16, True, False, "bhtd", False, False),
+    (1, 2, 1, 37, 100, 32, True, True, "fused", False, False),
+    (2, 2, 2, 100, 100, 32, False, True, "bhtd", False, False),
+    (1, 2, 2, 100, 100, 32, True, True, "bhtd", True, False),
+    (1, 2, 1, 37, 100, 32, False, True, "bhtd", True, False),
+    (2, 2, 2, 100, 100, 32, True, True, "fused", False, True),
+]
+
+
+@pytest.mark.parametrize("case", SEQ_CASES, ids=lambda c: _id(c[:9]) + ("-deterministic" if c[9] else "")
+                         + ("-tma" if c[10] else ""))
+def test_attention_sequence_id(case, monkeypatch):
+    *shape, deterministic, tma = case
+    if tma and DEVICE != "cpu":
+        pytest.skip("on a GPU the architecture picks the path")
+    monkeypatch.setattr(fa, "INTERPRET_TMA", tma)
+    B, Tk = shape[0], shape[4]
+    ids = _packed_ids(B, Tk, [1, 2, 3, 5, 60, 2], torch.Generator().manual_seed(1)).to(DEVICE)
+    check_attention(*shape, dtype=DTYPE, deterministic=deterministic, sequence_id=ids)
+
+
+def test_sequence_id_errors():
+    require_kernels()
+    q = torch.zeros(1, 2, 8, 16, device=DEVICE, dtype=DTYPE)
+    for ids, msg in [(torch.zeros(1, 7, dtype=torch.long), "shape"), (torch.zeros(1, 8), "integer"),
+                     (torch.tensor([[0, 0, 1, 1, 0, 2, 2, 2]]), "non-decreasing")]:
+        with pytest.raises(ValueError, match=msg):
+            fa.flash_attn_alibi(q, q, q, sequence_id=ids.to(DEVICE) if DEVICE == "cpu" else ids)
+    with pytest.raises(ValueError, match="Tq = 8 > Tk = 4"):
+        fa.flash_attn_alibi(q, q[:, :, :4], q[:, :, :4], sequence_id=torch.zeros(1, 4, dtype=torch.long))
+
+
 def test_empty_inputs():
     # no queries, or no keys at all (every row fully masked): zeros and finite grads, nothing launched badly
     require_kernels()
@@ -317,34 +372,40 @@ def test_input_errors():
 
 AOT_ARCHS = (80, 90)
 SMEM_LIMIT = {80: 166912, 90: 232448}
-# The one known spill: Triton 3.6's ptxas spills 64 bytes in the sm_90 dK/dV kernel with fused dQ at
-# D > 64 (64x128 tiles, 8 warps; 0 with Triton 3.9). (triton major.minor, kernel, config, fused) -> bytes
-ALLOWED_SPILL = {("3.6", "_attn_bwd_dkdv", "64x128 w8 s1", True): 64}  # bytes of shared memory one block may use: A100 163 KB, H100 227 KB
+# The known spills, all in the sm_90 dK/dV kernel with fused dQ at D > 64 (64x128 tiles, 8 warps; no tile
+# with wgmma N >= 64 that avoids them was found): Triton 3.6's ptxas spills 64 bytes (24 with sequence ids),
+# Triton 3.9's 16 bytes with sequence ids only. Any other spill, or a bigger one, fails.
+# (triton major.minor, kernel, config, fused dQ, sequence ids) -> bytes
+ALLOWED_SPILL = {("3.6", "_attn_bwd_dkdv", "64x128 w8 s1", True, False): 64,
+                 ("3.6", "_attn_bwd_dkdv", "64x128 w8 s1", True, True): 24,
+                 ("3.9", "_attn_bwd_dkdv", "64x128 w8 s1", True, True): 16}
 AOT_TRITON = os.environ.get("AOT_TRITON", "3.6.0")  # what the H100/H200 machines run (with torch 2.11)
 AOT_CACHE = Path(os.environ.get("AOT_CACHE", Path.home() / ".cache" / "mpt-aot"))
 
 
 def _aot_jobs(full=False):
-    """(kernel, config index, arch, dtype, head dim, causal, variant). variant is TMA for the forward
-    (sm_90 takes descriptors) and FUSE_DQ for dK/dV (True: atomics, the default; False: deterministic).
-    By default each config is built at the largest head dim it serves (bf16, causal, the default variant:
-    the most registers) and once more in fp16 at a padded head dim (masked loads, not causal, the dK/dV
-    kernel's deterministic variant); AOT_FULL=1 builds D in {64, 80, 112, 128} x dtypes x causal x variants."""
+    """(kernel, config index, arch, dtype, head dim, causal, variant, sequence ids). variant is TMA for the
+    forward (sm_90 takes descriptors) and FUSE_DQ for dK/dV (True: atomics, the default; False:
+    deterministic). By default each config is built at the largest head dim it serves (bf16, causal, the
+    default variant: the most registers), with sequence ids (packed documents) at that head dim too, and
+    once more in fp16 at a padded head dim (masked loads, not causal, the dK/dV kernel's deterministic
+    variant); AOT_FULL=1 builds D in {64, 80, 112, 128} x dtypes x causal x variants x sequence ids."""
     jobs = []
     tables = {"_attn_fwd": fa.FWD_TUNING, "_attn_bwd_dkdv": fa.DKDV_TUNING, "_attn_bwd_dq": fa.DQ_TUNING}
     for name, tuning in tables.items():
-        for idx, (_, archs, max_block_d, _decode) in enumerate(tuning):
+        for idx, (_, archs, max_block_d, _decode, only_seq) in enumerate(tuning):
             dims = [d for d in (64, 80, 112, 128) if triton.next_power_of_2(d) <= max_block_d]
             for cap in archs:
                 default = cap >= 90 if name == "_attn_fwd" else True
                 variants = {"_attn_fwd": [default], "_attn_bwd_dkdv": [True, False]}.get(name, [None])
+                seqs = [False, True] if only_seq is None else [only_seq]
                 if full:
-                    jobs += [(name, idx, cap, dt, d, c, var) for dt in ("fp16", "bf16") for d in dims
-                             for c in (True, False) for var in variants]
+                    jobs += [(name, idx, cap, dt, d, c, var, seq) for dt in ("fp16", "bf16") for d in dims
+                             for c in (True, False) for var in variants for seq in seqs]
                 else:
-                    jobs += [(name, idx, cap, "bf16", dims[-1], True, variants[0]),
-                             (name, idx, cap, "fp16", dims[-2:][0], False, variants[-1])]
-    jobs += [("_bwd_preprocess", None, cap, "bf16", 128, True, None) for cap in AOT_ARCHS]
+                    jobs += [(name, idx, cap, "bf16", dims[-1], True, variants[0], seq) for seq in seqs]
+                    jobs += [(name, idx, cap, "fp16", dims[-2:][0], False, variants[-1], seqs[0])]
+    jobs += [("_bwd_preprocess", None, cap, "bf16", 128, True, None, False) for cap in AOT_ARCHS]
     only = os.environ.get("AOT_ONLY")  # e.g. AOT_ONLY=_attn_bwd_dkdv while tuning one kernel's table
     return [job for job in jobs if job[0] == only] if only else jobs
 
@@ -358,8 +419,8 @@ def _aot_compile(job):
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
 
-    name, idx, cap, dt, head_dim, causal, variant = job
-    meta = fa._meta(head_dim, causal, slopes=True, dtype=None)  # HEAD_DIM, BLOCK_D, CAUSAL, HAS_ALIBI, ...
+    name, idx, cap, dt, head_dim, causal, variant, seq = job
+    meta = fa._meta(head_dim, causal, slopes=True, dtype=None, sequence_id=True if seq else None)
     if name == "_bwd_preprocess":  # launched as in _attn_backward, with Triton's default warps/stages
         fn, options = fa._bwd_preprocess, dict(num_warps=4, num_stages=3)
         meta = dict(HEAD_DIM=head_dim, BLOCK_D=meta["BLOCK_D"], BLOCK_M=128)
@@ -384,6 +445,8 @@ def _aot_compile(job):
             signature[p.name] = f"tensordesc<{'fp32' if p.name == 'DQ' else dt}[1,1,{rows},{meta['BLOCK_D']}]>"
         elif p.name in ("LSE", "DELTA", "SLOPES") or (p.name == "DQ" and name == "_attn_bwd_dkdv"):
             signature[p.name], attrs[(i,)] = "*fp32", [["tt.divisibility", 16]]
+        elif p.name in ("DOC_START", "DOC_END"):
+            signature[p.name], attrs[(i,)] = "*i32", [["tt.divisibility", 16]]
         elif p.name in ("Q", "K", "V", "O", "DO", "DQ", "DK", "DV"):
             signature[p.name] = "*" + dt
             attrs[(i,)] = [["tt.divisibility", 16]]
@@ -460,10 +523,10 @@ def test_aot_compile():
     assert len(versions) == len(tritons) and AOT_TRITON in versions, versions
     assert len(results) == sum(n_jobs.values())
     print(f"\n{'kernel':15s} {'config':15s} {'arch':5s} {'dtype':5s} {'D':>3s} {'causal':6s} {'variant':7s} "
-          f"{'triton':7s} {'regs':>4s} {'smem':>6s} {'spill':>5s} wgmma-N  tma  seconds")
-    for r in sorted(results, key=lambda r: (r["job"][:3], r["triton"], r["job"][3:5])):
-        name, _, cap, dt, d, causal, variant = r["job"]
-        print(f"{name:15s} {r['config']:15s} sm_{cap} {dt:5s} {d:3d} {str(causal):6s} {str(variant):7s} "
+          f"{'seq':5s} {'triton':7s} {'regs':>4s} {'smem':>6s} {'spill':>5s} wgmma-N  tma  seconds")
+    for r in sorted(results, key=lambda r: (r["job"][:3], r["triton"], r["job"][3:5], r["job"][7])):
+        name, _, cap, dt, d, causal, variant, seq = r["job"]
+        print(f"{name:15s} {r['config']:15s} sm_{cap} {dt:5s} {d:3d} {str(causal):6s} {str(variant):7s} {str(seq):5s} "
               f"{r['triton']:7s} {r['regs']:4d} {r['smem']:6d} {r['spill']:5d} "
               f"{','.join(map(str, r['wgmma_n'])) or '-':8s} {r['tma_loads']:3d}  {r['seconds']}"
               + ("  SERIALIZED" if r["serialized"] else ""))
@@ -471,7 +534,7 @@ def test_aot_compile():
     sm90 = [r for r in results if r["job"][2] >= 90 and r["job"][0] != "_bwd_preprocess"]
     failures = {
         "register spills": [r for r in results if r["spill"] > ALLOWED_SPILL.get(
-            (r["triton"].rsplit(".", 1)[0], r["job"][0], r["config"], r["job"][6]), 0)],
+            (r["triton"].rsplit(".", 1)[0], r["job"][0], r["config"], r["job"][6], r["job"][7]), 0)],
         "shared memory over the arch's limit": [r for r in results if r["smem"] > SMEM_LIMIT[r["job"][2]]],
         "ptxas: wgmma serialized": [r for r in results if r["serialized"]],
         "sm_90 kernel without wgmma (HGMMA)": [r for r in sm90 if not r["hgmma"]],
@@ -497,9 +560,10 @@ def _aot_worker(index, n_workers, full):
                 fa._arch = lambda device, cap=cap: cap
                 for block_d in (16, 32, 64, 128):
                     for tq_bucket in (1, 16, 32, 4096):
-                        args = {"LSE": torch.empty(0), "tq_bucket": tq_bucket}
-                        assert kernel.early_config_prune(kernel.configs, args, BLOCK_D=block_d), \
-                            (kernel.fn.__name__, cap, block_d, tq_bucket)
+                        for seq in (False, True):
+                            args = {"LSE": torch.empty(0), "tq_bucket": tq_bucket}
+                            assert kernel.early_config_prune(kernel.configs, args, BLOCK_D=block_d, HAS_SEQ=seq), \
+                                (kernel.fn.__name__, cap, block_d, tq_bucket, seq)
     # without the interpreter the module must refuse CPU tensors with a useful message
     with pytest.raises(ValueError, match="attn_impl='torch'"):
         fa.flash_attn_alibi(*(torch.zeros(1, 1, 4, 16) for _ in range(3)))
@@ -594,3 +658,31 @@ def test_decoding_does_not_retune(monkeypatch):
     for t in (100, 128, 200, 256):  # prefill: Tq = Tk, one key per power of two
         fa.flash_attn_alibi(k[:, :, :t], k[:, :, :t], k[:, :, :t])
     assert len(set(keys)) == 1 + 2
+
+
+@pytest.mark.filterwarnings("ignore:All-NaN slice")  # the first document's rows, under the interpreter
+def test_sequence_id_skips_earlier_documents():
+    # Two documents, 128 and 64 tokens (block-aligned for every tile size). The first one's keys and values
+    # are NaN: the second document's outputs and gradients can only be finite (and right) if no block of the
+    # first document is ever loaded for it, i.e. its key blocks are skipped, not merely masked.
+    require_kernels()
+    B, H, D, T, split = 1, 2, 32, 192, 128
+    gen = torch.Generator().manual_seed(0)
+    q, k, v = (torch.randn(B, H, T, D, generator=gen).to(DEVICE, DTYPE) for _ in range(3))
+    k[:, :, :split] = float("nan")
+    v[:, :, :split] = float("nan")
+    ids = torch.tensor([[0] * split + [1] * (T - split)], device=DEVICE)
+    slopes = alibi_slopes(H).to(DEVICE)
+    for deterministic in (False, True):
+        leaves = [x.clone().requires_grad_() for x in (q, k, v)]
+        out = fa.flash_attn_alibi(*leaves, alibi_slopes=slopes, sequence_id=ids, deterministic=deterministic)
+        dout = torch.randn(out.shape, generator=gen).to(DEVICE, DTYPE)
+        dout[:, :, :split] = 0
+        out.backward(dout)
+        tail = [x.detach()[:, :, split:].cpu().double().requires_grad_() for x in (q, k, v)]
+        ref = reference_attention(*tail, slopes.cpu(), True, 1 / math.sqrt(D))
+        ref.backward(dout[:, :, split:].cpu().double())
+        for got, want in [(out, ref)] + [(x.grad, y.grad) for x, y in zip(leaves, tail)]:
+            got = got.detach()[:, :, split:].cpu().double()
+            assert torch.isfinite(got).all()
+            assert (got - want).abs().max().item() <= TOL[DTYPE] * max(1.0, want.abs().max().item())

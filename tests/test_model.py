@@ -304,3 +304,76 @@ def test_token_outside_vocabulary():
     model = MPT(tiny())
     with pytest.raises(ValueError, match="outside the vocabulary"):
         model(torch.tensor([[1, 2, 97]]))
+
+
+# ---- packed documents (attn_uses_sequence_id) ---------------------------------
+
+@pytest.mark.parametrize("impl", ["torch", "triton"])
+def test_sequence_id_keeps_documents_apart(impl):
+    # three documents packed in one row of 32 tokens (ids non-decreasing), grouped-query attention. With
+    # attn_uses_sequence_id a document's logits do not depend on the other documents' tokens, and equal those
+    # of the document run alone (ALiBi sees only distances, so its position in the pack does not matter).
+    import model as model_module
+    if impl == 'triton' and not model_module._INTERPRET and not torch.cuda.is_available():
+        pytest.skip("the Triton kernel needs a GPU or TRITON_INTERPRET=1 (tests/conftest.py)")
+    device = 'cuda' if impl == 'triton' and not model_module._INTERPRET else 'cpu'
+    dtype = torch.float32 if device == 'cpu' else torch.bfloat16
+    tol = 1e-5 if dtype == torch.float32 else 3e-2
+    torch.manual_seed(0)
+    model = MPT(tiny(attn_impl=impl, attn_uses_sequence_id=True, kv_n_heads=3)).to(device, dtype).eval()
+    gen = torch.Generator().manual_seed(1)
+    lengths = [5, 11, 16]
+    starts = [0, 5, 16]
+    ids = torch.repeat_interleave(torch.arange(3), torch.tensor(lengths)).view(1, 32).repeat(2, 1).to(device)
+    idx = torch.randint(0, 97, (2, 32), generator=gen).to(device)
+    targets = torch.zeros_like(idx)  # any: asks for every position's logits
+    with torch.no_grad():
+        logits, _ = model(idx, targets, sequence_id=ids)
+        changed = idx.clone()
+        changed[:, 5:16] = torch.randint(0, 97, (2, 11), generator=gen).to(device)
+        logits_changed, _ = model(changed, targets, sequence_id=ids)
+        alone = [model(idx[:, s:s + n].contiguous(), targets[:, s:s + n].contiguous())[0]
+                 for s, n in zip(starts, lengths)]
+    close = lambda a, b: (a.float() - b.float()).abs().max().item() <= tol * max(1.0, b.float().abs().max().item())
+    assert close(logits_changed[:, :5], logits[:, :5]) and close(logits_changed[:, 16:], logits[:, 16:])
+    assert not close(logits_changed[:, 5:16], logits[:, 5:16])  # the changed document itself does change
+    for (s, n), a in zip(zip(starts, lengths), alone):
+        assert close(logits[:, s:s + n], a)
+
+
+def test_sequence_id_off_changes_nothing():
+    # attn_uses_sequence_id=False (the default): sequence_id is ignored, attention crosses documents
+    torch.manual_seed(0)
+    model = MPT(tiny()).eval()
+    idx = torch.randint(0, 97, (2, 32), generator=torch.Generator().manual_seed(1))
+    ids = torch.repeat_interleave(torch.arange(2), torch.tensor([10, 22])).view(1, 32).repeat(2, 1)
+    with torch.no_grad():
+        plain, _ = model(idx, idx)
+        with_ids, _ = model(idx, idx, sequence_id=ids)
+        second_alone, _ = model(idx[:, 10:].contiguous(), idx[:, 10:].contiguous())
+    assert torch.equal(plain, with_ids)
+    assert not torch.allclose(plain[:, 10:], second_alone, atol=1e-4)  # the second document sees the first
+
+
+def test_sequence_id_torch_attention_matches_kernel_reference():
+    # torch_attention's block-diagonal mask against explicit per-document attention (Tq < Tk, GQA)
+    gen = torch.Generator().manual_seed(0)
+    q = torch.randn(2, 4, 6, 8, generator=gen, dtype=torch.float64)
+    k, v = (torch.randn(2, 2, 14, 8, generator=gen, dtype=torch.float64) for _ in range(2))
+    ids = torch.tensor([[0, 0, 0, 1, 1, 1, 1, 1, 1, 2, 2, 2, 2, 2], [0] * 10 + [1] * 4])
+    slopes = alibi_slopes(4).double()
+    got = torch_attention(q, k, v, slopes, sequence_id=ids)
+    for b in range(2):
+        for i in range(6):  # query i is position 8 + i
+            pos = 8 + i
+            keys = [j for j in range(pos + 1) if ids[b, j] == ids[b, pos]]
+            kk, vv = k[b].repeat_interleave(2, 0)[:, keys], v[b].repeat_interleave(2, 0)[:, keys]
+            s = (q[b, :, i:i + 1] @ kk.transpose(1, 2)) / math.sqrt(8) + slopes.view(4, 1, 1) * (
+                torch.tensor(keys, dtype=torch.float64) - pos)
+            want = torch.softmax(s, dim=-1) @ vv
+            assert torch.allclose(got[b, :, i:i + 1], want, atol=1e-12)
+
+
+def test_sequence_id_with_flash_is_a_clear_error():
+    with pytest.raises(ValueError, match="attn_uses_sequence_id=True needs attn_impl='triton' or 'torch'"):
+        check_attention(tiny(attn_impl='flash', attn_uses_sequence_id=True), 'cuda', torch.bfloat16)
