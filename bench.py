@@ -222,8 +222,9 @@ def attention_impls(slopes, T, dtype):
     impls = {}
     if cuda or os.environ.get('TRITON_INTERPRET') == '1':
         impls['ours (triton)'] = lambda q, k, v: flash_attn_alibi(q, k, v, slopes)
+        impls['ours (triton, deterministic)'] = lambda q, k, v: flash_attn_alibi(q, k, v, slopes, deterministic=True)
     else:
-        impls['ours (triton)'] = 'needs CUDA'
+        impls['ours (triton)'] = impls['ours (triton, deterministic)'] = 'needs CUDA'
     try:
         import flash_attn  # noqa: F401
         from model import flash_package_attention

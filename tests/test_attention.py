@@ -602,7 +602,8 @@ def test_model_with_triton_matches_torch(kv_n_heads):
         assert (grads[name] - g).abs().max() <= tol * max(1.0, g.abs().max()), name
 
 
-def test_compiled_block_has_no_graph_break():
+@pytest.mark.parametrize("packed", [False, True], ids=["one-document", "sequence-id"])
+def test_compiled_block_has_no_graph_break(packed):
     # the kernels are custom ops with fake versions and a registered autograd: torch.compile sees one graph
     # per block (fullgraph=True raises on any graph break). On the CPU the 'aot_eager' backend traces
     # exactly what Inductor would (Dynamo, then AOTAutograd through the fake ops) without spending ~20 s on
@@ -611,22 +612,24 @@ def test_compiled_block_has_no_graph_break():
     import torch._dynamo
 
     from model import Block, MPTConfig
-    config = MPTConfig(vocab_size=61, d_model=64, n_heads=4, kv_n_heads=2, n_layers=1, attn_impl='triton')
+    config = MPTConfig(vocab_size=61, d_model=64, n_heads=4, kv_n_heads=2, n_layers=1, attn_impl='triton',
+                       attn_uses_sequence_id=packed)
     torch.manual_seed(0)
     block = Block(config).to(DEVICE, DTYPE)
     x = torch.randn(2, 37, 64, device=DEVICE, dtype=DTYPE, requires_grad=True)
     slopes = alibi_slopes(4).to(DEVICE)
+    ids = torch.tensor([0] * 10 + [1] * 20 + [2] * 7, device=DEVICE).repeat(2, 1) if packed else None
     results = []
     for compiled in (False, True):
         torch._dynamo.reset()
         fn = torch.compile(block, fullgraph=True, backend="inductor" if DEVICE == "cuda" else "aot_eager") \
             if compiled else block
-        y = fn(x, slopes)
+        y = fn(x, slopes, None, ids)
         y.backward(torch.ones_like(y))
         results.append([y.detach()] + [t.grad.clone() for t in (x, *block.parameters())])
         for t in (x, *block.parameters()):
             t.grad = None
-    explained = torch._dynamo.explain(block)(x, slopes)
+    explained = torch._dynamo.explain(block)(x, slopes, None, ids)
     assert explained.graph_count == 1 and explained.graph_break_count == 0
     tol = TOL[DTYPE]
     for eager, compiled in zip(*results):
