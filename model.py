@@ -330,7 +330,8 @@ class MPT(nn.Module):
             sequence_id = None
         elif sequence_id is not None:
             if tuple(sequence_id.shape) != tuple(idx.shape):
-                raise ValueError(f"sequence_id must have idx's shape {tuple(idx.shape)}, got {tuple(sequence_id.shape)}")
+                raise ValueError(f"sequence_id must have idx's shape {tuple(idx.shape)}, "
+                                 f"got {tuple(sequence_id.shape)}")
             if kv_cache is not None:
                 raise ValueError("sequence_id and kv_cache together are not supported: generate one document")
         x = self.transformer.emb_drop(self.transformer.wte(idx))  # (B, T, C)
@@ -653,7 +654,7 @@ LOG2E = 1.4426950408889634  # exp(x) == exp2(x * LOG2E)
 # Triton reads TRITON_INTERPRET when @triton.jit runs (for tl.zeros & co. at `import triton`), not at launch:
 # CPU runs need it set before triton is first imported. Snapshot it with the kernels' own decoration.
 _INTERPRET = bool(triton.knobs.runtime.interpret)
-# Under the interpreter the forward takes the pointer path unless a test sets this to run the sm_90 path
+# Under the interpreter the kernels take the pointer path unless a test sets this to run the sm_90 path
 # (host-side tensor descriptors) on the CPU.
 INTERPRET_TMA = False
 # Row strides at or above this are copied to contiguous memory first: offsets inside a block stay int32
@@ -662,12 +663,13 @@ _MAX_ROW_STRIDE = 2 ** 24
 
 # Autotuning, keyed on head dim, causal, a power-of-two bucket of Tq (not Tk: while decoding with a KV
 # cache Tk grows by one each step and would retune at every power of two), and the kernel variant.
-# Entries are (config, archs, largest padded head dim BLOCK_D, decode): sm_80 (mma.sync) holds the
+# Entries are (config, archs, largest padded head dim BLOCK_D, decode, seq): sm_80 (mma.sync) holds the
 # invariant dot operand in registers while sm_90 (wgmma) reads it from shared memory, so the register
 # budget differs per arch. decode=True entries serve only Tq <= 16 (one new token per step: a 64-row
 # tile, the smallest wgmma M, is mostly padding but decode is bound by reading K/V, not by the MMAs),
-# False only longer Tq, None both; likewise seq=True/False for kernels with/without sequence ids. tests/test_attention.py compiles every entry with the Triton the GPU
-# machines run and the installed one and fails on register spills, ptxas' "wgmma serialized" advisory,
+# False only longer Tq, None both; likewise seq=True/False for the kernels with/without sequence ids.
+# tests/test_attention.py compiles every entry with the Triton the GPU machines run and the installed
+# one and fails on register spills, ptxas' "wgmma serialized" advisory, shared memory over the limit,
 # sm_90 kernels without wgmma, sm_90 wgmma with N < 64, and an sm_90 forward without TMA loads.
 # Under the interpreter a single small config keeps the tests fast while lengths like 100 and 257 still
 # span several blocks in both dimensions.
@@ -677,15 +679,8 @@ DQ_KEY = ["HEAD_DIM", "CAUSAL", "HAS_SEQ", "tq_bucket"]
 DECODE_MAX_TQ = 16
 
 
-_TRITON = tuple(int(x) for x in triton.__version__.split(".")[:2])
-
-
 def _tune(block_m, block_n, num_warps, num_stages, archs=(80, 90), max_block_d=128, decode=None, seq=None,
-          pre_hook=None, tritons=None):
-    # tritons: (oldest, newest) (major, minor) Triton versions for an entry that spills with other versions
-    # (each version's ptxas allocates registers differently)
-    if tritons is not None and not tritons[0] <= _TRITON <= tritons[1]:
-        return None
+          pre_hook=None):
     config = triton.Config({"BLOCK_M": block_m, "BLOCK_N": block_n}, num_warps=num_warps, num_stages=num_stages,
                            pre_hook=pre_hook)
     return config, archs, max_block_d, decode, seq
@@ -721,20 +716,18 @@ else:  # BLOCK_M x BLOCK_N = queries x keys in every kernel
     # decode (Tq <= 16): sm_90 a 64-row tile with 128 keys per step, sm_80 the 64x64 tile (smaller ones spill
     # with Triton 3.6 at D = 112)
     FWD_TUNING = [_fwd(128, 128, 8, 3, archs=(90,), decode=False), _fwd(128, 64, 8, 3, archs=(90,), decode=False),
-                  _fwd(128, 64, 8, 2, archs=(80,), max_block_d=64, decode=False), _fwd(64, 64, 4, 3, archs=(80,), seq=False),
-                  _fwd(64, 32, 4, 3, archs=(80,), seq=True),
-                  _fwd(64, 128, 4, 3, archs=(90,), decode=True)]
+                  _fwd(64, 128, 4, 3, archs=(90,), decode=True),
+                  _fwd(128, 64, 8, 2, archs=(80,), max_block_d=64, decode=False),
+                  _fwd(64, 64, 4, 3, archs=(80,), seq=False), _fwd(64, 32, 4, 3, archs=(80,), seq=True)]
     # sm_90 at D > 64: K and V are re-read every iteration (see _dkdv_inner) and 2 stages of them overflow
-    # shared memory, hence 1 stage. With Triton 3.6 the fused-dQ variant spills 64 bytes at D = 128
-    # (24 with sequence ids; Triton 3.9: 16 with sequence ids, else none): tests/test_attention.py allows exactly
-    # these. No spill-free tile with N >= 64 was found there.
+    # shared memory, hence 1 stage. With Triton 3.6 the fused-dQ variant spills 64 bytes at D = 128 (24
+    # with sequence ids; Triton 3.9: 16 with sequence ids, else none): tests/test_attention.py allows
+    # exactly these. No spill-free tile with N >= 64 was found there.
     DKDV_TUNING = [_bwd(64, 128, 8, 1, archs=(90,)), _bwd(64, 64, 4, 2, archs=(90,), max_block_d=64),
                    _bwd(32, 64, 8, 2, archs=(80,)), _bwd(32, 128, 8, 2, archs=(80,), max_block_d=64)]
     DQ_TUNING = [_tune(128, 64, 8, 2, archs=(90,), seq=False), _tune(128, 64, 8, 1, archs=(90,), seq=True),
                  _tune(64, 64, 4, 2, archs=(90,), max_block_d=64),
                  _tune(128, 32, 8, 2, archs=(80,)), _tune(128, 64, 8, 3, max_block_d=64)]
-    FWD_TUNING, DKDV_TUNING, DQ_TUNING = ([t for t in table if t is not None]
-                                          for table in (FWD_TUNING, DKDV_TUNING, DQ_TUNING))
 
 
 @functools.lru_cache
@@ -747,7 +740,8 @@ def _autotune(tuning, key, **kwargs):
         arch = _arch(named_args["LSE"].device)
         decode = named_args["tq_bucket"] <= DECODE_MAX_TQ
         return [c for c, (_, archs, max_d, dec, seq) in zip(configs, tuning)
-                if arch in archs and meta["BLOCK_D"] <= max_d and dec in (None, decode) and seq in (None, meta["HAS_SEQ"])]
+                if arch in archs and meta["BLOCK_D"] <= max_d and dec in (None, decode)
+                and seq in (None, meta["HAS_SEQ"])]
     return triton.autotune([c for c, *_ in tuning], key=key, prune_configs_by={"early_config_prune": prune}, **kwargs)
 
 
@@ -936,7 +930,8 @@ def _bwd_preprocess(O, DO, DELTA, stride_ob, stride_oh, stride_om, stride_dob, s
 
 
 @triton.jit
-def _dkdv_inner(dk, dv, k, v, K, V, hk, Q, DO, DQ, LSE, DELTA, SLOPES, DOC_START, DOC_END, b, stride_qh, stride_qm, stride_doh, stride_dom,
+def _dkdv_inner(dk, dv, k, v, K, V, hk, Q, DO, DQ, LSE, DELTA, SLOPES, DOC_START, DOC_END, b,
+                stride_qh, stride_qm, stride_doh, stride_dom,
                 stride_dqh, stride_dqm, Tq, Tk, h0, n_heads, lo, n_blocks, start_n, off_shift, qk_scale, sm_scale,
                 HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
                 MASKED: tl.constexpr, CAUSAL: tl.constexpr, HAS_ALIBI: tl.constexpr, HAS_SEQ: tl.constexpr,
@@ -1049,11 +1044,13 @@ def _attn_bwd_dkdv(Q, K, V, DO, LSE, DELTA, DK, DV, DQ, SLOPES, DOC_START, DOC_E
         n_full = 0
     LSE += b.to(tl.int64) * H * Tq
     DELTA += b.to(tl.int64) * H * Tq
-    dk, dv = _dkdv_inner(dk, dv, k, v, K, V, hk, Q, DO, DQ, LSE, DELTA, SLOPES, DOC_START, DOC_END, b, stride_qh, stride_qm, stride_doh, stride_dom,
+    dk, dv = _dkdv_inner(dk, dv, k, v, K, V, hk, Q, DO, DQ, LSE, DELTA, SLOPES, DOC_START, DOC_END, b,
+                         stride_qh, stride_qm, stride_doh, stride_dom,
                          stride_dqh, stride_dqm, Tq, Tk, hk * G, G, lo, (mid - lo) // BLOCK_M, start_n, off_shift,
                          qk_scale, sm_scale, HEAD_DIM, BLOCK_D, BLOCK_M, BLOCK_N, True, CAUSAL, HAS_ALIBI, HAS_SEQ,
                          DOT_PREC, FUSE_DQ, TMA, DQ_TMA)
-    dk, dv = _dkdv_inner(dk, dv, k, v, K, V, hk, Q, DO, DQ, LSE, DELTA, SLOPES, DOC_START, DOC_END, b, stride_qh, stride_qm, stride_doh, stride_dom,
+    dk, dv = _dkdv_inner(dk, dv, k, v, K, V, hk, Q, DO, DQ, LSE, DELTA, SLOPES, DOC_START, DOC_END, b,
+                         stride_qh, stride_qm, stride_doh, stride_dom,
                          stride_dqh, stride_dqm, Tq, Tk, hk * G, G, mid,
                          n_full * tl.cdiv(tl.maximum(Tq - mid, 0), BLOCK_M), start_n, off_shift, qk_scale, sm_scale,
                          HEAD_DIM, BLOCK_D, BLOCK_M, BLOCK_N, False, CAUSAL, HAS_ALIBI, HAS_SEQ, DOT_PREC, FUSE_DQ,
