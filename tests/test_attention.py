@@ -573,9 +573,10 @@ if __name__ == "__main__" and sys.argv[1:2] == ["--aot"]:
     _aot_worker(int(sys.argv[2]), int(sys.argv[3]), sys.argv[4] == "1")
 
 
-@pytest.mark.parametrize("kv_n_heads", [None, 3])
-def test_model_with_triton_matches_torch(kv_n_heads):
+@pytest.mark.parametrize("kv_n_heads,deterministic", [(None, False), (3, False), (3, True)])
+def test_model_with_triton_matches_torch(kv_n_heads, deterministic):
     # the whole model: attn_impl='triton' against the 'torch' reference, logits and every gradient
+    # (attn_deterministic picks the backward with the separate dQ kernel)
     require_kernels()
     from dataclasses import replace
 
@@ -584,7 +585,7 @@ def test_model_with_triton_matches_torch(kv_n_heads):
                        clip_qkv=2.0, attn_impl='torch')
     torch.manual_seed(0)
     reference = MPT(config)
-    ours = MPT(replace(config, attn_impl='triton'))
+    ours = MPT(replace(config, attn_impl='triton', attn_deterministic=deterministic))
     ours.load_state_dict(reference.state_dict())
     idx = torch.randint(0, 61, (2, 37), generator=torch.Generator().manual_seed(1))
     targets = torch.randint(0, 61, (2, 37), generator=torch.Generator().manual_seed(2))
