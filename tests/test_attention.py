@@ -9,6 +9,7 @@ import json
 import math
 import os
 import re
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -490,11 +491,15 @@ def _aot_triton_path():
         return None
     target = AOT_CACHE / f"triton-{AOT_TRITON}"
     if not (target / "triton" / "__init__.py").is_file():
-        tmp = Path(tempfile.mkdtemp(dir=AOT_CACHE.mkdir(parents=True, exist_ok=True) or AOT_CACHE))
+        AOT_CACHE.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(dir=AOT_CACHE))
         r = subprocess.run([sys.executable, "-m", "pip", "install", "-q", "--no-deps", "--target", str(tmp),
                             f"triton=={AOT_TRITON}"], capture_output=True, text=True)
         assert r.returncode == 0, f"pip install triton=={AOT_TRITON} failed (network?):\n{r.stderr[-2000:]}"
-        tmp.rename(target)  # atomic: a half-finished install is never taken for a whole one
+        try:
+            tmp.rename(target)  # atomic: a half-finished install is never taken for a whole one
+        except OSError:  # another process got there first
+            shutil.rmtree(tmp, ignore_errors=True)
     return target
 
 
