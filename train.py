@@ -268,15 +268,25 @@ def read_masks(split, ids, seq_len):
     return np.stack([masks[f][s:s + seq_len + 1] for f, s in zip(files, starts)])
 
 
-def to_device(rows, device, masks=None):
-    """Inputs and targets on the device; from pinned memory the copies are asynchronous. With loss masks,
-    targets the mask leaves out (prompt tokens) become -1, which the loss ignores."""
+def document_ids(tokens, eot_token):
+    """(B, T) ids of the packed documents that tokens (B, T) belong to, for attn_uses_sequence_id: a document
+    ends with its end-of-text token (prepare.py's layout), so a token's id counts the end-of-texts before it.
+    (llm.c's shards put the end-of-text before each document instead: it then closes the previous one.)"""
+    ends = tokens == eot_token
+    return np.cumsum(ends, axis=1) - ends
+
+
+def to_device(rows, device, masks=None, eot_token=None):
+    """Inputs and targets on the device, and with eot_token the inputs' document ids (x, y[, sequence_id]);
+    from pinned memory the copies are asynchronous. With loss masks, targets the mask leaves out (prompt
+    tokens) become -1, which the loss ignores."""
     x, y = torch.from_numpy(rows[:, :-1].copy()), torch.from_numpy(rows[:, 1:].copy())
     if masks is not None:
         y[torch.from_numpy(masks[:, 1:] == 0)] = -1
+    out = (x, y) if eot_token is None else (x, y, torch.from_numpy(document_ids(rows[:, :-1], eot_token)))
     if device.type == 'cuda':
-        return x.pin_memory().to(device, non_blocking=True), y.pin_memory().to(device, non_blocking=True)
-    return x, y
+        return tuple(t.pin_memory().to(device, non_blocking=True) for t in out)
+    return out
 
 
 # -----------------------------------------------------------------------------
@@ -593,7 +603,7 @@ def _local(t):
 
 def train_step(model, exp_avgs, batches, lr, peak_lr, weight_decay, beta1, beta2, grad_clip, stop=0.0,
                healthy=None, loss_tokens=None):
-    """One optimizer step on this rank's micro-batches [(x, y), ...]. Gradients are reduce-scattered
+    """One optimizer step on this rank's micro-batches [(x, y[, sequence_id]), ...]. Gradients are reduce-scattered
     (averaged over ranks) only after the last micro-batch, clipped by their global norm, then Lion
     updates each rank's shards, unless the mean loss or the gradient norm is not finite (or healthy, a
     0-dim bool tensor, is False): then nothing changes (lion_step's ok). stop: this rank's request to end
@@ -605,9 +615,9 @@ def train_step(model, exp_avgs, batches, lr, peak_lr, weight_decay, beta1, beta2
     their mean, each counted token weighing the same whichever micro-batch holds it, and a micro-batch with
     none adds nothing (a mean over it would be 0/0)."""
     loss_sum = 0.0
-    for i, (x, y) in enumerate(batches):
+    for i, (x, y, *sequence_id) in enumerate(batches):
         model.set_requires_gradient_sync(i == len(batches) - 1)
-        logits, loss = model(x, y)
+        logits, loss = model(x, y, *sequence_id)
         if loss_tokens is not None:  # scaled so that the mean over micro-batches and ranks below is the token mean
             loss = F.cross_entropy(logits.float().flatten(0, 1), y.flatten(), ignore_index=-1, reduction='sum') \
                 * (len(batches) * dist.get_world_size() / max(loss_tokens, 1))
@@ -633,7 +643,7 @@ def train_step(model, exp_avgs, batches, lr, peak_lr, weight_decay, beta1, beta2
 
 
 @torch.no_grad()
-def evaluate(model, split, batches, seq_len, vocab_size, device):
+def evaluate(model, split, batches, seq_len, vocab_size, device, eot_token=None):
     """Mean loss over a fixed list of micro-batches (window ids), batch j on rank j % world_size. Every
     rank runs the same number of forwards (each all-gathers weights), padding with batches weighted 0.
     With loss masks, the mean over the counted targets."""
@@ -643,8 +653,9 @@ def evaluate(model, split, batches, seq_len, vocab_size, device):
     for k in range(-(-len(batches) // world)):
         j = k * world + rank
         ids = batches[min(j, len(batches) - 1)]
-        x, y = to_device(read_windows(split, ids, seq_len, vocab_size), device, read_masks(split, ids, seq_len))
-        logits, loss = model(x, y)
+        x, y, *sequence_id = to_device(read_windows(split, ids, seq_len, vocab_size), device,
+                                       read_masks(split, ids, seq_len), eot_token)
+        logits, loss = model(x, y, *sequence_id)
         if split[3] is not None:
             loss_sum = F.cross_entropy(logits.float().flatten(0, 1), y.flatten(), ignore_index=-1, reduction='sum')
             total += torch.stack([loss_sum, (y != -1).sum().float()]) * (j < len(batches))
@@ -853,6 +864,11 @@ if __name__ == '__main__':
     if meta.get('loss_mask') and not os.path.exists(os.path.join(data_dir, 'train.mask')) and not train_files:
         fail(f"{meta_path} says the data is prompt/response with loss masks, but {data_dir}/train.mask is "
              f"missing: re-run prepare.py")
+    eot_token = meta.get('eot_token') if config.attn_uses_sequence_id else None  # packed documents end with it
+    if config.attn_uses_sequence_id and eot_token is None:
+        fail(f"attn_uses_sequence_id=True tells documents apart by their end-of-text token, but {meta_path} "
+             f"{'names none (eot_token)' if meta else 'does not exist'}: prepare the data with prepare.py, or set "
+             f"attn_uses_sequence_id=False")
     if meta.get('vocab_size', 0) > config.vocab_size:
         fail(f"{meta_path} says vocab_size={meta['vocab_size']} but the model has vocab_size={config.vocab_size}: "
              f"set --vocab_size={meta['vocab_size']} (or larger)")
@@ -925,6 +941,22 @@ if __name__ == '__main__':
             fail("wandb_log=True needs wandb: pip install wandb (or --wandb_log=False)")
         wandb.init(project=wandb_project, name=wandb_run_name, config=settings)
 
+    def leave():
+        """The end of a run: every rank leaves together, and without Python's finalization. On gloo a rank
+        that had finished everything, process group destroyed, was seen to abort while the interpreter tore
+        down ("terminate called without an active exception", no Python frame left: C++ threads and work
+        objects that torch.distributed leaves behind), in about 1 two-process CPU run of 10 to 20. All is
+        written by now: checkpoints synchronously, metrics.jsonl flushed line by line."""
+        dist.barrier()
+        dist.destroy_process_group()
+        if master:
+            metrics.close()
+            if wandb_log:
+                wandb.finish()
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(0)
+
     def log(record):
         if master:
             metrics.write(json.dumps(record) + '\n')
@@ -938,7 +970,7 @@ if __name__ == '__main__':
         split = data['train']
         ids = sample_windows(seed, int(split[2][-1]), position, global_batch)
         batches = [to_device(read_windows(split, w, max_seq_len, config.vocab_size), device,
-                             read_masks(split, w, max_seq_len)) for w in rank_windows(ids, rank, world_size, batch_size)]
+                             read_masks(split, w, max_seq_len), eot_token) for w in rank_windows(ids, rank, world_size, batch_size)]
         loss_tokens = None if split[3] is None else int(read_masks(split, ids, max_seq_len)[:, 1:].sum())
         return batches, loss_tokens
 
@@ -950,7 +982,8 @@ if __name__ == '__main__':
 
     def run_evals(**extra):
         """Val loss at every eval length: printed, logged, and returned at max_seq_len (what ckpt.pt follows)."""
-        losses = {L: evaluate(model, split, batches, L, config.vocab_size, device) for L, (split, batches) in evals.items()}
+        losses = {L: evaluate(model, split, batches, L, config.vocab_size, device, eot_token)
+                  for L, (split, batches) in evals.items()}
         print0(f"iter {iter_num}: val loss {losses[max_seq_len]:.4f}")
         record = {'iter': iter_num, 'val_loss': losses[max_seq_len], **extra}
         if len(losses) > 1:
@@ -963,9 +996,7 @@ if __name__ == '__main__':
     if eval_only:
         iter_num = stage_from['iter_num'] if stage_from else iter_num  # the step those weights were saved at
         run_evals(eval_only=True, init_from=init_from)
-        dist.barrier()
-        dist.destroy_process_group()
-        sys.exit(0)
+        leave()
 
     # The loop: iter_num counts the steps queued; the weights after them are what evaluation sees. The host
     # never waits for the step it just queued: it reads the step before's (loss, grad norm, ok, stop) only
@@ -995,6 +1026,8 @@ if __name__ == '__main__':
             dt = step_time / steps_timed
             tokens_per_sec = global_batch * max_seq_len / dt
             mfu = model.estimate_mfu(tokens_per_sec / world_size, max_seq_len, peak_flops or None)
+            if mfu is not None and lora:  # a frozen base computes no weight gradients: 4N FLOPs a token, not 6N
+                mfu *= 2 / 3
             peak_mem = torch.cuda.max_memory_allocated(device) / 1e9 if device.type == 'cuda' else None
             record = dict(iter=it, loss=loss, lr=lr, grad_norm=norm, tokens_per_sec=tokens_per_sec, mfu=mfu,
                           peak_mem_gb=peak_mem, ms_per_iter=dt * 1000)
@@ -1040,7 +1073,4 @@ if __name__ == '__main__':
         stop = settle(end=t0)  # the step before this one
         pending = (iter_num, lr, packet, t0)
         iter_num += 1
-    # every rank leaves together: one that tears down its gloo connections while another still writes
-    # ckpt.pt was seen to abort ("terminate called without an active exception") in 1 run of ~20
-    dist.barrier()
-    dist.destroy_process_group()
+    leave()

@@ -333,6 +333,9 @@ BAD_RUNS = {  # name: (what write_bad writes, extra arguments, the message, a re
                  r"eval_seq_lens=\[16, 0\]: use positive whole numbers"),
     'eval_too_long': ('straight', ['--init_from=resume', '--eval_only=True', '--eval_seq_lens=[10000000]'],
                       r"eval_seq_lens: 10000000 tokens is longer than a val file"),
+    'sequence_id': ('nothing', ['--attn_uses_sequence_id=True'],
+                    r"attn_uses_sequence_id=True tells documents apart by their end-of-text token, but .*meta\.json "
+                    r"does not exist"),
     'init_from': ('nothing', ['--init_from=somewhere'], r"init_from='somewhere': use 'scratch', 'resume', a Hugging Face"),
 }
 
@@ -478,6 +481,44 @@ def test_eval_only_at_several_lengths(straight, shakespeare, tmp_path):
             losses = [model(*train.to_device(train.read_windows(split, ids[i:i + per_batch], L, 65),
                                              torch.device('cpu')))[1].item() for i in range(0, len(ids), per_batch)]
         assert record['val_loss_by_seq_len'][str(L)] == pytest.approx(np.mean(losses), rel=1e-5), L
+
+
+# ---- packed documents (attn_uses_sequence_id) ---------------------------------------------------------
+
+def test_document_ids_count_the_end_of_texts_before_each_token():
+    eot = 9
+    rows = np.array([[1, 2, 9, 3, 9, 9, 4, 5, 6], [9, 1, 1, 1, 1, 1, 1, 1, 9]])
+    assert train.document_ids(rows[:, :-1], eot).tolist() == [[0, 0, 0, 1, 1, 2, 3, 3], [0, 1, 1, 1, 1, 1, 1, 1]]
+    x, y, sequence_id = train.to_device(rows, torch.device('cpu'), eot_token=eot)
+    assert torch.equal(x, torch.from_numpy(rows[:, :-1])) and torch.equal(y, torch.from_numpy(rows[:, 1:]))
+    assert torch.equal(sequence_id, torch.from_numpy(train.document_ids(rows[:, :-1], eot)))
+    assert len(train.to_device(rows, torch.device('cpu'))) == 2  # without: (x, y) as before
+
+
+@pytest.fixture(scope='module')
+def lines(shakespeare, tmp_path_factory):
+    """tiny Shakespeare's characters again, each line a document: '\\n' is the end-of-text (about 40 per line)"""
+    d = tmp_path_factory.mktemp('lines')
+    for name in ('train.bin', 'val.bin'):
+        shutil.copy(shakespeare / name, d / name)
+    meta = json.loads((shakespeare / 'meta.json').read_text())
+    (d / 'meta.json').write_text(json.dumps({**meta, 'eot_token': meta['chars'].index('\n')}))
+    return d
+
+
+def test_packed_documents_train_alike_on_one_and_two_processes(lines, no_dropout, tmp_path):
+    # windows of 16 characters hold several lines: each attends within itself only, on 1 and 2 processes alike;
+    # the same data and settings without sequence ids (no_dropout) give other losses
+    common = [*TINY, '--resid_pdrop=0.0', f'--data_dir={lines}', '--max_iters=3', '--attn_uses_sequence_id=True']
+    both = [start([*common, f'--out_dir={tmp_path / "one"}']), start([*common, f'--out_dir={tmp_path / "two"}'], procs=2)]
+    [finish(p) for p in both]
+    (one, one_val), (two, two_val), (plain, plain_val) = metrics(tmp_path / 'one'), metrics(tmp_path / 'two'), \
+        metrics(no_dropout)
+    assert sorted(one) == sorted(two) == [0, 1, 2] and sorted(one_val) == sorted(two_val) == [0, 3]
+    for it in one:
+        assert two[it] == pytest.approx(one[it], rel=1e-5, abs=1e-5)
+    assert two_val[3] == pytest.approx(one_val[3], rel=1e-5, abs=1e-5)
+    assert abs(one[0] - plain[0]) > 1e-3 and abs(one_val[0] - plain_val[0]) > 1e-3
 
 
 # ---- learning -----------------------------------------------------------------------------------------
