@@ -52,13 +52,13 @@ def reference_attention(q, k, v, slopes, causal, scale, sequence_id=None):
     k = k.repeat_interleave(H // k.shape[1], dim=1)
     v = v.repeat_interleave(H // v.shape[1], dim=1)
     scores = torch.einsum("bhid,bhjd->bhij", q, k) * scale
-    i_abs = torch.arange(Tq).view(Tq, 1) + (Tk - Tq)
-    j = torch.arange(Tk).view(1, Tk)
+    i_abs = torch.arange(Tq, device=q.device).view(Tq, 1) + (Tk - Tq)
+    j = torch.arange(Tk, device=q.device).view(1, Tk)
     if slopes is not None:
-        scores = scores + slopes.double().view(1, H, 1, 1) * (j - i_abs)
-    visible = j <= i_abs if causal else torch.ones(Tq, Tk, dtype=torch.bool)
+        scores = scores + slopes.to(q.device).double().view(1, H, 1, 1) * (j - i_abs)
+    visible = j <= i_abs if causal else torch.ones(Tq, Tk, dtype=torch.bool, device=q.device)
     if sequence_id is not None:
-        ids = sequence_id.cpu()
+        ids = sequence_id.to(q.device)
         visible = visible & (ids[:, Tk - Tq:, None] == ids[:, None, :])[:, None]  # (B, 1, Tq, Tk)
     empty = ~visible.any(dim=-1, keepdim=True)
     scores = scores.masked_fill(~visible, float("-inf")).masked_fill(empty, 0.0)
@@ -124,6 +124,44 @@ def check_attention(B, H, H_kv, Tq, Tk, D, causal, alibi, layout, dtype, seed=0,
     if causal and Tq > Tk:  # the first Tq - Tk query rows see no key at all: exactly zero, no NaN
         assert (out[:, :, : Tq - Tk] == 0).all()
     return out, [x.grad for x in leaves]
+
+
+# Training scale, bf16, on a GPU only (the interpreter would take hours): what the model runs, against
+# float64 computed on the same GPU. MPT-1B/7B's head dim 128 at 2k; MPT-30B's 64 heads of 112 at 4k;
+# grouped-query attention 8:1; decoding one token against 4,096 cached keys; packed documents.
+GPU_CASES = [
+    # B, H, H_kv, Tq, Tk, D, documents per row (0: no sequence_id)
+    (2, 16, 16, 2048, 2048, 128, 0),
+    (1, 64, 64, 4096, 4096, 112, 0),
+    (1, 32, 4, 2048, 2048, 128, 0),
+    (4, 32, 32, 1, 4096, 128, 0),
+    (2, 16, 16, 2048, 2048, 128, 7),
+]
+
+
+@pytest.mark.skipif(DEVICE != "cuda", reason="training-scale bf16 shapes: GPU only")
+@pytest.mark.parametrize("case", GPU_CASES, ids=lambda c: "B{}-H{}-Hkv{}-Tq{}-Tk{}-D{}-docs{}".format(*c))
+def test_attention_bf16_training_scale(case):
+    B, H, H_kv, Tq, Tk, D, docs = case
+    gen = torch.Generator().manual_seed(0)
+    q, k, v = (torch.randn(B, n, T, D, generator=gen).to(DEVICE, torch.bfloat16).requires_grad_()
+               for n, T in ((H, Tq), (H_kv, Tk), (H_kv, Tk)))
+    slopes = alibi_slopes(H).to(DEVICE)
+    sequence_id = None
+    if docs:  # random document boundaries, non-decreasing ids
+        starts = torch.sort(torch.randperm(Tk - 1, generator=gen)[:docs - 1] + 1).values
+        sequence_id = (torch.arange(Tk)[None, :, None] >= starts[None, None, :]).sum(-1).expand(B, Tk).to(DEVICE)
+    out = fa.flash_attn_alibi(q, k, v, alibi_slopes=slopes, causal=True, sequence_id=sequence_id)
+    dout = torch.randn(out.shape, generator=gen).to(DEVICE, torch.bfloat16)
+    out.backward(dout)
+    leaves64 = [x.detach().double().requires_grad_() for x in (q, k, v)]
+    ref = reference_attention(*leaves64, slopes, True, 1 / math.sqrt(D), sequence_id)
+    ref.backward(dout.double())
+    for name, got, want in [("out", out, ref)] + [(f"d{n}", x.grad, y.grad) for n, x, y in zip("qkv", (q, k, v), leaves64)]:
+        got = got.detach().double()
+        assert torch.isfinite(got).all(), f"{name} has non-finite values"
+        err = (got - want).abs().max().item() / max(1.0, want.abs().max().item())
+        assert err <= TOL[torch.bfloat16], f"{name}: error {err:.2e} > {TOL[torch.bfloat16]:.0e}"
 
 
 # Together these cover: Tq = Tk = 1; lengths that are not block multiples and span several blocks
