@@ -313,9 +313,10 @@ class MPT(nn.Module):
         """Number of parameters; the output head is the token embedding, so it counts once."""
         return sum(p.numel() for p in self.parameters())
 
-    def forward(self, idx, targets=None, sequence_id=None, kv_cache=None):
+    def forward(self, idx, targets=None, sequence_id=None, kv_cache=None, reduction='mean'):
         """idx (B, T) token ids -> (logits, loss). With targets (B, T) (-1 = ignore) the logits of every
-        position and the mean cross-entropy; without, only the last position's logits (B, 1, V).
+        position and the cross-entropy: the mean over the counted targets, or with reduction='sum' their sum
+        (0, not NaN, when none counts); without targets, only the last position's logits (B, 1, V).
         sequence_id (B, T) integer document ids, non-decreasing along each row (packed documents): with
         config.attn_uses_sequence_id a token attends only to its own document's tokens; without, it is
         ignored (as in llm-foundry)."""
@@ -348,7 +349,8 @@ class MPT(nn.Module):
         loss = None
         if targets is not None:
             # fp32 cross-entropy: bf16 logits would round the loss (and its gradient) visibly
-            loss = F.cross_entropy(logits.float().view(-1, logits.size(-1)), targets.view(-1), ignore_index=-1)
+            loss = F.cross_entropy(logits.float().view(-1, logits.size(-1)), targets.view(-1), ignore_index=-1,
+                                   reduction=reduction)
         return logits, loss
 
     # -------------------------------------------------------------------------
@@ -732,6 +734,8 @@ else:  # BLOCK_M x BLOCK_N = queries x keys in every kernel
 
 @functools.lru_cache
 def _arch(device):
+    if device.type != "cuda":  # the interpreter (deterministic runs prune there too): its table serves any
+        return 90
     return 90 if torch.cuda.get_device_capability(device)[0] >= 9 else 80
 
 
@@ -1205,7 +1209,20 @@ def _doc_bounds(sequence_id, like):
     return (torch.searchsorted(ids, ids, out_int32=True), torch.searchsorted(ids, ids, right=True, out_int32=True))
 
 
-def _attn_forward(q, k, v, slopes, causal, sm_scale, sequence_id=None):
+def _launch(kernel, grid, *args, fixed=False, **meta):
+    """kernel[grid](*args, **meta). fixed=True skips the autotuner: its pick goes by timing, which differs
+    from process to process, and the rounding depends on the tile sizes, so deterministic=True runs the
+    first entry of the kernel's table that its pruning keeps, in every process alike."""
+    if not fixed:
+        return kernel[grid](*args, **meta)
+    nargs = dict(zip(kernel.arg_names, args))
+    config = kernel.early_config_prune(kernel.configs, nargs, **meta)[0]
+    if config.pre_hook:
+        config.pre_hook({**nargs, **meta, **config.all_kwargs()})
+    return kernel.fn[grid](*args, **meta, **config.all_kwargs())
+
+
+def _attn_forward(q, k, v, slopes, causal, sm_scale, sequence_id=None, deterministic=False):
     B, H, Tq, D = q.shape
     H_kv, Tk = k.shape[1], k.shape[2]
     o = _empty_bhtd(B, H, Tq, D, q)
@@ -1214,9 +1231,9 @@ def _attn_forward(q, k, v, slopes, causal, sm_scale, sequence_id=None):
     tma = _use_tma(q, k, v, o)
     tiles = [_descriptor(x, meta["BLOCK_D"]) for x in (q, k, v, o)] if tma else [q, k, v, o]
     grid = lambda META: (triton.cdiv(Tq, META["BLOCK_M"]) * B * H,)
-    _attn_fwd[grid](*tiles, lse, slopes if slopes is not None else q, *_doc_bounds(sequence_id, lse), sm_scale * LOG2E,
-                    *q.stride()[:3], *k.stride()[:3], *v.stride()[:3], *o.stride()[:3],
-                    H, H // H_kv, Tq, Tk, _bucket(Tq), TMA=tma, **meta)
+    _launch(_attn_fwd, grid, *tiles, lse, slopes if slopes is not None else q, *_doc_bounds(sequence_id, lse),
+            sm_scale * LOG2E, *q.stride()[:3], *k.stride()[:3], *v.stride()[:3], *o.stride()[:3],
+            H, H // H_kv, Tq, Tk, _bucket(Tq), fixed=deterministic, TMA=tma, **meta)
     return o, lse
 
 
@@ -1244,13 +1261,13 @@ def _attn_backward(do, q, k, v, o, lse, slopes, causal, sm_scale, deterministic,
     q_, k_, v_, do_, dk_, dv_ = [_descriptor(x, meta["BLOCK_D"]) for x in tiles] if tma else tiles
     dq_ = _descriptor(dq_acc, meta["BLOCK_D"]) if dq_tma else dq_acc
     grid = lambda META: (triton.cdiv(Tk, META["BLOCK_N"]) * B * H_kv,)
-    _attn_bwd_dkdv[grid](q_, k_, v_, do_, lse, delta, dk_, dv_, dq_, *args, *dk.stride()[:3], *dq_strides, *tail,
-                         FUSE_DQ=not deterministic, TMA=tma, DQ_TMA=dq_tma, **meta)
+    _launch(_attn_bwd_dkdv, grid, q_, k_, v_, do_, lse, delta, dk_, dv_, dq_, *args, *dk.stride()[:3], *dq_strides,
+            *tail, fixed=deterministic, FUSE_DQ=not deterministic, TMA=tma, DQ_TMA=dq_tma, **meta)
     if not deterministic:
         return dq_acc.to(q.dtype), dk, dv  # keeps the (B, T, H, D) memory layout
     dq = _empty_bhtd(B, H, Tq, D, q)
     grid = lambda META: (triton.cdiv(Tq, META["BLOCK_M"]) * B * H,)
-    _attn_bwd_dq[grid](q, k, v, do, lse, delta, dq, *args, *dq.stride()[:3], *tail, **meta)
+    _launch(_attn_bwd_dq, grid, q, k, v, do, lse, delta, dq, *args, *dq.stride()[:3], *tail, fixed=True, **meta)
     return dq, dk, dv
 
 
@@ -1278,10 +1295,11 @@ def _on_device(q):
 def _flash_fwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, slopes: Optional[torch.Tensor], causal: bool,
                sm_scale: float, deterministic: bool, sequence_id: Optional[torch.Tensor]
                ) -> tuple[torch.Tensor, torch.Tensor]:
-    # deterministic only matters to the backward; it is an input here so that autograd can keep it
+    # deterministic: fixed tiles here too (the backward reads this output and LSE); an input also so that
+    # autograd can keep it for the backward
     q, k, v = (_kernel_layout(x) for x in (q, k, v))
     with _on_device(q):
-        return _attn_forward(q, k, v, slopes, causal, sm_scale, sequence_id)
+        return _attn_forward(q, k, v, slopes, causal, sm_scale, sequence_id, deterministic)
 
 
 @_flash_fwd.register_fake

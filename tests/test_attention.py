@@ -233,6 +233,33 @@ def test_attention_deterministic(case):
     assert torch.equal(out1, out2) and all(torch.equal(a, b) for a, b in zip(grads1, grads2))
 
 
+def test_deterministic_runs_fixed_tiles_not_the_autotuners_pick(monkeypatch):
+    # The autotuner picks a tile by timing, which differs between processes, and the rounding depends on the
+    # tile: deterministic=True must run a fixed entry of each table (the first its pruning keeps) without
+    # timing anything. Here every table gets a second entry, and timing fails the test.
+    require_kernels()
+    from triton.runtime.autotuner import Autotuner
+    tables = ((fa._attn_fwd, fa.FWD_TUNING), (fa._attn_bwd_dkdv, fa.DKDV_TUNING), (fa._attn_bwd_dq, fa.DQ_TUNING))
+    for kernel, table in tables:
+        config, *rest = table[0]
+        other = triton.Config({"BLOCK_M": 2 * config.kwargs["BLOCK_M"], "BLOCK_N": 2 * config.kwargs["BLOCK_N"]},
+                              num_warps=config.num_warps, num_stages=config.num_stages, pre_hook=config.pre_hook)
+        table.append((other, *rest))  # the pruning zips the configs with this list
+        monkeypatch.setattr(kernel, "configs", [config, other])
+        monkeypatch.setattr(kernel, "cache", {})
+
+    def no_timing(*args, **kwargs):
+        raise AssertionError("the autotuner timed configs")
+    monkeypatch.setattr(Autotuner, "_bench", no_timing)
+    try:
+        check_attention(1, 2, 1, 40, 40, 32, True, True, "bhtd", DTYPE, deterministic=True)
+        with pytest.raises(AssertionError, match="timed configs"):  # the default path does tune
+            check_attention(1, 2, 1, 40, 40, 32, True, True, "bhtd", DTYPE)
+    finally:
+        for _, table in tables:
+            table.pop()
+
+
 def _rss_mib():
     with open("/proc/self/status") as f:
         return int(f.read().split("VmRSS:")[1].split()[0]) // 1024
@@ -292,6 +319,9 @@ def test_grid_takes_more_than_65535_heads(monkeypatch):
     class Recorder:
         def __init__(self, kernel):
             self.kernel = kernel
+
+        def __getattr__(self, name):  # deterministic=True reads the autotuner's table, then launches .fn
+            return self if name == "fn" else getattr(self.kernel, name)
 
         def __getitem__(self, grid):
             def launch(*args, **kwargs):
