@@ -105,6 +105,8 @@ def tokenizer_source(info):
 
 
 def check_empty(path, what):
+    if path.exists() and not path.is_dir():
+        fail(f"{what}={path} is a file: give a folder to write the model into")
     if path.exists() and any(path.iterdir()) and not overwrite:
         fail(f"{what}={path} is not empty: choose another folder or add --overwrite")
 
@@ -129,14 +131,14 @@ def main():
         fail("give --hf_dir=DIR: where to write the Hugging Face model")
     if dtype not in ('float32', 'bfloat16'):
         fail(f"dtype={dtype!r}: use 'float32' or 'bfloat16'")
-    ckpt, info = run_info(out_dir)
-    if peft_dir and not info.get('lora'):
-        fail(f"--peft_dir: {ckpt} is not a LoRA run (lora_rank=0), so it has no adapters to write; "
-             f"its whole model goes to --hf_dir")
     out, peft_out = Path(hf_dir), Path(peft_dir) if peft_dir else None
     check_empty(out, 'hf_dir')
     if peft_out:
         check_empty(peft_out, 'peft_dir')
+    ckpt, info = run_info(out_dir)
+    if peft_dir and not info.get('lora'):
+        fail(f"--peft_dir: {ckpt} is not a LoRA run (lora_rank=0), so it has no adapters to write; "
+             f"its whole model goes to --hf_dir")
     model, lora = merged_model(ckpt, info)
     try:
         model.to(getattr(torch, dtype)).save_hf(out)

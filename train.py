@@ -602,7 +602,7 @@ def _local(t):
 
 
 def train_step(model, exp_avgs, batches, lr, peak_lr, weight_decay, beta1, beta2, grad_clip, stop=0.0,
-               healthy=None, loss_tokens=None):
+               healthy=None, loss_tokens=None, seeds=None):
     """One optimizer step on this rank's micro-batches [(x, y[, sequence_id]), ...]. Gradients are reduce-scattered
     (averaged over ranks) only after the last micro-batch, clipped by their global norm, then Lion
     updates each rank's shards, unless the mean loss or the gradient norm is not finite (or healthy, a
@@ -617,10 +617,13 @@ def train_step(model, exp_avgs, batches, lr, peak_lr, weight_decay, beta1, beta2
     loss_sum = 0.0
     for i, (x, y, *sequence_id) in enumerate(batches):
         model.set_requires_gradient_sync(i == len(batches) - 1)
-        logits, loss = model(x, y, *sequence_id)
-        if loss_tokens is not None:  # scaled so that the mean over micro-batches and ranks below is the token mean
-            loss = F.cross_entropy(logits.float().flatten(0, 1), y.flatten(), ignore_index=-1, reduction='sum') \
-                * (len(batches) * dist.get_world_size() / max(loss_tokens, 1))
+        if seeds is not None:  # dropout's masks: one seed per micro-batch
+            torch.manual_seed(seeds[i])
+        if loss_tokens is None:
+            _, loss = model(x, y, *sequence_id)
+        else:  # a sum, scaled so that the mean over micro-batches and ranks below is the token mean
+            _, loss = model(x, y, *sequence_id, reduction='sum')
+            loss = loss * (len(batches) * dist.get_world_size() / max(loss_tokens, 1))
         (loss / len(batches)).backward()
         loss_sum = loss_sum + loss.detach()
     # on DTensor gradients the norm is of the whole model: each rank's part, all-reduced
@@ -655,11 +658,11 @@ def evaluate(model, split, batches, seq_len, vocab_size, device, eot_token=None)
         ids = batches[min(j, len(batches) - 1)]
         x, y, *sequence_id = to_device(read_windows(split, ids, seq_len, vocab_size), device,
                                        read_masks(split, ids, seq_len), eot_token)
-        logits, loss = model(x, y, *sequence_id)
-        if split[3] is not None:
-            loss_sum = F.cross_entropy(logits.float().flatten(0, 1), y.flatten(), ignore_index=-1, reduction='sum')
+        if split[3] is not None:  # a sum over the counted targets, and their count
+            _, loss_sum = model(x, y, *sequence_id, reduction='sum')
             total += torch.stack([loss_sum, (y != -1).sum().float()]) * (j < len(batches))
             continue
+        _, loss = model(x, y, *sequence_id)
         total += torch.stack([loss.float(), torch.ones((), device=device)]) * (j < len(batches))
     dist.all_reduce(total)
     model.train()
@@ -674,6 +677,8 @@ _SHAPE_FIELDS = ('vocab_size', 'd_model', 'n_heads', 'n_layers', 'expansion_rati
 # what a stage (init_from=ckpt-NNNNNN) keeps of the checkpoint's model; max_seq_len, alibi_bias_max, dropout
 # and attn_impl are the new run's settings (MPT-7B-StoryWriter's 65k stage raised alibi_bias_max 8 -> 16)
 _ARCH_FIELDS = _SHAPE_FIELDS + ('clip_qkv', 'softmax_scale', 'logit_scale', 'layer_norm_epsilon')
+# what a resume keeps besides: the windows of the saved data position, and the ALiBi slopes trained with
+_RUN_FIELDS = ('max_seq_len', 'alibi_bias_max')
 
 
 def is_checkpoint(path):
@@ -769,10 +774,14 @@ if __name__ == '__main__':
     # the model: the settings' shape, or a Hugging Face checkpoint's; a resumed run must keep its checkpoint's
     model_args = {f.name: globals()[f.name] for f in fields(MPTConfig)}
     saved = stage_from = None
-    lora = dict(rank=lora_rank, alpha=float(lora_alpha), dropout=float(lora_dropout), targets=list(lora_targets),
-                quantize_base=quantize_base) if lora_rank else None
     if not (isinstance(lora_rank, int) and lora_rank >= 0):
         fail(f"lora_rank={lora_rank!r}: 0 (full fine-tuning) or the adapters' rank, e.g. 16")
+    if not (isinstance(lora_alpha, (int, float)) and lora_alpha > 0):
+        fail(f"lora_alpha={lora_alpha!r}: a positive number (the adapters' output is scaled by lora_alpha / lora_rank)")
+    if not (isinstance(lora_dropout, (int, float)) and 0 <= lora_dropout < 1):
+        fail(f"lora_dropout={lora_dropout!r}: a probability in [0, 1), e.g. 0.05")
+    lora = dict(rank=lora_rank, alpha=float(lora_alpha), dropout=float(lora_dropout), targets=list(lora_targets),
+                quantize_base=quantize_base) if lora_rank else None
     if quantize_base not in ('', 'nf4'):
         fail(f"quantize_base={quantize_base!r}: use 'nf4' (QLoRA) or '' (no quantization)")
     if quantize_base and not lora:
@@ -795,6 +804,9 @@ if __name__ == '__main__':
         if saved.get('base') or os.path.isdir(saved.get('started_from', 'scratch')):
             # started from a Hugging Face model: the shape came from its config.json, not from the settings
             model_args.update({k: saved['model'][k] for k in _ARCH_FIELDS})
+        for k in _RUN_FIELDS:  # not given: the run's own (given otherwise: an error below)
+            if globals()[k] == _defaults[k]:
+                globals()[k] = model_args[k] = saved['model'][k]
         if saved.get('lora') != lora:
             fail(f"the checkpoint in {out_dir} was trained with {describe_lora(saved.get('lora'))}, not "
                  f"{describe_lora(lora)}: resume with the settings it was trained with")
@@ -814,7 +826,10 @@ if __name__ == '__main__':
         with open(os.path.join(init_from, 'config.json')) as f:
             hf = json.load(f)
         try:
-            model_args.update(config_from_hf(hf), max_seq_len=max_seq_len, init_device='meta')
+            # a setting given explicitly wins over the checkpoint's: MPT-7B-StoryWriter was MPT-7B fine-tuned
+            # with alibi_bias_max 8 -> 16
+            given = {k: globals()[k] for k in ('alibi_bias_max',) if globals()[k] != _defaults[k]}
+            model_args.update(config_from_hf(hf), max_seq_len=max_seq_len, init_device='meta', **given)
         except (ValueError, KeyError) as e:
             fail(f"{init_from}: {e}")
     try:
@@ -822,11 +837,12 @@ if __name__ == '__main__':
         check_attention(config, device, getattr(torch, dtype))
     except ValueError as e:
         fail(str(e))
-    changed = [f"{k} {saved['model'][k]} -> {getattr(config, k)}" for k in _SHAPE_FIELDS
+    changed = [f"{k} {saved['model'][k]} -> {getattr(config, k)}" for k in _SHAPE_FIELDS + _RUN_FIELDS
                if saved and saved['model'][k] != getattr(config, k)]
     if changed:
-        fail(f"the model's shape differs from the checkpoint's in {out_dir} ({', '.join(changed)}): "
-             f"resume with the settings it was trained with, or start a new out_dir")
+        fail(f"the model differs from the checkpoint's in {out_dir} ({', '.join(changed)}): resume with the "
+             f"settings it was trained with, or start a new out_dir (a new stage: "
+             f"--init_from={checkpoint_dirs(out_dir)[-1]})")
     if saved and saved['seed'] != seed:  # the data order and dropout follow the seed: keep the run's
         fail(f"the checkpoint in {out_dir} was trained with seed={saved['seed']}, not {seed}: resume with "
              f"--seed={saved['seed']}")
@@ -1061,12 +1077,15 @@ if __name__ == '__main__':
         if last or stop:
             break
 
-        # dropout (if any) draws from a generator seeded by (seed, step, rank): a resumed run draws the same
-        torch.manual_seed(int(np.random.SeedSequence([seed, iter_num, rank]).generate_state(1)[0]))
+        # dropout (if any) draws, for each micro-batch, from a generator seeded by (seed, step, the micro-batch's
+        # place in the global batch): a resumed run, on any number of processes, draws the same masks
+        per_rank = gradient_accumulation_steps // world_size
+        seeds = [int(np.random.SeedSequence([seed, iter_num, rank * per_rank + i]).generate_state(1)[0])
+                 for i in range(per_rank)]
         lr = get_lr(iter_num, learning_rate, min_lr, warmup_iters, lr_decay_iters)
         t0 = time.time()
         packet = train_step(model, exp_avgs, batches, lr, learning_rate, weight_decay, beta1, beta2, grad_clip,
-                            stop=len(preempted), healthy=healthy, loss_tokens=loss_tokens)
+                            stop=len(preempted), healthy=healthy, loss_tokens=loss_tokens, seeds=seeds)
         healthy = packet[2] > 0
         position += global_batch
         batches, loss_tokens = step_batches(position)  # read while the device still works on this step

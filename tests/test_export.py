@@ -130,7 +130,9 @@ def test_export_bad_input(tmp_path):
     (tmp_path / 'empty').mkdir()
     cases = [([f'--out_dir={tmp_path / "empty"}', f'--hf_dir={tmp_path / "hf"}'], r"empty holds no checkpoint"),
              ([f'--out_dir={tmp_path / "nowhere"}', f'--hf_dir={tmp_path / "hf"}'], r"nowhere'?: no such folder"),
-             ([f'--out_dir={tmp_path / "empty"}'], r"give --hf_dir=DIR")]
+             ([f'--out_dir={tmp_path / "empty"}'], r"give --hf_dir=DIR"),
+             ([f'--out_dir={tmp_path / "empty"}', f'--hf_dir={tmp_path / "a_file"}'], r"a_file is a file: give a folder")]
+    (tmp_path / 'a_file').write_text('')
     for args, message in cases:
         r = export(*args)
         assert r.returncode == 1 and 'Traceback' not in r.stderr and r.stderr.count('error:') == 1, r.stderr

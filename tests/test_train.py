@@ -90,7 +90,7 @@ def straight(shakespeare, tmp_path_factory):
 
 @pytest.fixture(scope='module')
 def no_dropout(shakespeare, tmp_path_factory):
-    """The same without dropout, whose masks depend on the rank: what 2 processes must reproduce."""
+    """The same without dropout: the packed-documents test's reference."""
     out = tmp_path_factory.mktemp('no_dropout')
     run([*TINY, '--resid_pdrop=0.0', f'--data_dir={shakespeare}', f'--out_dir={out}', '--max_iters=6'])
     return out
@@ -98,27 +98,26 @@ def no_dropout(shakespeare, tmp_path_factory):
 
 # ---- one process against two; resume ---------------------------------------------------------------
 
-def test_two_processes_give_the_losses_of_one(no_dropout, shakespeare, tmp_path):
-    # the same global batch (4 x 4 sequences): each process does 2 micro-batches instead of 4. Only the
-    # order of the float32 sums differs (gradients reduce-scattered, losses all-reduced): measured
-    # differences are < 1e-6
-    run([*TINY, '--resid_pdrop=0.0', f'--data_dir={shakespeare}', f'--out_dir={tmp_path / "two"}', '--max_iters=6'],
-        procs=2)
-    (one, one_val), (two, two_val) = metrics(no_dropout), metrics(tmp_path / 'two')
+def test_two_processes_give_the_losses_of_one(straight, shakespeare, tmp_path):
+    # the same global batch (4 x 4 sequences): each process does 2 micro-batches instead of 4, with the same
+    # dropout masks (seeded by each micro-batch's place in the global batch). Only the order of the float32
+    # sums differs (gradients reduce-scattered, losses all-reduced): measured differences are < 1e-6
+    run([*TINY, f'--data_dir={shakespeare}', f'--out_dir={tmp_path / "two"}', '--max_iters=6'], procs=2)
+    (one, one_val), (two, two_val) = metrics(straight), metrics(tmp_path / 'two')
     assert sorted(one) == sorted(two) == list(range(6)) and sorted(one_val) == [0, 3, 6]
     for it in one:
         assert two[it] == pytest.approx(one[it], rel=1e-5, abs=1e-5)
     for it in one_val:
         assert two_val[it] == pytest.approx(one_val[it], rel=1e-5, abs=1e-5)
     assert one[5] < one[0] - 0.3  # it learns something
-    a = checkpoint_tensors(no_dropout / 'ckpt-000006', tmp_path)
+    a = checkpoint_tensors(straight / 'ckpt-000006', tmp_path)
     b = checkpoint_tensors(tmp_path / 'two' / 'ckpt-000006', tmp_path)
     for group in ('model', 'lion'):
         for name, t in a[group].items():
             assert torch.allclose(b[group][name], t, atol=1e-5), (group, name)
 
 
-def test_resume_continues_exactly_and_on_two_processes(straight, no_dropout, shakespeare, tmp_path):
+def test_resume_continues_exactly_and_on_two_processes(straight, shakespeare, tmp_path):
     common = [*TINY, f'--data_dir={shakespeare}']
     half = tmp_path / 'half'
     run([*common, f'--out_dir={half}', '--max_iters=3'])
@@ -131,14 +130,12 @@ def test_resume_continues_exactly_and_on_two_processes(straight, no_dropout, sha
     for group in ('model', 'lion'):
         assert a[group].keys() == b[group].keys()
         assert all(torch.equal(a[group][k], b[group][k]) for k in a[group]), group
-    # a 1-process checkpoint continued by 2 processes: the same batches, so the same losses (without
-    # dropout, whose masks depend on the rank)
-    shutil.copytree(no_dropout, tmp_path / 'two')
+    # a 1-process checkpoint continued by 2 processes: the same batches and dropout masks, so the same losses
+    shutil.copytree(straight, tmp_path / 'two')
     shutil.rmtree(tmp_path / 'two' / 'ckpt-000006')
-    _, stdout, _ = run([*common, '--resid_pdrop=0.0', f'--out_dir={tmp_path / "two"}', '--max_iters=6',
-                        '--init_from=resume'], procs=2)
+    _, stdout, _ = run([*common, f'--out_dir={tmp_path / "two"}', '--max_iters=6', '--init_from=resume'], procs=2)
     assert 'resuming' in stdout and 'step 3' in stdout
-    ref, ref_val = metrics(no_dropout)
+    ref, ref_val = metrics(straight)
     two, two_val = metrics(tmp_path / 'two')
     for it in range(3, 6):
         assert two[it] == pytest.approx(ref[it], rel=1e-5, abs=1e-5)
@@ -325,7 +322,9 @@ BAD_RUNS = {  # name: (what write_bad writes, extra arguments, the message, a re
     'setting': ('nothing', ['--learning_rat=1'], r"unknown setting 'learning_rat'.*did you mean learning_rate"),
     'no_checkpoint': ('nothing', ['--init_from=resume'], r"init_from='resume' but .* holds no checkpoint"),
     'shape': ('straight', ['--init_from=resume', '--d_model=64', '--n_layers=3'],
-              r"shape differs from the checkpoint's .*\(d_model 32 -> 64, n_layers 2 -> 3\)"),
+              r"model differs from the checkpoint's .*\(d_model 32 -> 64, n_layers 2 -> 3\)"),
+    'resume_length': ('straight', ['--init_from=resume', '--max_seq_len=32'],
+                      r"model differs from the checkpoint's .*\(max_seq_len 16 -> 32\).*--init_from=.*ckpt-000006"),
     'seed': ('straight', ['--init_from=resume', '--seed=7'], r"trained with seed=1337, not 7: resume with --seed=1337"),
     'attention': ('nothing', ['--attn_impl=flash'], r"attn_impl='flash' \(the flash-attn package\) runs on CUDA only"),
     'corrupt_meta': ('corrupt_meta', [], r"meta\.json is unreadable"),
@@ -336,6 +335,8 @@ BAD_RUNS = {  # name: (what write_bad writes, extra arguments, the message, a re
     'sequence_id': ('nothing', ['--attn_uses_sequence_id=True'],
                     r"attn_uses_sequence_id=True tells documents apart by their end-of-text token, but .*meta\.json "
                     r"does not exist"),
+    'lora_dropout': ('nothing', ['--lora_rank=4', '--lora_dropout=1.5'], r"lora_dropout=1\.5: a probability in \[0, 1\)"),
+    'lora_alpha': ('nothing', ['--lora_rank=4', '--lora_alpha=None'], r"lora_alpha=None: a positive number"),
     'init_from': ('nothing', ['--init_from=somewhere'], r"init_from='somewhere': use 'scratch', 'resume', a Hugging Face"),
 }
 
@@ -433,13 +434,17 @@ def test_init_from_hugging_face_directory(shakespeare, tmp_path):
     model.save_hf(tmp_path / 'hf')
     split = train.load_split(str(shakespeare / 'val.bin'), 65, 16)
     ids = train.sample_windows(0, int(split[2][-1]), 0, 3 * 4)
-    with torch.no_grad():
-        expected = np.mean([model(*train.to_device(train.read_windows(split, ids[i:i + 4], 16, 65),
+    # an alibi_bias_max given explicitly wins over the checkpoint's (MPT-7B-StoryWriter's 8 -> 16)
+    steeper = MPT(dataclasses.replace(model.config, alibi_bias_max=16)).eval()
+    steeper.load_state_dict(model.state_dict())
+    for m, args, out in ((model, [], 'out'), (steeper, ['--alibi_bias_max=16'], 'out16')):
+        with torch.no_grad():
+            expected = np.mean([m(*train.to_device(train.read_windows(split, ids[i:i + 4], 16, 65),
                                                    torch.device('cpu')))[1].item() for i in range(0, 12, 4)])
-    run([*TINY, f'--data_dir={shakespeare}', f'--out_dir={tmp_path / "out"}', f'--init_from={tmp_path / "hf"}',
-         '--max_iters=0', '--vocab_size=99', '--d_model=8'])  # the shape comes from the checkpoint
-    _, val = metrics(tmp_path / 'out')
-    assert val[0] == pytest.approx(expected, rel=1e-5)
+        run([*TINY, f'--data_dir={shakespeare}', f'--out_dir={tmp_path / out}', f'--init_from={tmp_path / "hf"}',
+             '--max_iters=0', '--vocab_size=99', '--d_model=8', *args])  # the shape comes from the checkpoint
+        _, val = metrics(tmp_path / out)
+        assert val[0] == pytest.approx(expected, rel=1e-5), args
 
 
 # ---- stages and evaluation at several lengths ----------------------------------------------------------
@@ -459,6 +464,11 @@ def test_a_stage_starts_from_a_checkpoints_weights(straight, shakespeare, tmp_pa
     info = json.loads((tmp_path / 'longer' / 'ckpt-000002' / 'train.json').read_text())
     assert info['model']['max_seq_len'] == 32 and info['model']['alibi_bias_max'] == 16
     assert info['model']['d_model'] == 32 and info['iter_num'] == 2
+    # a resume keeps the stage's alibi_bias_max when it is not given again (and refuses another one)
+    run([*TINY, f'--data_dir={shakespeare}', f'--out_dir={tmp_path / "longer"}', '--init_from=resume',
+         '--max_iters=3', '--eval_interval=3', '--max_seq_len=32'])
+    info = json.loads((tmp_path / 'longer' / 'ckpt-000003' / 'train.json').read_text())
+    assert info['model']['alibi_bias_max'] == 16 and info['iter_num'] == 3
 
 
 def test_eval_only_at_several_lengths(straight, shakespeare, tmp_path):
