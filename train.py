@@ -241,12 +241,18 @@ def rank_windows(ids, rank, world_size, batch_size):
     return [mine[i:i + batch_size] for i in range(0, per_rank, batch_size)]
 
 
+def window_starts(split, ids, seq_len):
+    """(file index, first token) of each window id: window ids count on across a split's files."""
+    first = split[2]
+    files = np.searchsorted(first, ids, side='right') - 1
+    return files, (ids - first[files]) * seq_len
+
+
 def read_windows(split, ids, seq_len, vocab_size):
     """(len(ids), seq_len + 1) int64 tokens of the given windows, checked against the vocabulary here on
     the host: on a GPU a bad id would be a device-side assert with no file to blame."""
-    paths, arrays, first = split[:3]
-    files = np.searchsorted(first, ids, side='right') - 1
-    starts = (ids - first[files]) * seq_len
+    paths, arrays = split[:2]
+    files, starts = window_starts(split, ids, seq_len)
     rows = np.stack([arrays[f][s:s + seq_len + 1] for f, s in zip(files, starts)]).astype(np.int64)
     bad = rows.max(axis=1) >= vocab_size
     if bad.any():
@@ -260,11 +266,10 @@ def read_windows(split, ids, seq_len, vocab_size):
 def read_masks(split, ids, seq_len):
     """(len(ids), seq_len + 1) loss masks of the given windows (as read_windows' tokens), or None when the
     split has none."""
-    masks, first = split[3], split[2]
+    masks = split[3]
     if masks is None:
         return None
-    files = np.searchsorted(first, ids, side='right') - 1
-    starts = (ids - first[files]) * seq_len
+    files, starts = window_starts(split, ids, seq_len)
     return np.stack([masks[f][s:s + seq_len + 1] for f, s in zip(files, starts)])
 
 
