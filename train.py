@@ -37,7 +37,6 @@ import signal
 import sys
 import time
 import warnings
-import zlib
 from dataclasses import asdict, fields, replace
 
 import numpy as np
@@ -45,15 +44,16 @@ import torch
 import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
 import torch.nn as nn
-import torch.nn.functional as F
 import torch.utils.checkpoint
 from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict, set_model_state_dict
 from torch.distributed.device_mesh import init_device_mesh
 from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
-from torch.distributed.tensor import DTensor, distribute_tensor
+from torch.distributed.tensor import DTensor
 
 from configurator import configure, settings_in
-from model import MPT, MPTConfig, check_attention, config_from_hf
+from lora import (LINEAR_NAMES, add_lora, base_fingerprint, check_base, describe_lora, init_lora, is_adapter, is_nf4,
+                  linear_shapes, load_nf4, memory_plan, nf4_problem, quantize, to_nf4)
+from model import MPT, MPTConfig, check_attention, config_from_hf, hf_tensor_files, read_hf_tensor
 
 # -----------------------------------------------------------------------------
 # settings; the defaults are config/mpt_125m.py's model and schedule, on OpenWebText
@@ -94,19 +94,22 @@ warmup_iters = 100
 lr_decay_iters = 4800
 min_lr = 2e-5
 # LoRA (Hu et al. 2021) and QLoRA (Dettmers et al. 2023): fine-tune a Hugging Face MPT (init_from) with its
-# weights frozen and a trainable low-rank update beside each targeted linear layer, see add_lora
+# weights frozen and a trainable low-rank update beside each targeted linear layer, see lora.py
 lora_rank = 0  # 0: full fine-tuning, every weight trains; > 0: only the adapters, of this rank, train
 lora_alpha = 16.0  # the adapters' output is scaled by lora_alpha / lora_rank
 lora_dropout = 0.0  # dropout on the adapters' input
 lora_targets = ['Wqkv', 'out_proj', 'up_proj', 'down_proj']  # the linear layers (by name) that get adapters
 quantize_base = ''  # 'nf4': QLoRA, the frozen linear layers kept as 4-bit NormalFloat (torchao), dequantized
-# on the fly in each matmul; '': the frozen base stays fp32
+# on the fly in each matmul; '': the frozen base stays in the compute dtype (dtype: bf16 on GPUs)
 # system
 device = 'cuda' if torch.cuda.is_available() else 'cpu'  # with torchrun each process takes cuda:LOCAL_RANK
 dtype = 'bfloat16' if torch.cuda.is_available() else 'float32'  # bf16 matmuls on fp32 master weights, or fp32
 compile = True  # torch.compile each block
 activation_checkpointing = False  # recompute each block in the backward instead of keeping its activations
 seed = 1337  # weights, data order and dropout all follow from it
+dp_replicate = 1  # HSDP over many nodes: the processes form dp_replicate groups (e.g. one per node), each holding
+# the model sharded among its own processes; all-gathers stay inside a group, gradients are all-reduced across the
+# groups. 1: one group of all processes (FSDP). torchtitan's data_parallel_replicate_degree
 peak_flops = 0.0  # one device's peak FLOP/s for MFU; 0: model.PEAK_FLOPS's figure for this GPU
 _defaults = settings_in(globals())
 
@@ -132,9 +135,11 @@ def fail(message, this_rank_only=False):
     sys.exit(1)
 
 
-def init_distributed(device):
+def init_distributed(device, dp_replicate=1):
     """Join the process group that torchrun describes in the environment, or make a group of one for
-    a plain `python train.py`. Returns (rank, world_size, device, mesh): the 1-D mesh FSDP shards over."""
+    a plain `python train.py`. Returns (rank, world_size, device, mesh): the mesh FSDP shards over, 1-D, or with
+    dp_replicate > 1 2-D (replicate, shard) for HSDP: consecutive ranks (a node's, as torchrun numbers them)
+    shard the model among themselves, and each such group holds a replica."""
     torchrun = 'RANK' in os.environ
     device = torch.device(device)
     if device.type == 'cuda':
@@ -144,7 +149,12 @@ def init_distributed(device):
     if not torchrun:
         group.update(store=dist.HashStore(), rank=0, world_size=1)
     dist.init_process_group('nccl' if device.type == 'cuda' else 'gloo', **group)
-    mesh = init_device_mesh(device.type, (dist.get_world_size(),))
+    world_size = dist.get_world_size()
+    if not (isinstance(dp_replicate, int) and dp_replicate >= 1 and world_size % dp_replicate == 0):
+        fail(f"dp_replicate={dp_replicate!r}: the {world_size} processes must split into dp_replicate equal groups "
+             f"(e.g. the number of nodes); 1 shards over all of them")
+    mesh = init_device_mesh(device.type, (world_size,)) if dp_replicate == 1 else \
+        init_device_mesh(device.type, (dp_replicate, world_size // dp_replicate), mesh_dim_names=('replicate', 'shard'))
     return dist.get_rank(), dist.get_world_size(), device, mesh
 
 
@@ -304,25 +314,21 @@ def checkpoint_block(block):
 
 
 def setup_model(config, mesh, dtype='bfloat16', activation_checkpointing=False, compile=False, seed=1337,
-                init_weights=True, lora=None, base=None):
-    """The MPT of config, sharded with FSDP2 over mesh: each block, then the root (embedding, final norm).
-    Parameters stay fp32 shards (the master weights); with dtype='bfloat16' FSDP all-gathers them as bf16
-    for the matmuls and reduce-scatters the gradients in fp32. config.init_device: see the settings.
-    init_weights=False leaves a meta-built model's shards uninitialized, for weights loaded next.
-    lora: add_lora's settings (rank, alpha, dropout, targets, quantize_base), or None. With quantize_base the
-    base weights must be quantized before sharding, so base (read_base's state dict) comes in here, on every
-    rank; without, the base is loaded after (load_hf_weights)."""
+                init_weights=True, lora=None):
+    """The MPT of config, sharded with FSDP2 over mesh (see init_distributed): each block, then the root
+    (embedding, final norm). The weights that train stay fp32 shards (the master weights); with dtype='bfloat16'
+    FSDP all-gathers them as bf16 for the matmuls and reduce-scatters the gradients in fp32. config.init_device:
+    see the settings. init_weights=False leaves a meta-built model's shards uninitialized, for weights loaded
+    next (load_hf_weights, load_checkpoint). lora: add_lora's settings (rank, alpha, dropout, targets,
+    quantize_base), or None; a LoRA model's frozen base is kept in the compute dtype (bf16 or fp32: it never
+    changes, so it needs no fp32 master), NF4 with quantize_base, its values loaded next (load_hf_weights)."""
     if config.init_device == 'auto':  # counting parameters on the meta device costs nothing
         big = MPT(replace(config, init_device='meta')).num_params() > 1e9
         config = replace(config, init_device='meta' if big else 'cpu')
     torch.manual_seed(seed)
-    if lora and lora['quantize_base']:
-        config = replace(config, init_device='cpu')  # the weights are base's, not to be re-initialized
-        model = MPT.from_state_dict(replace(config), base)
-    else:
-        model = MPT(config)
+    model = MPT(config)
     if lora:
-        add_lora(model, **lora, device=mesh.device_type)
+        add_lora(model, **lora, base_dtype=getattr(torch, dtype), device=mesh.device_type)
     for block in model.transformer.blocks:
         if compile:  # only forward: FSDP's hooks around it stay eager
             block.forward = torch.compile(block.forward)
@@ -332,10 +338,9 @@ def setup_model(config, mesh, dtype='bfloat16', activation_checkpointing=False, 
         mp = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
     else:
         mp = MixedPrecisionPolicy()  # no casts: pure fp32
-    # NF4 weights on one process stay out of FSDP: its world-of-one shortcut copies a single all-gather input,
-    # and an NF4 tensor has three (torch 2.13; on 2+ processes FSDP2 shards them through torchao's hooks)
-    ignored = {p for p in model.parameters() if type(p.data).__name__ == 'NF4Tensor'} \
-        if mesh.size() == 1 else set()
+    # NF4 weights not split among processes stay out of FSDP: its world-of-one shortcut copies a single
+    # all-gather input, and an NF4 tensor has three (torch 2.13); split, FSDP2 shards them through torchao's hooks
+    ignored = {p for p in model.parameters() if is_nf4(p)} if mesh.size(mesh.ndim - 1) == 1 else set()
     for block in model.transformer.blocks:
         fully_shard(block, mesh=mesh, mp_policy=mp, ignored_params=ignored)
     fully_shard(model, mesh=mesh, mp_policy=mp, ignored_params=ignored)  # also moves a CPU-built model's shards
@@ -353,203 +358,49 @@ def setup_model(config, mesh, dtype='bfloat16', activation_checkpointing=False, 
     return model
 
 
+def shard_rows(p):
+    """(start, stop, group): the rows [start, stop) of p's whole tensor that this rank's shard of it holds, and
+    the processes among which its rows are split. FSDP2 splits dim 0 as torch.chunk does, over the mesh dimension
+    that shards (HSDP replicates over the other); a tensor that is not split: all its rows, group None."""
+    if not isinstance(p, DTensor):
+        return 0, p.shape[0], None
+    dim = next(i for i, placement in enumerate(p.placements) if placement.is_shard())
+    n, rank, chunk = p.shape[0], p.device_mesh.get_local_rank(dim), -(-p.shape[0] // p.device_mesh.size(dim))
+    return min(rank * chunk, n), min(rank * chunk + chunk, n), p.device_mesh.get_group(dim)
+
+
 def load_hf_weights(model, path):
-    """Rank 0 reads the Hugging Face checkpoint; every rank receives just its shards. A LoRA model's
-    adapters are not in it: they keep what init_lora gave them."""
-    state = {}
-    adapters = {name: _local(p).clone() for name, p in model.named_parameters() if is_adapter(name)}
-    if dist.get_rank() == 0:
-        state = {k: v.float() for k, v in MPT.from_hf(path).state_dict().items()}
-        state.update({name: torch.zeros(p.shape) for name, p in model.named_parameters() if is_adapter(name)})
-    options = StateDictOptions(full_state_dict=True, broadcast_from_rank0=True)
-    set_model_state_dict(model, state, options=options)
+    """The weights of a Hugging Face checkpoint: each rank reads only the rows of its own shards, each tensor
+    converted as it is read into its parameter's dtype (fp32 masters, a frozen base's compute dtype), so that
+    no process holds the whole model; an NF4 weight is quantized from its rows (lora.quantize: code for code the
+    whole weight's quantization). A LoRA model's adapters are not in it: they keep what init_lora gave them."""
+    files = hf_tensor_files(path)
     with torch.no_grad():
         for name, p in model.named_parameters():
             if is_adapter(name):
-                _local(p).copy_(adapters[name])
+                continue
+            if name not in files:
+                raise ValueError(f"{path}: no tensor {name} in its weight files: not an MPT of this shape")
+            start, stop, group = shard_rows(p)
+            local = _local(p)
+            rows = read_hf_tensor(path, files[name], name, (start, stop), torch.float32 if is_nf4(p) else local.dtype)
+            if tuple(rows.shape) != (stop - start, *p.shape[1:]):
+                raise ValueError(f"{path}: {name}'s rows {start}..{stop} are {tuple(rows.shape)}, not those of the "
+                                 f"{tuple(p.shape)} its config.json gives")
+            if 'lm_head.weight' in files and name == 'transformer.wte.weight':  # MPT ties them
+                if not torch.equal(read_hf_tensor(path, files['lm_head.weight'], 'lm_head.weight', (start, stop),
+                                                  rows.dtype), rows):
+                    raise ValueError(f"{path}: lm_head.weight differs from transformer.wte.weight; MPT ties them")
+            if is_nf4(p):
+                world = 1 if group is None else dist.get_world_size(group)
 
-
-# -----------------------------------------------------------------------------
-# LoRA: y = x W^T + dropout(x) A^T B^T * alpha / rank, with W frozen and only A (rank x in) and B (out x rank)
-# trained; QLoRA keeps the frozen W in 4 bits. The adapters are parameters of the model like any other, so
-# FSDP2 shards them, DCP saves them and Lion updates them as it would the whole model.
-
-LINEAR_NAMES = ('Wqkv', 'out_proj', 'up_proj', 'down_proj')  # MPT's (and Hugging Face MPT's) linear layers
-NF4_BLOCK, NF4_SCALER_BLOCK = 64, 256  # QLoRA's: 64 weights share a scale, 256 scales share an fp32 factor
-
-
-class LoRALinear(nn.Module):
-    """A frozen linear layer (its `weight` keeps its name, so the base's checkpoints load as before) plus
-    PEFT's LoRA adapter: lora_A starts Kaiming-uniform and lora_B zero, so training starts at the base
-    model exactly. An NF4 weight (torchao) dequantizes itself inside F.linear."""
-
-    def __init__(self, linear, rank, alpha, dropout):
-        super().__init__()
-        out_features, in_features = linear.weight.shape
-        self.weight = linear.weight
-        self.lora_A = nn.Parameter(torch.empty(rank, in_features, device=linear.weight.device))
-        self.lora_B = nn.Parameter(torch.empty(out_features, rank, device=linear.weight.device))
-        self.scaling = alpha / rank
-        self.lora_dropout = nn.Dropout(dropout)
-
-    def forward(self, x):
-        return F.linear(x, self.weight) + F.linear(F.linear(self.lora_dropout(x), self.lora_A), self.lora_B) * self.scaling
-
-
-def is_adapter(name):
-    return name.endswith(('.lora_A', '.lora_B'))
-
-
-def to_nf4():
-    """torchao's NF4 quantizer (its home moved from torchao.dtypes.nf4tensor to torchao.quantization), or
-    None when torchao is not installed."""
-    try:
-        from torchao.quantization import to_nf4
-    except ImportError:
-        try:
-            from torchao.dtypes.nf4tensor import to_nf4
-        except ImportError:
-            return None
-    return to_nf4
-
-
-def nf4_problem(name, shape):
-    """Why a weight of this shape cannot be NF4 (QLoRA's blocks must tile it), or None."""
-    numel = math.prod(shape)
-    if numel % (NF4_BLOCK * NF4_SCALER_BLOCK):
-        return (f"{name} {tuple(shape)} has {numel:,} weights, not a multiple of the {NF4_BLOCK} x "
-                f"{NF4_SCALER_BLOCK} = {NF4_BLOCK * NF4_SCALER_BLOCK:,} of NF4's blocks")
-    return None
-
-
-def add_lora(model, rank, alpha, dropout, targets, quantize_base='', device='cpu'):
-    """Freeze every weight of model; give each linear layer named in targets a LoRALinear adapter. With
-    quantize_base='nf4' every linear layer of the blocks (targeted or not) becomes NF4 on device. Returns
-    the names of the adapted layers."""
-    for p in model.parameters():
-        p.requires_grad_(False)
-    quantize = to_nf4() if quantize_base else None
-    adapted = []
-    for block in model.transformer.blocks:
-        for parent in (block.attn, block.ffn):
-            for name in LINEAR_NAMES:
-                linear = getattr(parent, name, None)
-                if linear is None:
-                    continue
-                if quantize is not None:  # from fp32: the dequantized weights are what read_base's round trip gives
-                    linear.weight = nn.Parameter(quantize(linear.weight.detach().to(device).float(), NF4_BLOCK,
-                                                          NF4_SCALER_BLOCK), requires_grad=False)
-                if name in targets:
-                    setattr(parent, name, LoRALinear(linear, rank, alpha, dropout))
-                    adapted.append(name)
-    if quantize is not None:  # FSDP2 wants one dtype: the rest of the base (embedding, norms) as fp32 masters
-        for p in model.parameters():
-            if p.dtype != torch.float32 and type(p.data).__name__ != 'NF4Tensor':
-                p.data = p.data.float()
-    return adapted
-
-
-@torch.no_grad()
-def init_lora(model, seed):
-    """A Kaiming-uniform (PEFT's init), B zero. Each A is drawn whole from a generator seeded by the seed and
-    the layer's name and then sharded, so the adapters start the same for any world size and init_device."""
-    for name, p in model.named_parameters():
-        if not is_adapter(name):
-            continue
-        full = torch.zeros(p.shape)
-        if name.endswith('lora_A'):
-            g = torch.Generator().manual_seed(int(np.random.SeedSequence([seed, zlib.crc32(name.encode())]).generate_state(1)[0]))
-            nn.init.kaiming_uniform_(full, a=math.sqrt(5), generator=g)
-        if isinstance(p, DTensor):
-            full = distribute_tensor(full.to(p.device), p.device_mesh, p.placements)
-        _local(p).copy_(_local(full))
-
-
-def describe_lora(lora):
-    if not lora:
-        return "full fine-tuning (lora_rank=0)"
-    return (f"lora_rank={lora['rank']}, lora_alpha={lora['alpha']:g}, lora_dropout={lora['dropout']:g}, "
-            f"lora_targets={lora['targets']}, quantize_base={lora['quantize_base']!r}")
-
-
-def linear_shapes(config):
-    """{name: (out, in)} of one block's linear layers."""
-    d, kv, hidden = config.d_model, config.kv_n_heads * config.head_dim, config.expansion_ratio * config.d_model
-    return {'Wqkv': (d + 2 * kv, d), 'out_proj': (d, d), 'up_proj': (hidden, d), 'down_proj': (d, hidden)}
-
-
-def memory_plan(config, lora, batch_size, seq_len, activation_checkpointing, dtype, world_size):
-    """One process's memory for a LoRA/QLoRA run, estimated from the shapes (GB = 1e9 bytes): the frozen
-    base (NF4: 4 bits a weight, an 8-bit scale per 64 and an fp32 factor per 256 scales; the embedding and
-    norms fp32), the adapters with their gradients and Lion momentum (fp32 each), the activations of one
-    micro-batch, and the blocks FSDP has all-gathered (this one and the one prefetched). Activations follow
-    Korthikanti et al. (2022), about 17 values a token per d_model per layer with flash attention; with
-    activation checkpointing only each block's input is kept, plus one block's inside while it is recomputed;
-    the logits cost three copies (bf16, fp32, gradient)."""
-    shapes = linear_shapes(config)
-    d, L, V = config.d_model, config.n_layers, config.vocab_size
-    act = 2 if dtype == 'bfloat16' else 4  # bytes per activation value
-    linear = L * sum(math.prod(s) for s in shapes.values())
-    other = V * d + (2 * L + 1) * d
-    adapters = L * sum(lora['rank'] * sum(shapes[t]) for t in lora['targets'])
-    nf4_bytes = 0.5 + 1 / NF4_BLOCK + 4 / (NF4_BLOCK * NF4_SCALER_BLOCK)
-    base = (linear * (nf4_bytes if lora['quantize_base'] else 4) + other * 4) / world_size
-    trained = adapters * 12 / world_size
-    tokens = batch_size * seq_len
-    per_block = tokens * d * 17 * act
-    acts = (L * tokens * d * act + per_block if activation_checkpointing else L * per_block) + tokens * V * (act + 8)
-    block = sum(math.prod(s) for s in shapes.values())
-    gathered = 2 * block * (nf4_bytes if lora['quantize_base'] else act) + (
-        max(math.prod(s) for s in shapes.values()) * (4 + act) if lora['quantize_base'] else 0)  # + a dequantized weight
-    total = base + trained + acts + gathered
-    gb = lambda n: f"{n / 1e9:.2f} GB"
-    return (f"memory plan per process (estimate): base {gb(base)} ({linear / 1e9:.2f}B linear weights "
-            f"{'NF4' if lora['quantize_base'] else 'fp32'}, {other / 1e6:.1f}M fp32), adapters + Lion {gb(trained)} "
-            f"({adapters / 1e6:.2f}M parameters x 12 bytes: weight, gradient, momentum), activations {gb(acts)} "
-            f"(micro-batch {batch_size} x {seq_len}{', checkpointed' if activation_checkpointing else ''}), "
-            f"gathered blocks {gb(gathered)}; total {gb(total)}")
-
-
-def base_fingerprint(path):
-    """What identifies a Hugging Face model directory cheaply: its config.json and its weight files' sizes."""
-    path = os.path.abspath(path)
-    files = sorted(f for f in os.listdir(path) if f.endswith(('.safetensors', '.bin', '.index.json')))
-    with open(os.path.join(path, 'config.json')) as f:
-        return dict(path=path, config=json.load(f), files={f: os.path.getsize(os.path.join(path, f)) for f in files})
-
-
-def read_base(base):
-    """The frozen base of a LoRA run (train.json's 'base': path and fingerprint): its state dict, as stored,
-    after checking that the directory still holds the weights the run started from."""
-    try:
-        now = base_fingerprint(base['path'])
-    except (OSError, ValueError) as e:
-        raise FileNotFoundError(f"the LoRA run's base model {base['path']} cannot be read ({e}): its checkpoints "
-                                f"hold only the adapters, so the base must stay where the run started from it")
-    if now != base:
-        raise ValueError(f"the LoRA run's base model {base['path']} has changed since the run started (config.json "
-                         f"or weight files differ): the adapters were trained on the weights it held then")
-    return MPT.from_hf(base['path']).state_dict()
-
-
-def merge_lora(base, adapters, lora):
-    """A whole model's fp32 state dict from a LoRA run: base (read_base) with each NF4-quantized weight
-    dequantized (quantize_base) and W + (alpha / rank) B @ A added for each adapter."""
-    state = {k: v.float() for k, v in base.items()}
-    if lora['quantize_base']:
-        quantize = to_nf4()
-        if quantize is None:
-            raise ValueError("this QLoRA run's base is NF4-quantized as torchao does it, which needs torchao: "
-                             "pip install torchao")
-        for name in state:
-            if name.endswith(tuple(f'.{n}.weight' for n in LINEAR_NAMES)):
-                state[name] = quantize(state[name], NF4_BLOCK, NF4_SCALER_BLOCK).get_original_weight().float()
-    for name in adapters:
-        if name.endswith('.lora_A'):
-            layer = name[:-len('.lora_A')]
-            A, B = adapters[layer + '.lora_A'].float(), adapters[layer + '.lora_B'].float()
-            state[layer + '.weight'] = state[layer + '.weight'] + (B @ A) * (lora['alpha'] / lora['rank'])
-    return state
+                def gather(scales):  # every shard's NF4 block scales, in order
+                    everyone = [torch.empty_like(scales) for _ in range(world)]
+                    dist.all_gather(everyone, scales, group=group)
+                    return torch.cat(everyone)
+                load_nf4(p, quantize(rows.to(local.device), gather if world > 1 else None))
+            else:
+                local.copy_(rows)
 
 
 # -----------------------------------------------------------------------------
@@ -768,7 +619,8 @@ if __name__ == '__main__':
     elif checkpoint_dirs(out_dir) and not eval_only:
         fail(f"{out_dir} already holds checkpoints from another run: continue it with --init_from=resume, "
              f"or choose another out_dir")
-    rank, world_size, device, mesh = init_distributed(device)
+    rank, world_size, device, mesh = init_distributed(device, dp_replicate)
+    shards = mesh.size(mesh.ndim - 1)  # the processes that split one copy of the model
     master = rank == 0
     if gradient_accumulation_steps % world_size:
         fail(f"gradient_accumulation_steps={gradient_accumulation_steps} (micro-batches per step over all "
@@ -857,21 +709,16 @@ if __name__ == '__main__':
     base = None
     if lora:
         for name, shape in linear_shapes(config).items():
-            problem = nf4_problem(name, shape) if quantize_base else None
-            if not problem and quantize_base and (shape[0] % world_size or
-                                                  math.prod(shape) // (NF4_BLOCK * NF4_SCALER_BLOCK) % world_size):
-                problem = f"{name} {tuple(shape)} does not split evenly over {world_size} processes in NF4's blocks"
+            problem = nf4_problem(name, shape, shards) if quantize_base else None
             if problem:
                 fail(f"quantize_base='nf4': {problem}; QLoRA needs every linear layer to tile that way")
         try:
             base = saved['base'] if saved else base_fingerprint(init_from)
-            if saved and base_fingerprint(base['path']) != base:
-                raise ValueError(f"the LoRA run's base model {base['path']} has changed since the run started "
-                                 f"(config.json or weight files differ): the adapters were trained on the weights "
-                                 f"it held then")
+            check_base(base)
         except (OSError, ValueError) as e:
-            fail(f"{e}" if isinstance(e, ValueError) else f"the LoRA run's base model cannot be read ({e}): a LoRA "
-                 f"checkpoint holds only the adapters, so the base must stay where the run started from it")
+            fail(f"{e}" if isinstance(e, (ValueError, FileNotFoundError)) else f"the LoRA run's base model cannot be "
+                 f"read ({e}): a LoRA checkpoint holds only the adapters, so the base must stay where the run "
+                 f"started from it")
 
     # data
     meta_path = os.path.join(data_dir, 'meta.json')
@@ -920,25 +767,26 @@ if __name__ == '__main__':
         evals[L] = (split, [val_ids[i:i + per_batch] for i in range(0, len(val_ids), per_batch)])
 
     # model and optimizer state
-    base_state = None
-    if lora and quantize_base:  # every rank reads the base: it is quantized before sharding
+    model = setup_model(config, mesh, dtype, activation_checkpointing, compile, seed,
+                        init_weights=init_from == 'scratch', lora=lora)  # else loaded next
+    hf_weights = None  # a Hugging Face MPT: a LoRA run's base (also on resume: its checkpoints hold only the
+    if lora:           # adapters), or where a full fine-tune starts
+        hf_weights = base['path']
+    elif init_from not in ('scratch', 'resume') and stage_from is None:
+        hf_weights = init_from
+    if hf_weights:
         try:
-            base_state = read_base(base)
+            load_hf_weights(model, hf_weights)
         except (OSError, ValueError) as e:
             fail(str(e))
-    model = setup_model(config, mesh, dtype, activation_checkpointing, compile, seed,
-                        init_weights=init_from == 'scratch', lora=lora, base=base_state)  # else loaded next
-    del base_state
-    if lora and not quantize_base:
-        load_hf_weights(model, base['path'])
     exp_avgs = lion_state(model)
     iter_num, position, best_val_loss = 0, 0, math.inf
     if lora:
         trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
         print0(f"LoRA rank {lora_rank} (alpha {lora_alpha:g}) on {', '.join(lora_targets)}: {trainable:,} trainable "
                f"parameters of {model.num_params():,}; base {base['path']}"
-               + (", NF4-quantized" if quantize_base else ", frozen fp32"))
-        print0(memory_plan(config, lora, batch_size, max_seq_len, activation_checkpointing, dtype, world_size))
+               + (", NF4-quantized" if quantize_base else f", frozen {'bf16' if dtype == 'bfloat16' else 'fp32'}"))
+        print0(memory_plan(config, lora, batch_size, max_seq_len, activation_checkpointing, dtype, shards))
     if saved:
         saved = load_checkpoint(resume_dir, model, exp_avgs)
         iter_num, position, best_val_loss = saved['iter_num'], saved['data_position'], saved['best_val_loss']
@@ -947,8 +795,6 @@ if __name__ == '__main__':
         load_weights(init_from, model)
         print0(f"starting from the weights of {init_from} (step {stage_from['iter_num']} of that run); Lion's "
                f"state, the step count, the data order and the schedule start afresh")
-    elif init_from != 'scratch' and not lora:
-        load_hf_weights(model, init_from)
     print0(f"{model.num_params():,} parameters, init_device={model.config.init_device}; {world_size} process(es) "
            f"on {device.type}; {global_batch} sequences x {max_seq_len} tokens per step; "
            f"{len(data['train'][0])} train file(s), {int(data['train'][2][-1]):,} windows")

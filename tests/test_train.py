@@ -19,7 +19,8 @@ import torch
 from torch.distributed.checkpoint.format_utils import dcp_to_torch_save
 
 import train
-from model import MPT, MPTConfig
+from lora import is_adapter, is_nf4
+from model import MPT, MPTConfig, config_from_hf
 
 ROOT = Path(__file__).resolve().parents[1]
 SHAKESPEARE = Path(__file__).resolve().parents[2] / 'shared' / 'data' / 'tinyshakespeare.txt'
@@ -140,6 +141,84 @@ def test_resume_continues_exactly_and_on_two_processes(straight, shakespeare, tm
     for it in range(3, 6):
         assert two[it] == pytest.approx(ref[it], rel=1e-5, abs=1e-5)
     assert two_val[6] == pytest.approx(ref_val[6], rel=1e-5, abs=1e-5)
+
+
+def test_hsdp_gives_the_losses_of_one_process_and_resumes_on_any_mesh(straight, shakespeare, tmp_path):
+    # dp_replicate=2 on 4 processes: 2 replicas, each sharded over 2 processes (HSDP); the same global batch and
+    # dropout masks as 1 process, so the same losses and checkpoints. Its checkpoint at step 3 then continues on
+    # 1 process and on 4 replicas of 1 shard (dp_replicate=4) as the 1-process run did
+    common = [*TINY, f'--data_dir={shakespeare}']
+    hsdp = tmp_path / 'hsdp'
+    run([*common, f'--out_dir={hsdp}', '--max_iters=6', '--dp_replicate=2'], procs=4)
+    (one, one_val), (two, two_val) = metrics(straight), metrics(hsdp)
+    assert sorted(two) == list(range(6)) and sorted(two_val) == [0, 3, 6]
+    for it in one:
+        assert two[it] == pytest.approx(one[it], rel=1e-5, abs=1e-5), it
+    for it in one_val:
+        assert two_val[it] == pytest.approx(one_val[it], rel=1e-5, abs=1e-5), it
+    a = checkpoint_tensors(straight / 'ckpt-000006', tmp_path)
+    b = checkpoint_tensors(hsdp / 'ckpt-000006', tmp_path)
+    for group in ('model', 'lion'):
+        assert a[group].keys() == b[group].keys()
+        for name, t in a[group].items():
+            assert torch.allclose(b[group][name], t, atol=1e-5), (group, name)
+    for name, procs, mesh in (('one', 1, []), ('replicas', 4, ['--dp_replicate=4'])):
+        shutil.copytree(hsdp, tmp_path / name)
+        shutil.rmtree(tmp_path / name / 'ckpt-000006')
+        _, stdout, _ = run([*common, f'--out_dir={tmp_path / name}', '--max_iters=6', '--init_from=resume', *mesh],
+                           procs=procs)
+        assert 'resuming' in stdout and 'step 3' in stdout
+        resumed, resumed_val = metrics(tmp_path / name)
+        for it in range(3, 6):
+            assert resumed[it] == pytest.approx(one[it], rel=1e-5, abs=1e-5), (name, it)
+        assert resumed_val[6] == pytest.approx(one_val[6], rel=1e-5, abs=1e-5), name
+
+
+SHARDS = """
+import json, sys
+import torch
+import train
+from lora import is_nf4
+from model import MPTConfig, config_from_hf
+released, out, dp_replicate, quantize = sys.argv[1], sys.argv[2], int(sys.argv[3]), sys.argv[4]
+rank, world_size, device, mesh = train.init_distributed('cpu', dp_replicate)
+config = MPTConfig(**{**config_from_hf(json.load(open(f'{released}/config.json'))), 'init_device': 'meta'})
+lora = dict(rank=4, alpha=8.0, dropout=0.0, targets=['Wqkv'], quantize_base=quantize) if quantize != 'full' else None
+model = train.setup_model(config, mesh, dtype='float32', lora=lora, init_weights=False)
+train.load_hf_weights(model, released)
+fields = ('quantized_data', 'quantized_scalers', 'quantization_factor', 'scaler_mean')
+torch.save({n: {a: getattr(train._local(p), a) for a in fields} if is_nf4(p) else train._local(p).detach().clone()
+            for n, p in model.named_parameters()}, f'{out}/rank{rank}.pt')
+torch.distributed.destroy_process_group()
+"""
+
+
+@pytest.mark.parametrize('quantize', ['full', 'nf4'])
+def test_each_process_loads_its_own_rows_of_a_hugging_face_model(released_mpt, quantize, tmp_path):
+    # load_hf_weights on an HSDP mesh of 2 x 2: each process holds rows [r * n/2, (r + 1) * n/2) of every weight
+    # (r: its place among the 2 processes that shard a replica), as torch.chunk cuts them; its NF4 weights are,
+    # code for code, those of torchao's to_nf4 of the whole weight, cut the same way (torchao's split)
+    (tmp_path / 'shards.py').write_text(SHARDS)
+    proc = subprocess.run([sys.executable, '-m', 'torch.distributed.run', '--standalone', '--nproc_per_node=4',
+                           str(tmp_path / 'shards.py'), str(released_mpt), str(tmp_path), '2', quantize],
+                          capture_output=True, text=True, timeout=300,
+                          env={**os.environ, 'OMP_NUM_THREADS': '1', 'PYTHONPATH': str(ROOT)})
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    base = MPT.from_hf(released_mpt).state_dict()
+    for rank in range(4):
+        shards = torch.load(tmp_path / f'rank{rank}.pt', weights_only=False)
+        nf4 = [n for n, v in shards.items() if isinstance(v, dict)]
+        assert len(nf4) == (2 * 4 if quantize == 'nf4' else 0)
+        for name, got in shards.items():
+            if is_adapter(name):
+                continue
+            if name in nf4:
+                from torchao.quantization import to_nf4
+                expected = to_nf4(base[name].float(), 64, 256).chunk(2)[rank % 2]
+                for field, value in got.items():
+                    assert torch.equal(value, getattr(expected, field)), (rank, name, field)
+            else:
+                assert torch.equal(got, base[name].chunk(2)[rank % 2]), (rank, name)
 
 
 # ---- settings, Lion, the schedule, the sampler (in process) --------------------------------------------
@@ -338,6 +417,7 @@ BAD_RUNS = {  # name: (what write_bad writes, extra arguments, the message, a re
     'lora_dropout': ('nothing', ['--lora_rank=4', '--lora_dropout=1.5'], r"lora_dropout=1\.5: a probability in \[0, 1\)"),
     'lora_alpha': ('nothing', ['--lora_rank=4', '--lora_alpha=None'], r"lora_alpha=None: a positive number"),
     'init_from': ('nothing', ['--init_from=somewhere'], r"init_from='somewhere': use 'scratch', 'resume', a Hugging Face"),
+    'dp_replicate': ('nothing', ['--dp_replicate=3'], r"dp_replicate=3: the 1 processes must split into dp_replicate equal"),
 }
 
 
@@ -609,7 +689,7 @@ def test_lora_learns_and_agrees_across_world_sizes_and_resumes(lora_runs, kind, 
     others = ['lora2', 'lora_half'] if kind == 'lora' else ['qlora2_half', 'qlora_half']
     ref_model, ref_lion = adapters_and_lion(lora_runs / f'{kind}1' / 'ckpt-000006', tmp_path)
     # only the adapters train, and only they have Lion state and go in checkpoints
-    assert sorted(ref_model) == sorted(ref_lion) and all(train.is_adapter(k) for k in ref_model)
+    assert sorted(ref_model) == sorted(ref_lion) and all(is_adapter(k) for k in ref_model)
     assert len(ref_model) == 2 * 4 * 2  # A and B for 4 layers in 2 blocks
     for other in others:
         losses, val = metrics(lora_runs / other)
@@ -632,19 +712,23 @@ def test_lora_learns_and_agrees_across_world_sizes_and_resumes(lora_runs, kind, 
     assert info['base']['path'] and 'config.json' not in info['base']['files']
 
 
+@pytest.mark.parametrize('dtype', ['float32', 'bfloat16'])
 @pytest.mark.parametrize('quantize', ['', 'nf4'])
-def test_lora_freezes_the_base_bit_for_bit(group_of_one, released_mpt, quantize):
+def test_lora_freezes_the_base_bit_for_bit(group_of_one, released_mpt, quantize, dtype):
     # in process: the base weights (every linear, the embedding, the norms) are exactly the released ones
-    # after training steps with weight decay, while the adapters move; at the start the model is the base
-    config = MPTConfig(**{**train.config_from_hf(json.loads((released_mpt / 'config.json').read_text())),
-                          'attn_impl': 'torch', 'init_device': 'cpu'})
+    # after training steps with weight decay, while the adapters move; at the start the model is the base.
+    # The frozen base is kept in the compute dtype (bf16: the released weights rounded to bf16, no fp32 copy);
+    # the adapters, which train, are fp32 masters either way
+    config = MPTConfig(**{**config_from_hf(json.loads((released_mpt / 'config.json').read_text())),
+                          'attn_impl': 'torch', 'init_device': 'meta'})
     lora = dict(rank=4, alpha=8.0, dropout=0.0, targets=['Wqkv', 'out_proj', 'up_proj', 'down_proj'], quantize_base=quantize)
     base = MPT.from_hf(released_mpt).state_dict()
-    model = train.setup_model(config, group_of_one, dtype='float32', lora=lora, base=base if quantize else None)
-    if not quantize:
-        train.load_hf_weights(model, released_mpt)
+    model = train.setup_model(config, group_of_one, dtype=dtype, lora=lora, init_weights=False)
+    train.load_hf_weights(model, released_mpt)
     exp_avgs = train.lion_state(model)
-    assert sorted(exp_avgs) == sorted(n for n, _ in model.named_parameters() if train.is_adapter(n))
+    assert sorted(exp_avgs) == sorted(n for n, _ in model.named_parameters() if is_adapter(n))
+    assert {p.dtype for n, p in model.named_parameters() if not is_adapter(n) and not is_nf4(p)} == {getattr(torch, dtype)}
+    assert {p.dtype for n, p in model.named_parameters() if is_adapter(n)} == {torch.float32}
     def frozen():  # every frozen tensor; of an NF4 weight its 4-bit codes, scales and scale factors
         out = {}
         for n, p in model.named_parameters():
@@ -652,11 +736,11 @@ def test_lora_freezes_the_base_bit_for_bit(group_of_one, released_mpt, quantize)
             if type(t).__name__ == 'NF4Tensor':
                 out.update({f'{n}.{a}': getattr(t, a).clone() for a in ('quantized_data', 'quantized_scalers',
                                                                           'quantization_factor')})
-            elif not train.is_adapter(n):
+            elif not is_adapter(n):
                 out[n] = t.clone()
         return out
     before = frozen()
-    nf4 = len(before) - len([n for n, _ in model.named_parameters() if not train.is_adapter(n)])
+    nf4 = len(before) - len([n for n, _ in model.named_parameters() if not is_adapter(n)])
     assert nf4 == (2 * 4 * 2 if quantize else 0)  # 3 tensors for each of the 8 linear layers
     reference = base
     if quantize:  # the base as torchao's NF4 round trip gives it, independently of train.py
@@ -668,18 +752,19 @@ def test_lora_freezes_the_base_bit_for_bit(group_of_one, released_mpt, quantize)
     idx = torch.randint(0, 500, (2, 32), generator=gen)
     with torch.no_grad():
         expected, got = reference(idx, idx)[0], model(idx, idx)[0]
-    assert torch.allclose(got, expected, atol=1e-5)  # B = 0: the adapters start as nothing
+    # B = 0: the adapters start as nothing (bf16: the matmuls round to 8 bits of mantissa)
+    assert torch.allclose(got.float(), expected, atol=1e-5 if dtype == 'float32' else 3e-2)
     for n, t in before.items():
         if n in base:
-            assert torch.equal(t, base[n].float()), n  # the unquantized base loaded exactly
-    adapters = {n: train._local(p).detach().clone() for n, p in model.named_parameters() if train.is_adapter(n)}
+            assert torch.equal(t, base[n].to(getattr(torch, dtype))), n  # the unquantized base loaded exactly
+    adapters = {n: train._local(p).detach().clone() for n, p in model.named_parameters() if is_adapter(n)}
     for _ in range(3):
         batch = [tuple(torch.randint(0, 500, (2, 32), generator=gen) for _ in range(2))]
         packet = train.train_step(model, exp_avgs, batch, 1e-2, 1e-2, 0.1, 0.9, 0.99, 1.0)
         assert packet[2].item() == 1
     after = frozen()
     assert all(torch.equal(before[n], after[n]) for n in before)
-    moved = [n for n, p in model.named_parameters() if train.is_adapter(n) and not torch.equal(train._local(p), adapters[n])]
+    moved = [n for n, p in model.named_parameters() if is_adapter(n) and not torch.equal(train._local(p), adapters[n])]
     assert len(moved) == len(adapters)
 
 
