@@ -8,6 +8,7 @@ local Hugging Face MPT directory (e.g. a downloaded mpt-7b).
 import json
 import sys
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import torch
@@ -54,8 +55,9 @@ def load_model():
     if meta is None and data_dir and (Path(data_dir) / 'meta.json').is_file():
         meta = json.loads((Path(data_dir) / 'meta.json').read_text())
     if 'adapters' in ckpt:  # a LoRA run's: its adapters, merged into the base it trained on (re-read)
-        import train
-        state = train.merge_lora(train.read_base(ckpt['base']), ckpt['adapters'], ckpt['lora'])
+        from lora import merged_weights
+        weight = merged_weights(ckpt['adapters'], ckpt['lora'], ckpt['base'])
+        state = {name: weight(name) for name in MPT(replace(config, init_device='meta')).state_dict()}
         print(f"LoRA adapters (rank {ckpt['lora']['rank']}) merged into {ckpt['base']['path']}"
               + (" (NF4-dequantized, as trained)" if ckpt['lora']['quantize_base'] else ''), file=sys.stderr)
         return MPT.from_state_dict(config, state, source=str(path)), meta

@@ -10,6 +10,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from lora import add_lora, is_adapter
 from model import MPT, MPTConfig
 from test_train import checkpoint_tensors, finish, run, start
 
@@ -34,7 +35,7 @@ def hf_logits(path, idx):
 def test_export_of_a_full_fine_tune(released_mpt, released_sft, tmp_path):
     out = tmp_path / 'run'
     run([*SMALL, f'--init_from={released_mpt}', f'--data_dir={released_sft}', f'--out_dir={out}', '--max_iters=2'])
-    r = export(f'--out_dir={out}', f'--hf_dir={tmp_path / "hf"}')
+    r = export(f'--out_dir={out}', f'--hf_dir={tmp_path / "hf"}', '--dtype=float32')
     assert r.returncode == 0, r.stderr
     # ours: the checkpoint's weights (read back independently of export.py) in model.py's MPT
     state = checkpoint_tensors(out / 'ckpt-000002', tmp_path)['model']
@@ -70,15 +71,14 @@ def lora_run_dirs(released_mpt, released_sft, tmp_path_factory):
 
 def lora_model(released_mpt, run_dir, tmp_path, quantize):
     """Ours: the released model with train.py's adapters (not merged) holding the run's trained values."""
-    import train
     info = json.loads((run_dir / 'ckpt-000002' / 'train.json').read_text())
     model = MPT.from_hf(released_mpt, attn_impl='torch', max_seq_len=32).float()
     lora = {**info['lora'], 'quantize_base': 'nf4' if quantize else ''}
-    train.add_lora(model, **lora)
+    add_lora(model, **lora)
     adapters = checkpoint_tensors(run_dir / 'ckpt-000002', tmp_path)['model']
-    assert adapters and all(train.is_adapter(k) for k in adapters)
+    assert adapters and all(is_adapter(k) for k in adapters)
     missing, unexpected = model.load_state_dict(adapters, strict=False)
-    assert not unexpected and all(not train.is_adapter(k) for k in missing)
+    assert not unexpected and all(not is_adapter(k) for k in missing)
     assert any(adapters[k].abs().max() > 0 for k in adapters if k.endswith('lora_B'))  # they trained
     return model.eval()
 
@@ -88,7 +88,7 @@ def test_export_of_a_lora_run_and_its_peft_adapter(released_mpt, lora_run_dirs, 
     peft = pytest.importorskip('peft')
     import transformers
     run_dir, hf, adapter = lora_run_dirs / kind, tmp_path / 'hf', tmp_path / 'adapter'
-    r = export(f'--out_dir={run_dir}', f'--hf_dir={hf}', f'--peft_dir={adapter}')
+    r = export(f'--out_dir={run_dir}', f'--hf_dir={hf}', f'--peft_dir={adapter}', '--dtype=float32')
     assert r.returncode == 0, r.stderr
     assert 'LoRA rank 4 merged' in r.stdout and ('NF4 base dequantized' in r.stdout) == (kind == 'qlora')
     idx = torch.randint(0, 500, (2, 32), generator=torch.Generator().manual_seed(1))
@@ -115,7 +115,7 @@ def test_export_of_a_lora_run_and_its_peft_adapter(released_mpt, lora_run_dirs, 
 
 def test_sample_py_samples_a_lora_run_as_its_export(lora_run_dirs, tmp_path):
     # ckpt.pt of a LoRA run holds the adapters: sample.py merges them into the base, as export.py does
-    assert export(f'--out_dir={lora_run_dirs / "qlora"}', f'--hf_dir={tmp_path / "hf"}').returncode == 0
+    assert export(f'--out_dir={lora_run_dirs / "qlora"}', f'--hf_dir={tmp_path / "hf"}', '--dtype=float32').returncode == 0
     common = ['--start=ROMEO:', '--num_samples=1', '--max_new_tokens=10', '--temperature=0', '--device=cpu',
               '--dtype=float32']
     runs = [subprocess.run([sys.executable, str(ROOT / 'sample.py'), *common, *args], capture_output=True,
