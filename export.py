@@ -33,6 +33,7 @@ import warnings
 from pathlib import Path
 
 import torch
+from torch.distributed.checkpoint.api import CheckpointException
 
 from configurator import configure
 from lora import merged_weights
@@ -207,9 +208,13 @@ def main():
                 if path:
                     refuse(path, what, Path(base), f"the Hugging Face model the run started from ({base})")
         try:
-            n_params, files, source = export(ckpt, info, *staging)
+            n_params, files, source = export(ckpt, info, staging[0], staging[1] if peft_out else None)
         except (ValueError, FileNotFoundError, RuntimeError) as e:
             fail(str(e))
+        except CheckpointException as e:  # DCP's: each rank's exception, with its traceback
+            cause = next(iter(e.failures.values()))[0]
+            fail(f"{ckpt} cannot be read ({type(cause).__name__}: {cause}): it is damaged; move it out of "
+                 f"{out_dir} to export the checkpoint before it")
         for path, done in zip((out, peft_out), staging):
             commit(done, path)
     finally:

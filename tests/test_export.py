@@ -3,6 +3,8 @@ in PEFT's format), checked against transformers (and peft) loading what it write
 the tiny "released" MPT of tests/conftest.py."""
 import json
 import os
+import re
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -10,6 +12,7 @@ from pathlib import Path
 import pytest
 import torch
 
+import train
 from lora import add_lora, is_adapter
 from model import MPT, MPTConfig
 from test_train import checkpoint_tensors, finish, run, start
@@ -55,6 +58,56 @@ def test_export_of_a_full_fine_tune(released_mpt, released_sft, tmp_path):
     assert r.returncode == 1 and 'is not a LoRA run (lora_rank=0)' in r.stderr and 'Traceback' not in r.stderr
     r = export(f'--out_dir={out}', f'--hf_dir={tmp_path / "hf"}')  # not over an earlier export
     assert r.returncode == 1 and 'is not empty: choose another folder or add --overwrite' in r.stderr
+    # by default bf16, as the released MPTs are; past max_shard_size in Hugging Face's numbered shards with their
+    # index, each weight the checkpoint's rounded to bf16, which transformers loads as the same model
+    from safetensors.torch import load_file
+    bf16 = tmp_path / 'bf16'
+    r = export(f'--out_dir={out}', f'--hf_dir={bf16}', '--max_shard_size=1000000')
+    files = sorted(p.name for p in bf16.glob('*.safetensors'))
+    assert r.returncode == 0 and f'bfloat16, {len(files)} weight files' in r.stdout, r.stdout + r.stderr
+    assert len(files) > 1 and files == [f'model-{k:05d}-of-{len(files):05d}.safetensors' for k in range(1, len(files) + 1)]
+    weight_map = json.loads((bf16 / 'model.safetensors.index.json').read_text())['weight_map']
+    assert sorted(weight_map) == sorted(state) and sorted(set(weight_map.values())) == files
+    for file in files:
+        tensors = load_file(bf16 / file)
+        assert (bf16 / file).stat().st_size <= 1_000_000 or len(tensors) == 1
+        for name, t in tensors.items():
+            assert weight_map[name] == file and torch.equal(t, state[name].to(torch.bfloat16)), name
+    assert json.loads((bf16 / 'config.json').read_text())['torch_dtype'] == 'bfloat16'
+    assert torch.allclose(hf_logits(bf16, idx), expected, atol=0.1, rtol=0)
+    # --overwrite replaces an earlier export whole (a stale shard of it goes too); on failure it stays as it was
+    (bf16 / 'model-00009-of-00009.safetensors').write_bytes(b'')
+    broken = tmp_path / 'broken'
+    shutil.copytree(out, broken)
+    (broken / 'ckpt-000002' / '__0_0.distcp').unlink()
+    before = {p.name: p.read_bytes() for p in bf16.iterdir()}
+    r = export(f'--out_dir={broken}', f'--hf_dir={bf16}', '--overwrite=True')
+    assert r.returncode == 1 and r.stderr.count('error:') == 1 and 'Traceback' not in r.stderr, r.stderr
+    assert 'ckpt-000002 cannot be read (FileNotFoundError' in r.stderr
+    assert {p.name: p.read_bytes() for p in bf16.iterdir()} == before
+    assert [p.name for p in tmp_path.iterdir() if 'export-tmp' in p.name] == []
+    r = export(f'--out_dir={out}', f'--hf_dir={bf16}', '--overwrite=True')
+    assert r.returncode == 0 and sorted(p.name for p in bf16.glob('*.safetensors')) == ['model.safetensors']
+    assert not (bf16 / 'model.safetensors.index.json').exists()
+    # --overwrite never replaces what export.py did not write, nor the run's out_dir or its base model
+    (tmp_path / 'mine').mkdir()
+    (tmp_path / 'mine' / 'notes.txt').write_text('mine')
+    started = tmp_path / 'started'  # the run as if started from a copy of the released model
+    shutil.copytree(released_mpt, tmp_path / 'base')
+    shutil.copytree(out, started)
+    info = json.loads((started / 'ckpt-000002' / 'train.json').read_text())
+    (started / 'ckpt-000002' / 'train.json').write_text(json.dumps({**info, 'started_from': str(tmp_path / 'base')}))
+    base_files = {p.name: p.read_bytes() for p in (tmp_path / 'base').iterdir()}
+    for run_dir, hf_dir, message in [
+            (out, tmp_path / 'mine', r"mine holds notes\.txt, which export\.py does not write: --overwrite replaces"),
+            (out, out, r"hf_dir=.*run is the run's out_dir"),
+            (out, tmp_path, r"is a folder holding the run's out_dir"),
+            (started, tmp_path / 'base', r"is the Hugging Face model the run started from")]:
+        r = export(f'--out_dir={run_dir}', f'--hf_dir={hf_dir}', '--overwrite=True')
+        assert r.returncode == 1 and r.stderr.count('error:') == 1 and 'Traceback' not in r.stderr, r.stderr
+        assert re.search(message, r.stderr), r.stderr
+    assert (tmp_path / 'mine' / 'notes.txt').read_text() == 'mine' and len(train.checkpoint_dirs(out)) == 1
+    assert {p.name: p.read_bytes() for p in (tmp_path / 'base').iterdir()} == base_files
 
 
 @pytest.fixture(scope='module')
@@ -131,7 +184,11 @@ def test_export_bad_input(tmp_path):
     cases = [([f'--out_dir={tmp_path / "empty"}', f'--hf_dir={tmp_path / "hf"}'], r"empty holds no checkpoint"),
              ([f'--out_dir={tmp_path / "nowhere"}', f'--hf_dir={tmp_path / "hf"}'], r"nowhere'?: no such folder"),
              ([f'--out_dir={tmp_path / "empty"}'], r"give --hf_dir=DIR"),
-             ([f'--out_dir={tmp_path / "empty"}', f'--hf_dir={tmp_path / "a_file"}'], r"a_file is a file: give a folder")]
+             ([f'--out_dir={tmp_path / "empty"}', f'--hf_dir={tmp_path / "a_file"}'], r"a_file is a file: give a folder"),
+             ([f'--out_dir={tmp_path / "empty"}', f'--hf_dir={tmp_path / "a_file" / "hf"}'],
+              r"a_file/hf: cannot write there \(Not a directory\)"),
+             ([f'--out_dir={tmp_path / "empty"}', f'--hf_dir={tmp_path / "hf"}', '--dtype=float16'],
+              r"dtype='float16': use 'bfloat16' or 'float32'")]
     (tmp_path / 'a_file').write_text('')
     for args, message in cases:
         r = export(*args)
