@@ -12,9 +12,11 @@ Several nodes: the same command on every node, all pointing at one rendezvous ho
 (torchrun numbers the processes; out_dir must be on a filesystem that every node sees):
     torchrun --nnodes=4 --nproc_per_node=8 --rdzv_backend=c10d --rdzv_endpoint=10.0.0.1:29500 \
         --rdzv_id=mpt-1b train.py config/mpt_1b.py
+and with --dp_replicate=4 (HSDP) each node shards one copy of the model and the nodes only all-reduce gradients.
 Continue from the newest checkpoint in out_dir, on any number of processes that divides the batch:
     torchrun ... train.py config/mpt_1b.py --init_from=resume
-Fine-tune a Hugging Face MPT: --init_from=path/to/mpt-7b (a save_pretrained directory).
+Fine-tune a Hugging Face MPT: --init_from=path/to/mpt-7b (a save_pretrained directory); with --lora_rank, LoRA
+(lora.py). Each process reads only its own shards of it.
 Preemption: on SIGTERM the run finishes its step, saves a checkpoint and exits 0. The scheduler's grace
 period must cover a step and a save; torchrun, itself sent SIGTERM, gives its workers 30 seconds.
 

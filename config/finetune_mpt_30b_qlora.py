@@ -1,10 +1,11 @@
 # QLoRA fine-tuning of MPT-30B (29,957,200,896 parameters, vocab 50432) on your own prompt/response data:
 # the frozen base in 4-bit NF4 (torchao: pip install torchao), rank-64 adapters on every linear layer, as in
-# the QLoRA paper. Hardware: one 80 GB GPU (A100/H100 80GB). train.py's memory plan at start estimates 35 GB
-# for batch_size=4 at 2048 tokens with activation checkpointing: base 16.7 GB (29.6B linear weights at 4.13
-# bits, the 0.36B embedding in fp32), adapters + Lion 4.2 GB (352M parameters x 12 bytes), activations 11.8 GB,
-# gathered blocks 1.9 GB; the README shows the arithmetic. Loading needs about 60 GB of host memory (the bf16
-# checkpoint, quantized tensor by tensor on the GPU).
+# the QLoRA paper. Hardware: one 48 GB GPU (or 80 GB). train.py's memory plan at start estimates 33.9 GB for
+# batch_size=4 at 2048 tokens with activation checkpointing: base 16.0 GB (29.6B linear weights at 4.13 bits,
+# the 0.36B embedding in bf16), adapters + Lion 4.2 GB (352M parameters x 12 bytes), activations 11.8 GB,
+# gathered blocks 1.9 GB (batch_size=1: 25.0 GB); the README shows the arithmetic. Estimates from the shapes, not
+# yet measured on a GPU. Loading reads each process's rows of mpt-30b tensor by tensor and quantizes them on the
+# GPU: host memory beyond that is about one tensor (under 1 GB), not the 60 GB checkpoint.
 #   python prepare.py --input=my_data.jsonl --tokenizer=mpt-30b --out_dir=data/my_data
 #   python train.py config/finetune_mpt_30b_qlora.py --data_dir=data/my_data
 #   python export.py --out_dir=out-mpt-30b-qlora --hf_dir=mpt-30b-mine --peft_dir=mpt-30b-mine-adapter

@@ -1,8 +1,10 @@
 # LoRA fine-tuning of MPT-7B (6,649,286,656 parameters, vocab 50432) on your own prompt/response data
-# (.jsonl records {"prompt": ..., "response": ...}, llm-foundry's format). Hardware: one 80 GB GPU (A100/H100
-# 80GB): train.py's memory plan at start estimates 35 GB for batch_size=4 at 2048 tokens (frozen fp32 base
-# 26.6 GB, adapters + Lion 0.4 GB, activations 7.4 GB, gathered blocks 0.8 GB); on a 40 GB GPU use
-# --batch_size=1 --gradient_accumulation_steps=64 (about 30 GB), or QLoRA with --quantize_base=nf4 (about 13 GB).
+# (.jsonl records {"prompt": ..., "response": ...}, llm-foundry's format). Hardware: one 48 GB GPU (or 80 GB):
+# train.py's memory plan at start estimates 21.9 GB for batch_size=4 at 2048 tokens (frozen base in bf16 13.3 GB,
+# adapters + Lion 0.4 GB, activations 7.4 GB, gathered blocks 0.8 GB); on a 24 GB GPU use --batch_size=1
+# --gradient_accumulation_steps=64 (16.4 GB), or QLoRA with --quantize_base=nf4 (12.2 GB at batch_size=4).
+# Estimates from the shapes, not yet measured on a GPU. Loading reads only each process's rows of mpt-7b, tensor
+# by tensor: host memory beyond the process's shards is about one tensor (under 0.5 GB).
 #   python prepare.py --input=my_data.jsonl --tokenizer=mpt-7b --out_dir=data/my_data
 #   python train.py config/finetune_mpt_7b.py --data_dir=data/my_data
 #   python export.py --out_dir=out-mpt-7b-lora --hf_dir=mpt-7b-mine    # then: python sample.py --init_from=mpt-7b-mine
