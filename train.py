@@ -435,13 +435,26 @@ def lion_step(params, grads, exp_avgs, lr, beta1, beta2, weight_decay, peak_lr, 
         one_minus_beta2 = 1 - beta2
     if weight_decay and peak_lr:
         torch._foreach_mul_([p for p in params if p.ndim >= 2], 1 - weight_decay * lr / peak_lr)
-    update = torch._foreach_mul(exp_avgs, beta1)
-    torch._foreach_add_(update, grads, alpha=1 - beta1)
-    torch._foreach_sign_(update)
-    torch._foreach_mul_(update, -lr)  # exact: the update is -1, 0 or 1
-    torch._foreach_add_(params, update)
+    for a, b in chunks(params):  # the update's temporaries are a chunk's, not another copy of the model
+        update = torch._foreach_mul(exp_avgs[a:b], beta1)
+        torch._foreach_add_(update, grads[a:b], alpha=1 - beta1)
+        torch._foreach_sign_(update)
+        torch._foreach_mul_(update, -lr)  # exact: the update is -1, 0 or 1
+        torch._foreach_add_(params[a:b], update)
     torch._foreach_mul_(exp_avgs, beta2)
     torch._foreach_add_(exp_avgs, grads, alpha=one_minus_beta2)
+
+
+def chunks(tensors, size=1 << 26):
+    """(start, stop) of consecutive runs of tensors holding about size values each (a larger tensor alone)."""
+    start, n = 0, 0
+    for i, t in enumerate(tensors):
+        if i > start and n + t.numel() > size:
+            yield start, i
+            start, n = i, 0
+        n += t.numel()
+    if tensors:
+        yield start, len(tensors)
 
 
 def get_lr(it, learning_rate, min_lr, warmup_iters, lr_decay_iters):
