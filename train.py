@@ -435,18 +435,24 @@ def lion_step(params, grads, exp_avgs, lr, beta1, beta2, weight_decay, peak_lr, 
         one_minus_beta2 = 1 - beta2
     if weight_decay and peak_lr:
         torch._foreach_mul_([p for p in params if p.ndim >= 2], 1 - weight_decay * lr / peak_lr)
-    for a, b in chunks(params):  # the update's temporaries are a chunk's, not another copy of the model
-        update = torch._foreach_mul(exp_avgs[a:b], beta1)
-        torch._foreach_add_(update, grads[a:b], alpha=1 - beta1)
+    # the update goes through pieces of at most LION_PIECE values, so that its temporaries are a piece's, not
+    # another copy of the model (each tensor is contiguous: FSDP's shards, and their gradients)
+    P, G, M = ([piece for t in ts for piece in t.view(-1).split(LION_PIECE)] for ts in (params, grads, exp_avgs))
+    for a, b in chunks(P, LION_PIECE):
+        update = torch._foreach_mul(M[a:b], beta1)
+        torch._foreach_add_(update, G[a:b], alpha=1 - beta1)
         torch._foreach_sign_(update)
         torch._foreach_mul_(update, -lr)  # exact: the update is -1, 0 or 1
-        torch._foreach_add_(params[a:b], update)
+        torch._foreach_add_(P[a:b], update)
     torch._foreach_mul_(exp_avgs, beta2)
     torch._foreach_add_(exp_avgs, grads, alpha=one_minus_beta2)
 
 
-def chunks(tensors, size=1 << 26):
-    """(start, stop) of consecutive runs of tensors holding about size values each (a larger tensor alone)."""
+LION_PIECE = 1 << 24  # values per piece of Lion's update (64 MB of fp32 temporaries)
+
+
+def chunks(tensors, size):
+    """(start, stop) of consecutive runs of tensors holding at most size values each (a larger tensor alone)."""
     start, n = 0, 0
     for i, t in enumerate(tensors):
         if i > start and n + t.numel() > size:

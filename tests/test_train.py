@@ -2,7 +2,6 @@
 sampler, bad inputs, SIGTERM, a NaN loss, llm.c shards, Hugging Face init, and learning on tiny Shakespeare.
 The data is written here with numpy (no prepare.py); train.py runs as a subprocess, as a user runs it."""
 import dataclasses
-import functools
 import json
 import math
 import os
@@ -258,24 +257,21 @@ def test_lion_step_is_the_paper_update():
         assert torch.allclose(p, rp, atol=1e-6) and torch.allclose(m, rm, atol=1e-7)
 
 
-def test_lion_step_in_chunks_is_the_same_update(monkeypatch):
-    # lion_step updates in chunks of tensors (temporaries of one chunk, not a copy of the model): bit for bit the
-    # update of all at once
+def test_lion_step_in_pieces_is_the_same_update(monkeypatch):
+    # lion_step updates pieces of LION_PIECE values at a time (its temporaries are a piece's, not a copy of the
+    # model): bit for bit the update of all at once
     g = torch.Generator().manual_seed(0)
     shapes = [(7, 5), (5,), (3, 4, 2), (1,), (64,)]
-    make = lambda: [[torch.randn(s, generator=g) for s in shapes] for _ in range(3)]
-    params, grads, exp_avgs = make()
+    params, grads, exp_avgs = [[torch.randn(s, generator=g) for s in shapes] for _ in range(3)]
+    assert list(train.chunks([torch.empty(n) for n in (35, 5, 24, 1, 40, 40, 41)], 40)) == \
+        [(0, 2), (2, 4), (4, 5), (5, 6), (6, 7)]
     results = []
-    for size in (1 << 26, 40):  # one chunk; chunks of about 40 values: [(7, 5), (5,)], [(3, 4, 2), (1,)], [(64,)]
-        assert len(list(chunks(params, size))) == (1 if size > 100 else 3)
-        monkeypatch.setattr(train, 'chunks', functools.partial(chunks, size=size))
+    for piece in (1 << 24, 40):  # all in one piece; in pieces of 40 values or fewer (the 35 of (7, 5)...)
+        monkeypatch.setattr(train, 'LION_PIECE', piece)
         p, m = [t.clone() for t in params], [t.clone() for t in exp_avgs]
         train.lion_step(p, grads, m, 0.01, 0.9, 0.99, 0.1, 0.01)
         results.append(p + m)
     assert all(torch.equal(a, b) for a, b in zip(*results))
-
-
-chunks = train.chunks
 
 
 class _InfGrad(torch.autograd.Function):
