@@ -191,8 +191,9 @@ def linear_shapes(config):
 
 def memory_plan(config, lora, batch_size, seq_len, activation_checkpointing, dtype, shards):
     """One process's memory for a LoRA/QLoRA run, estimated from the shapes (GB = 1e9 bytes): the frozen
-    base over the `shards` processes that split it (in the compute dtype; NF4: 4 bits a weight, an 8-bit scale
-    per 64 and an fp32 factor per 256 scales), the adapters with their gradients and Lion momentum (fp32 each),
+    base in the compute dtype, its linear weights split over the `shards` processes that shard a copy of the model
+    (NF4: 4 bits a weight, an 8-bit scale per 64 and an fp32 factor per 256 scales), its embedding and final norm
+    whole on each (train.py's setup_model), the adapters with their gradients and Lion momentum (fp32 each),
     the activations of one micro-batch, and the blocks FSDP has all-gathered (this one and the one prefetched).
     Activations follow Korthikanti et al. (2022), about 17 values a token per d_model per layer with flash
     attention; with activation checkpointing only each block's input is kept, plus one block's inside while it
@@ -204,7 +205,7 @@ def memory_plan(config, lora, batch_size, seq_len, activation_checkpointing, dty
     other = V * d + (2 * L + 1) * d
     adapters = L * sum(lora['rank'] * sum(shapes[t]) for t in lora['targets'])
     nf4_bytes = 0.5 + 1 / NF4_BLOCK + 4 / (NF4_BLOCK * NF4_SCALER_BLOCK)
-    base = (linear * (nf4_bytes if lora['quantize_base'] else act) + other * act) / shards
+    base = linear * (nf4_bytes if lora['quantize_base'] else act) / shards + other * act
     trained = adapters * 12 / shards
     tokens = batch_size * seq_len
     per_block = tokens * d * 17 * act

@@ -339,9 +339,14 @@ def setup_model(config, mesh, dtype='bfloat16', activation_checkpointing=False, 
         mp = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
     else:
         mp = MixedPrecisionPolicy()  # no casts: pure fp32
-    # NF4 weights not split among processes stay out of FSDP: its world-of-one shortcut copies a single
-    # all-gather input, and an NF4 tensor has three (torch 2.13); split, FSDP2 shards them through torchao's hooks
+    # Not sharded: NF4 weights not split among processes (FSDP's world-of-one shortcut copies a single all-gather
+    # input, and an NF4 tensor has three (torch 2.13); split, FSDP2 shards them through torchao's hooks); and a
+    # LoRA run's frozen embedding and final norm: FSDP's root would hold them whole from the forward to the end of
+    # the backward anyway (the embedding is the output head too), so sharding them would only add an all-gather
+    # and its buffers each step
     ignored = {p for p in model.parameters() if is_nf4(p)} if mesh.size(mesh.ndim - 1) == 1 else set()
+    if lora:
+        ignored |= set(model.transformer.wte.parameters()) | set(model.transformer.norm_f.parameters())
     for block in model.transformer.blocks:
         fully_shard(block, mesh=mesh, mp_policy=mp, ignored_params=ignored)
     fully_shard(model, mesh=mesh, mp_policy=mp, ignored_params=ignored)  # also moves a CPU-built model's shards

@@ -79,6 +79,9 @@ n_heads = 16
 vocab_size = 50432  # MPT-7B's
 runs = ['full1', 'full2', 'lora1', 'lora2', 'qlora1', 'qlora2', 'export_full1', 'export_lora1', 'export_qlora1']
 lora_rank = 8
+malloc_mmap_threshold = 0  # > 0: glibc's MALLOC_MMAP_THRESHOLD_ for the runs, which then hand freed blocks of this
+# many bytes and more back at once, as glibc does by itself above 32 MB (a 7B model's tensors are larger; this
+# model's are not, and the blocks it keeps for reuse show in RSS); 0: glibc's default
 json = ''  # also write the table to this file
 configure(globals(), sys.argv[1:])
 # -----------------------------------------------------------------------------
@@ -112,8 +115,10 @@ def launch(script, args, procs, report):
     launcher = [sys.executable] if procs == 1 else \
         [sys.executable, '-m', 'torch.distributed.run', '--standalone', f'--nproc_per_node={procs}']
     cmd = [*launcher, str(Path(__file__).resolve()), f'--child={script}', *args]
-    r = subprocess.run(cmd, capture_output=True, text=True,
-                       env={**os.environ, 'MEMORY_REPORT': str(report), 'OMP_NUM_THREADS': '1'})
+    env = {**os.environ, 'MEMORY_REPORT': str(report), 'OMP_NUM_THREADS': '1'}
+    if malloc_mmap_threshold:
+        env['MALLOC_MMAP_THRESHOLD_'] = str(malloc_mmap_threshold)
+    r = subprocess.run(cmd, capture_output=True, text=True, env=env)
     if r.returncode != 0:
         sys.exit(f"error: {' '.join(cmd)} failed:\n{r.stdout[-2000:]}{r.stderr[-3000:]}")
     return [json_module.loads((report / f'{Path(script).stem}.{rank}.json').read_text())['hwm']
@@ -129,7 +134,8 @@ def main():
     with safe_open(str(model / 'model.safetensors'), 'pt') as f:
         n_params = sum(torch.Size(f.get_slice(k).get_shape()).numel() for k in f.keys())
     print(f"{model}: {n_params / 1e6:.0f}M parameters, {ckpt_bytes / 1e6:.0f} MB on disk; torch {torch.__version__}, "
-          f"{platform.processor() or platform.machine()}, {os.cpu_count()} CPUs", flush=True)
+          f"{platform.processor() or platform.machine()}, {os.cpu_count()} CPUs; glibc malloc "
+          + (f"MALLOC_MMAP_THRESHOLD_={malloc_mmap_threshold}" if malloc_mmap_threshold else "defaults"), flush=True)
     imports = {script: launch(script, ['--import_only'], 1, path / 'report')[0][0] for script in ('train.py', 'export.py')}
     print(f"importing torch and train.py: {imports['train.py'] / 1e9:.2f} GB; export.py: "
           f"{imports['export.py'] / 1e9:.2f} GB", flush=True)
@@ -162,7 +168,8 @@ def main():
               f"| {fmt(row['x_checkpoint'], '{:.2f}')} | {row['seconds']:.0f} |", flush=True)
     if json:
         Path(json).write_text(json_module.dumps(dict(checkpoint_bytes=ckpt_bytes, parameters=n_params, imports=imports,
-                                                     torch=torch.__version__, rows=rows), indent=1) + '\n')
+                                                     torch=torch.__version__, malloc_mmap_threshold=malloc_mmap_threshold,
+                                                     rows=rows), indent=1) + '\n')
 
 
 if __name__ == '__main__':
