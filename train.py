@@ -310,7 +310,8 @@ def check_tokenizer(meta, meta_path, base):
     same vocabulary size and end-of-text id as prepare.py --tokenizer=base would."""
     redo = f"re-run `python prepare.py ... --tokenizer={base}` for this data"
     if not os.path.isfile(os.path.join(base, 'tokenizer.json')):
-        return None, f"warning: {base} has no tokenizer.json, so the data's tokenizer cannot be checked against the model's"
+        return None, (f"warning: {base} has no tokenizer.json, so the data's tokenizer cannot be checked against the "
+                      f"model's")
     if not meta:
         return None, (f"warning: {meta_path} does not exist, so the data's tokenizer cannot be checked against the "
                       f"model's: unless the data was prepared with --tokenizer={base}, {redo}")
@@ -329,8 +330,9 @@ def check_tokenizer(meta, meta_path, base):
             same = json.load(a) == json.load(b)  # the content, whatever the formatting
     except (OSError, ValueError):
         same = None  # gone since: only the numbers below can be compared
-    differ = [f"{what} {meta.get(key)} vs {value}" for what, key, value in
-              (('vocab_size', 'vocab_size', vocab_size), ('end-of-text id', 'eot_token', eot)) if meta.get(key) != value]
+    differ = [f"{what} {meta.get(key)} vs {value}" for what, key, value in (('vocab_size', 'vocab_size', vocab_size),
+                                                                          ('end-of-text id', 'eot_token', eot))
+              if meta.get(key) != value]
     if same is False or differ:
         return (f"{meta_path}: the data was tokenized with {theirs}, not with {base}'s own tokenizer "
                 f"({', '.join(differ) or 'their tokenizer.json files differ'}): {redo}"), None
@@ -805,7 +807,8 @@ def lock_out_dir(out_dir):
             if alive or not here:
                 os.close(fd)
                 what = "wait for it to end" if alive else f"if that run has ended, delete {path}"
-                return f"{out_dir} is in use by another run ({_describe(holder)}): {what}, or choose another out_dir", None
+                return (f"{out_dir} is in use by another run ({_describe(holder)}): {what}, or choose another "
+                        f"out_dir"), None
             note = f"note: {path} was left by a run that has ended ({_describe(holder)}); this run takes it over"
         me = dict(host=socket.gethostname(), pid=os.getpid(), started=time.strftime('%Y-%m-%d %H:%M:%S %Z'),
                   pid_start=_process_start(os.getpid()), command=' '.join(sys.argv))
@@ -895,8 +898,9 @@ def choose_resume(out_dir, step):
     if problem:
         good = next((d for d in reversed(dirs) if step_of(d) < step_of(path) and not verify_checkpoint(d)[0]), None)
         fail(f"{path} cannot be resumed: {problem}. " + (
-            f"The newest complete checkpoint is {good}: resume it with --init_from=resume --resume_step={step_of(good)} "
-            f"(the checkpoints after it are then moved into {out_dir}/superseded/)" if good else
+            f"The newest complete checkpoint is {good}: resume it with --init_from=resume "
+            f"--resume_step={step_of(good)} (the checkpoints after it are then moved into {out_dir}/superseded/)"
+            if good else
             f"No checkpoint before it in {out_dir} is complete either"))
     try:
         with open(os.path.join(path, 'train.json')) as f:
@@ -975,16 +979,17 @@ def _failure(e):
 
 def _save_failed(out_dir, partial, what, need, error, full):
     """The line for a save that failed, after removing what it wrote (partial, a folder or a file). A disk with
-    under 1 MB left is full whatever the error said; a full one needed more than it held: what was written and
-    what was left."""
+    under 1 MB left is full whatever the error said, and the save needed more than it held: what was written
+    and what was left."""
     free = shutil.disk_usage(out_dir).free
-    full = full or free < 1e6
+    written = _dir_bytes(partial) if os.path.isdir(partial) else \
+        os.path.getsize(partial) if os.path.exists(partial) else 0
+    if free < 1e6:
+        full, need = True, max(need, written + free)
     if os.path.isdir(partial):
-        need = max(need, _dir_bytes(partial) + free)
         shutil.rmtree(partial, ignore_errors=True)
     else:
         with contextlib.suppress(OSError):
-            need = max(need, os.path.getsize(partial) + free)
             os.unlink(partial)
     dirs = checkpoint_dirs(out_dir)
     kept = f"{dirs[-1]} and the checkpoints before it are intact" if dirs else "there is no earlier checkpoint"
@@ -1144,7 +1149,8 @@ if __name__ == '__main__':
     if dtype not in ('bfloat16', 'float32'):
         fail(f"dtype={dtype!r}: use 'bfloat16' (bf16 matmuls, fp32 master weights) or 'float32'")
     if resume_step != -1 and init_from != 'resume':
-        fail(f"resume_step={resume_step} picks the checkpoint that init_from='resume' continues: add --init_from=resume")
+        fail(f"resume_step={resume_step} picks the checkpoint that init_from='resume' continues: add "
+             f"--init_from=resume")
     rank, world_size, device, mesh = init_distributed(device)
     master = rank == 0
     # one run per out_dir, from here to the end (lock_out_dir); what out_dir holds is looked at only once it is ours

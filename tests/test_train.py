@@ -436,7 +436,8 @@ def test_two_runs_on_one_out_dir_the_second_is_refused(straight, shakespeare, tm
     stderr = refused[0][2]
     assert 'Traceback' not in stderr and stderr.count('error:') == 1, stderr
     assert re.search(rf"{re.escape(str(out))} is in use by another run \(host {re.escape(os.uname().nodename)}, "
-                     rf"pid {ok[0]}, started 20\d\d-.*\): wait for it to end, or choose another out_dir", stderr), stderr
+                     rf"pid {ok[0]}, started 20\d\d-.*\): wait for it to end, or choose another out_dir",
+                     stderr), stderr
     steps_once(out)
     assert metrics(out) == metrics(straight)
     assert [Path(d).name for d in train.checkpoint_dirs(out)] == ['ckpt-000003', 'ckpt-000006']
@@ -647,13 +648,15 @@ def test_check_tokenizer_compares_content_vocabulary_and_end_of_text(released_mp
         f"(their tokenizer.json files differ): {redo}", None)
     copy = tmp_path / 'copy'  # the same tokenizer elsewhere, formatted otherwise: the same
     copy.mkdir()
-    (copy / 'tokenizer.json').write_text(json.dumps(json.loads((released_mpt / 'tokenizer.json').read_text()), indent=4))
-    assert train.check_tokenizer({**meta, 'tokenizer_file': str(copy / 'tokenizer.json')}, meta_path, base) == (None, None)
+    original = json.loads((released_mpt / 'tokenizer.json').read_text())
+    (copy / 'tokenizer.json').write_text(json.dumps(original, indent=4))
+    same = {**meta, 'tokenizer_file': str(copy / 'tokenizer.json')}
+    assert train.check_tokenizer(same, meta_path, base) == (None, None)
     problem, _ = train.check_tokenizer({**meta, 'eot_token': 3}, meta_path, base)
     assert problem.endswith("own tokenizer (end-of-text id 3 vs 0): " + redo)
     gone = {**meta, 'tokenizer_file': str(tmp_path / 'gone' / 'tokenizer.json')}
-    assert train.check_tokenizer(gone, meta_path, base)[1].startswith(f"warning: {meta_path} says the data was "
-                                                                      f"tokenized with {gone['tokenizer_file']}, which is gone")
+    assert train.check_tokenizer(gone, meta_path, base)[1].startswith(
+        f"warning: {meta_path} says the data was tokenized with {gone['tokenizer_file']}, which is gone")
     problem, _ = train.check_tokenizer({**gone, 'vocab_size': 600}, meta_path, base)
     assert "(vocab_size 600 vs 500)" in problem
     old = {k: v for k, v in meta.items() if k not in ('tokenizer', 'tokenizer_file')}  # an older prepare.py's
@@ -719,6 +722,29 @@ def test_a_full_disk_during_a_save_removes_it_and_keeps_the_others(group_of_one,
                         rf"{re.escape(str(out / 'ckpt-000001'))} and the checkpoints before it are intact: free some "
                         rf"space, then continue with --init_from=resume\n", stderr), stderr
     assert sorted(p.name for p in out.iterdir()) == ['ckpt-000001'] and files_of(out) == before
+    # ckpt.pt likewise (written through a file object, a full disk is an OSError there), and it carries the CRC
+    # of its tensors
+    monkeypatch.undo()
+    train.save_for_sampling(str(out / 'ckpt.pt'), model, dict(iter_num=1))
+    good = (out / 'ckpt.pt').read_bytes()
+    saved = torch.load(out / 'ckpt.pt')
+    assert saved['crc32'] == checkpoints.state_crc(saved['model']) != checkpoints.state_crc(
+        {k: v + (k == 'transformer.wte.weight') for k, v in saved['model'].items()})
+
+    def full_disk_torch_save(obj, f):
+        f.write(b'x' * 1000)
+        raise OSError(errno.ENOSPC, 'No space left on device')
+    monkeypatch.setattr(train.torch, 'save', full_disk_torch_save)
+    with pytest.raises(SystemExit):
+        train.save_for_sampling(str(out / 'ckpt.pt'), model, dict(iter_num=2))
+    stderr = capsys.readouterr().err
+    assert re.fullmatch(rf"error: disk full while writing {re.escape(str(out / 'ckpt.pt'))}: .* has [\d.]+ [kMGT]B "
+                        rf"free with the partial save removed, and it needs more than [\d.]+ [kMGT]B; .*ckpt-000001 "
+                        rf"and the checkpoints before it are intact: free some space, then continue with "
+                        rf"--init_from=resume\n",
+                        stderr), stderr
+    assert sorted(p.name for p in out.iterdir()) == ['ckpt-000001', 'ckpt.pt']
+    assert (out / 'ckpt.pt').read_bytes() == good
 
 
 @pytest.fixture
@@ -749,8 +775,8 @@ def test_a_full_disk_is_one_line_and_loses_nothing(straight, shakespeare, tmpfs)
     (rc1, _, err1), (rc2, _, err2) = [finish(p, expect_ok=False) for p in procs]
     assert rc1 == 1 and 'Traceback' not in err1 and err1.count('error:') == 1, err1
     assert re.search(rf"error: disk full while writing checkpoint ckpt-000003: {re.escape(str(during / 'out'))} has "
-                     rf"2\d\d\.\d kB free with the partial save removed, and it needs more than 2\d\d\.\d kB; there is no "
-                     rf"earlier checkpoint: free some space, then start the run again\n", err1), err1
+                     rf"2\d\d\.\d kB free with the partial save removed, and it needs more than 2\d\d\.\d kB; there "
+                     rf"is no earlier checkpoint: free some space, then start the run again\n", err1), err1
     assert sorted(p.name for p in (during / 'out').iterdir()) == ['metrics.jsonl']  # the partial save is gone
     assert rc2 == 1 and 'Traceback' not in err2 and err2.count('error:') == 1, err2
     assert re.search(rf"error: disk full: {re.escape(str(before / 'out'))} has 2\d\d\.\d kB free, and checkpoint "
@@ -1116,6 +1142,8 @@ def lora_bad(kind, released_mpt, released_sft, lora_runs, d):
             info = json.loads((Path(ckpt) / 'train.json').read_text())
             info['base']['path'] = str(d / 'base')
             (Path(ckpt) / 'train.json').write_text(json.dumps(info))
+            files = checkpoints.read_manifest(ckpt)  # re-signed: a train.json changed by hand is damage otherwise
+            checkpoints.write_manifest(ckpt, {**files, 'train.json': checkpoints.file_crc(Path(ckpt) / 'train.json')})
         (d / 'base' / 'model.safetensors').write_bytes((d / 'base' / 'model.safetensors').read_bytes() + b'\0')
         return [*common, '--init_from=resume', '--max_iters=8'], {}
     raise ValueError(kind)
