@@ -4,9 +4,9 @@ standard library alone.
 
 train.py writes a sharded checkpoint as out_dir/ckpt-NNNNNN.tmp/ and renames it to ckpt-NNNNNN/ once whole. Its
 manifest.json, written last, gives each file's size and CRC-32s (one per PIECE bytes) as computed by the process
-that wrote the file (DCP's shards by their rank; .metadata and train.json by rank 0), and a CRC-32 of itself. verify() checks a
-checkpoint against it before anything is read from it: a truncated or overwritten file is then one clear line
-that names it, not a traceback from deep inside torch, a NaN loss, or a silently different model.
+that wrote the file (DCP's shards by their rank; .metadata and train.json by rank 0), and a CRC-32 of itself.
+verify() checks a checkpoint against it before anything is read from it: a truncated or overwritten file is then
+one clear line that names it, not a traceback from deep inside torch, a NaN loss, or a silently different model.
 ckpt.pt (one file, for sample.py) carries the CRC-32 of its tensors' bytes instead: see state_crc.
 
 CRC-32 finds accidental damage (truncation, a flipped bit, a block of someone else's bytes), not tampering, which
