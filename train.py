@@ -775,11 +775,12 @@ def lock_out_dir(out_dir):
     when its holder dies, however it dies, so a lock file left by a killed run of this host is taken over, with
     a note. Returns (problem, note), each one line or None.
     out_dir shared by nodes: NFS (v4, or v3 with lockd) turns flock into a whole-file lock that every client sees,
-    and Lustre does when mounted with -o flock, so two runs on any nodes exclude each other; a dead node's lock
-    lapses with its NFS lease. Where the filesystem has no locks (flock fails: Lustre's -o noflock) the file alone
-    decides: a live process of this host named in it holds out_dir. A lock file left by a run of another host is
-    never taken over, since from here it cannot be told whether that run lives (with Lustre's -o localflock or
-    NFS's local_lock it may): the line says to delete the file once that run has ended."""
+    and Lustre does when mounted with -o flock, so two runs on any nodes exclude each other (NFS v4 drops a dead
+    node's locks when its lease lapses, about 90 s). Where the filesystem has no locks (flock fails: Lustre's -o
+    noflock) the file alone decides, a check rather than a lock: a live process of this host named in it holds
+    out_dir. A lock file left by a run of another host is never taken over, since from here it cannot be told
+    whether that run lives (with Lustre's -o localflock or NFS's local_lock it may): the line says to delete the
+    file once that run has ended."""
     global _lock
     created = not os.path.isdir(out_dir)
     path = os.path.join(out_dir, 'train.lock')
@@ -929,7 +930,7 @@ def set_aside(out_dir, step):
     if not later:
         return None
     aside = os.path.join(out_dir, 'superseded', time.strftime('%Y%m%d-%H%M%S'))
-    os.makedirs(aside)
+    os.makedirs(aside, exist_ok=True)
     for path in later:
         os.rename(path, os.path.join(aside, os.path.basename(path)))
     return aside
@@ -1105,7 +1106,7 @@ def save_for_sampling(path, model, extra):
     """out_dir/ckpt.pt, one file that sample.py reads with plain torch.load: full fp32 weights (gathered on
     rank 0's CPU) and the MPTConfig, written to a temporary name and renamed. A LoRA run's holds only the
     adapters ('adapters'; extra says 'lora' and 'base'): sample.py merges them into the base. 'crc32' is the
-    tensors' checkums.state_crc, for a reader to check them against. A full disk is one line, as for
+    tensors' checkpoints.state_crc, for a reader to check them against. A full disk is one line, as for
     save_checkpoint, with the previous ckpt.pt intact."""
     lora = any(not p.requires_grad for p in model.parameters())
     options = StateDictOptions(full_state_dict=True, cpu_offload=True, ignore_frozen_params=lora)
