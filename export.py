@@ -35,6 +35,7 @@ from pathlib import Path
 import torch
 from torch.distributed.checkpoint.api import CheckpointException
 
+from checkpoints import checkpoint_dirs, verify
 from configurator import configure
 from lora import merged_weights
 from model import MPT, MPTConfig, save_hf_weights
@@ -78,18 +79,21 @@ def checkpoint_tensors(path, names=None, dtype=None):
 
 
 def run_info(out_dir):
-    """(newest checkpoint directory, its train.json)."""
+    """(newest checkpoint directory, its train.json), the checkpoint checked whole against its manifest."""
     if not os.path.isdir(out_dir):
         fail(f"out_dir={out_dir!r}: no such folder; point --out_dir at a training run")
-    dirs = sorted((d for d in Path(out_dir).glob('ckpt-*') if d.is_dir() and d.name[5:].isdigit()),
-                  key=lambda d: int(d.name[5:]))  # complete ones: a save in progress is ckpt-NNNNNN.tmp
+    dirs = checkpoint_dirs(out_dir)
     if not dirs:
         fail(f"{out_dir} holds no checkpoint (ckpt-NNNNNN/): train.py writes one every eval_interval steps and "
              f"at the end; export.py exports the newest")
+    ckpt = Path(dirs[-1])
+    problem, _ = verify(ckpt)
+    if problem:
+        fail(f"{ckpt} is damaged ({problem}): move it out of {out_dir} to export the checkpoint before it")
     try:
-        return dirs[-1], json.loads((dirs[-1] / 'train.json').read_text())
+        return ckpt, json.loads((ckpt / 'train.json').read_text())
     except (OSError, ValueError) as e:
-        fail(f"{dirs[-1]}/train.json is unreadable ({e}): not a checkpoint written by train.py")
+        fail(f"{ckpt}/train.json is unreadable ({e}): not a checkpoint written by train.py")
 
 
 def tokenizer_source(info):
@@ -211,7 +215,7 @@ def main():
             n_params, files, source = export(ckpt, info, staging[0], staging[1] if peft_out else None)
         except (ValueError, FileNotFoundError, RuntimeError) as e:
             fail(str(e))
-        except CheckpointException as e:  # DCP's: each rank's exception, with its traceback
+        except CheckpointException as e:  # DCP's (a checkpoint from before manifests): each rank's exception
             cause = next(iter(e.failures.values()))[0]
             fail(f"{ckpt} cannot be read ({type(cause).__name__}: {cause}): it is damaged; move it out of "
                  f"{out_dir} to export the checkpoint before it")

@@ -12,6 +12,7 @@ from pathlib import Path
 import pytest
 import torch
 
+import checkpoints
 import train
 from lora import add_lora, is_adapter
 from model import MPT, MPTConfig
@@ -83,7 +84,7 @@ def test_export_of_a_full_fine_tune(released_mpt, released_sft, tmp_path):
     before = {p.name: p.read_bytes() for p in bf16.iterdir()}
     r = export(f'--out_dir={broken}', f'--hf_dir={bf16}', '--overwrite=True')
     assert r.returncode == 1 and r.stderr.count('error:') == 1 and 'Traceback' not in r.stderr, r.stderr
-    assert 'ckpt-000002 cannot be read (FileNotFoundError' in r.stderr
+    assert 'ckpt-000002 is damaged (__0_0.distcp is missing)' in r.stderr
     assert {p.name: p.read_bytes() for p in bf16.iterdir()} == before
     assert [p.name for p in tmp_path.iterdir() if 'export-tmp' in p.name] == []
     r = export(f'--out_dir={out}', f'--hf_dir={bf16}', '--overwrite=True')
@@ -97,6 +98,8 @@ def test_export_of_a_full_fine_tune(released_mpt, released_sft, tmp_path):
     shutil.copytree(out, started)
     info = json.loads((started / 'ckpt-000002' / 'train.json').read_text())
     (started / 'ckpt-000002' / 'train.json').write_text(json.dumps({**info, 'started_from': str(tmp_path / 'base')}))
+    files = checkpoints.read_manifest(started / 'ckpt-000002')  # re-signed: else a train.json changed by hand is damage
+    checkpoints.write_manifest(started / 'ckpt-000002', {**files, 'train.json': checkpoints.file_crc(started / 'ckpt-000002' / 'train.json')})
     base_files = {p.name: p.read_bytes() for p in (tmp_path / 'base').iterdir()}
     for run_dir, hf_dir, message in [
             (out, tmp_path / 'mine', r"mine holds notes\.txt, which export\.py does not write: --overwrite replaces"),
