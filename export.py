@@ -54,7 +54,8 @@ TOKENIZER_FILES = ('tokenizer.json', 'tokenizer_config.json', 'special_tokens_ma
                    'merges.txt', 'added_tokens.json', 'generation_config.json')
 # what export.py writes, and so what --overwrite may replace
 EXPORT_FILES = re.compile(r'config\.json|model(-\d{5}-of-\d{5})?\.safetensors|model\.safetensors\.index\.json|'
-                          r'adapter_config\.json|adapter_model\.safetensors|' + '|'.join(map(re.escape, TOKENIZER_FILES)))
+                          r'adapter_config\.json|adapter_model\.safetensors|'
+                          + '|'.join(map(re.escape, TOKENIZER_FILES)))
 
 
 def fail(message):

@@ -90,7 +90,8 @@ def nf4_problem(name, shape, shards=1):
     each process must hold whole blocks of 64 x 256 weights), or None."""
     numel, block = math.prod(shape), NF4_BLOCK * NF4_SCALER_BLOCK
     if numel % block:
-        return f"{name} {tuple(shape)} has {numel:,} weights, not a multiple of the {NF4_BLOCK} x {NF4_SCALER_BLOCK} = {block:,} of NF4's blocks"
+        return (f"{name} {tuple(shape)} has {numel:,} weights, not a multiple of the {NF4_BLOCK} x "
+                f"{NF4_SCALER_BLOCK} = {block:,} of NF4's blocks")
     if shape[0] % shards or numel // block % shards:
         return f"{name} {tuple(shape)} does not split evenly over {shards} processes in NF4's blocks"
     return None
@@ -242,7 +243,8 @@ def check_base(base):
         now = base_fingerprint(base['path'])
     except (OSError, ValueError) as e:
         raise FileNotFoundError(f"the LoRA run's base model {base['path']} cannot be read ({e}): its checkpoints "
-                                f"hold only the adapters, so the base must stay where the run started from it") from None
+                                f"hold only the adapters, so the base must stay where the run started from "
+                                f"it") from None
     if now != base:
         raise ValueError(f"the LoRA run's base model {base['path']} has changed since the run started (config.json "
                          f"or weight files differ): the adapters were trained on the weights it held then")

@@ -136,7 +136,8 @@ def main():
     print(f"{model}: {n_params / 1e6:.0f}M parameters, {ckpt_bytes / 1e6:.0f} MB on disk; torch {torch.__version__}, "
           f"{platform.processor() or platform.machine()}, {os.cpu_count()} CPUs; glibc malloc "
           + (f"MALLOC_MMAP_THRESHOLD_={malloc_mmap_threshold}" if malloc_mmap_threshold else "defaults"), flush=True)
-    imports = {script: launch(script, ['--import_only'], 1, path / 'report')[0][0] for script in ('train.py', 'export.py')}
+    imports = {script: launch(script, ['--import_only'], 1, path / 'report')[0][0]
+               for script in ('train.py', 'export.py')}
     print(f"importing torch and train.py: {imports['train.py'] / 1e9:.2f} GB; export.py: "
           f"{imports['export.py'] / 1e9:.2f} GB", flush=True)
     rows = []
@@ -160,16 +161,18 @@ def main():
                                         f'--out_dir={run_dir}', f'--gradient_accumulation_steps={procs}']
         hwm, _ = launch(script, args, procs, path / 'report')
         above = [h - imports[script] for h in hwm]
-        row = dict(run=name, processes=procs, peak_rss_gb=[h / 1e9 for h in hwm], above_import_gb=[a / 1e9 for a in above],
-                   x_checkpoint=[a / ckpt_bytes for a in above], seconds=time.time() - t0)
+        row = dict(run=name, processes=procs, peak_rss_gb=[h / 1e9 for h in hwm],
+                   above_import_gb=[a / 1e9 for a in above], x_checkpoint=[a / ckpt_bytes for a in above],
+                   seconds=time.time() - t0)
         rows.append(row)
         fmt = lambda xs, f: ' / '.join(f.format(x) for x in xs)
-        print(f"| {name} | {procs} | {fmt(row['peak_rss_gb'], '{:.2f} GB')} | {fmt(row['above_import_gb'], '{:.2f} GB')} "
-              f"| {fmt(row['x_checkpoint'], '{:.2f}')} | {row['seconds']:.0f} |", flush=True)
+        print(f"| {name} | {procs} | {fmt(row['peak_rss_gb'], '{:.2f} GB')} | "
+              f"{fmt(row['above_import_gb'], '{:.2f} GB')} | {fmt(row['x_checkpoint'], '{:.2f}')} | "
+              f"{row['seconds']:.0f} |", flush=True)
     if json:
-        Path(json).write_text(json_module.dumps(dict(checkpoint_bytes=ckpt_bytes, parameters=n_params, imports=imports,
-                                                     torch=torch.__version__, malloc_mmap_threshold=malloc_mmap_threshold,
-                                                     rows=rows), indent=1) + '\n')
+        Path(json).write_text(json_module.dumps(dict(
+            checkpoint_bytes=ckpt_bytes, parameters=n_params, imports=imports, torch=torch.__version__,
+            malloc_mmap_threshold=malloc_mmap_threshold, rows=rows), indent=1) + '\n')
 
 
 if __name__ == '__main__':

@@ -66,7 +66,8 @@ def test_export_of_a_full_fine_tune(released_mpt, released_sft, tmp_path):
     r = export(f'--out_dir={out}', f'--hf_dir={bf16}', '--max_shard_size=1000000')
     files = sorted(p.name for p in bf16.glob('*.safetensors'))
     assert r.returncode == 0 and f'bfloat16, {len(files)} weight files' in r.stdout, r.stdout + r.stderr
-    assert len(files) > 1 and files == [f'model-{k:05d}-of-{len(files):05d}.safetensors' for k in range(1, len(files) + 1)]
+    n = len(files)
+    assert n > 1 and files == [f'model-{k:05d}-of-{n:05d}.safetensors' for k in range(1, n + 1)]
     weight_map = json.loads((bf16 / 'model.safetensors.index.json').read_text())['weight_map']
     assert sorted(weight_map) == sorted(state) and sorted(set(weight_map.values())) == files
     for file in files:
@@ -98,8 +99,9 @@ def test_export_of_a_full_fine_tune(released_mpt, released_sft, tmp_path):
     shutil.copytree(out, started)
     info = json.loads((started / 'ckpt-000002' / 'train.json').read_text())
     (started / 'ckpt-000002' / 'train.json').write_text(json.dumps({**info, 'started_from': str(tmp_path / 'base')}))
-    files = checkpoints.read_manifest(started / 'ckpt-000002')  # re-signed: else a train.json changed by hand is damage
-    checkpoints.write_manifest(started / 'ckpt-000002', {**files, 'train.json': checkpoints.file_crc(started / 'ckpt-000002' / 'train.json')})
+    signed = checkpoints.read_manifest(started / 'ckpt-000002')  # re-signed: a train.json changed by hand is damage
+    signed['train.json'] = checkpoints.file_crc(started / 'ckpt-000002' / 'train.json')
+    checkpoints.write_manifest(started / 'ckpt-000002', signed)
     base_files = {p.name: p.read_bytes() for p in (tmp_path / 'base').iterdir()}
     for run_dir, hf_dir, message in [
             (out, tmp_path / 'mine', r"mine holds notes\.txt, which export\.py does not write: --overwrite replaces"),
@@ -171,7 +173,8 @@ def test_export_of_a_lora_run_and_its_peft_adapter(released_mpt, lora_run_dirs, 
 
 def test_sample_py_samples_a_lora_run_as_its_export(lora_run_dirs, tmp_path):
     # ckpt.pt of a LoRA run holds the adapters: sample.py merges them into the base, as export.py does
-    assert export(f'--out_dir={lora_run_dirs / "qlora"}', f'--hf_dir={tmp_path / "hf"}', '--dtype=float32').returncode == 0
+    r = export(f'--out_dir={lora_run_dirs / "qlora"}', f'--hf_dir={tmp_path / "hf"}', '--dtype=float32')
+    assert r.returncode == 0, r.stderr
     common = ['--start=ROMEO:', '--num_samples=1', '--max_new_tokens=10', '--temperature=0', '--device=cpu',
               '--dtype=float32']
     runs = [subprocess.run([sys.executable, str(ROOT / 'sample.py'), *common, *args], capture_output=True,

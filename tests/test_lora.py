@@ -14,7 +14,8 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 def nf4_fields(q):
-    return {name: getattr(q, name) for name in ('quantized_data', 'quantized_scalers', 'quantization_factor', 'scaler_mean')}
+    return {name: getattr(q, name)
+            for name in ('quantized_data', 'quantized_scalers', 'quantization_factor', 'scaler_mean')}
 
 
 @pytest.mark.parametrize('shards', [1, 2, 4])
@@ -49,7 +50,8 @@ def test_merged_weights_are_the_base_plus_the_scaled_adapters(released_mpt):
     adapters = {f'{name}.lora_A': torch.randn(4, 256, generator=g), f'{name}.lora_B': torch.randn(1024, 4, generator=g)}
     settings = dict(rank=4, alpha=8.0, dropout=0.0, targets=['up_proj'], quantize_base='')
     weight = lora.merged_weights(adapters, settings, base)
-    expected = state[f'{name}.weight'].double() + 2.0 * (adapters[f'{name}.lora_B'].double() @ adapters[f'{name}.lora_A'].double())
+    A, B = adapters[f'{name}.lora_A'].double(), adapters[f'{name}.lora_B'].double()
+    expected = state[f'{name}.weight'].double() + 2.0 * (B @ A)
     assert torch.allclose(weight(f'{name}.weight').double(), expected, atol=1e-5)
     assert torch.equal(weight('transformer.wte.weight'), state['transformer.wte.weight'].float())
     with pytest.raises(ValueError, match='has changed since the run started'):
