@@ -13,6 +13,7 @@ from pathlib import Path
 
 import torch
 
+from checkpoints import state_crc
 from configurator import configure
 from model import MPT, MPTConfig, check_attention
 
@@ -50,6 +51,11 @@ def load_model():
         config = MPTConfig(**{**ckpt['config'], **overrides})
     except Exception as e:  # a truncated or foreign file: say which, not torch's unpickling internals
         raise ValueError(f"{path} is not a checkpoint written by train.py ({type(e).__name__}: {e})") from None
+    tensors = ckpt.get('adapters', ckpt.get('model'))
+    if 'crc32' in ckpt and state_crc(tensors) != ckpt['crc32']:  # train.py's checksum of them, as it saved them
+        raise ValueError(f"{path} is damaged: its weights do not match the checksum train.py saved with them; "
+                         f"export the run's newest sharded checkpoint instead (python export.py --out_dir={out_dir} "
+                         f"--hf_dir=DIR) and sample --init_from=DIR")
     meta = ckpt.get('meta')
     data_dir = ckpt.get('settings', {}).get('data_dir')
     if meta is None and data_dir and (Path(data_dir) / 'meta.json').is_file():

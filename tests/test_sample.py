@@ -107,6 +107,8 @@ import subprocess  # noqa: E402
 import sys  # noqa: E402
 from pathlib import Path  # noqa: E402
 
+import checkpoints  # noqa: E402
+
 ROOT = Path(__file__).resolve().parents[1]
 SHARED = ROOT.parent / "shared"
 CHARS = "\n !abcdefghijklmnopqrstuvwxyz"
@@ -165,6 +167,14 @@ def test_sample_py_clear_errors(tmp_path):
     (tmp_path / "data" / "meta.json").unlink()  # the char model now meets the GPT-2 tokenizer
     r = run_sample(f"--out_dir={out}", "--device=cpu")
     assert r.returncode != 0 and "trained with another tokenizer" in r.stderr and "Traceback" not in r.stderr
+    # train.py saves ckpt.pt with a CRC-32 of its tensors (checkpoints.state_crc): weights changed since are refused
+    ckpt = torch.load(out / "ckpt.pt")
+    crc = checkpoints.state_crc(ckpt["model"])
+    ckpt["model"]["transformer.wte.weight"][3, 5] += 1
+    torch.save({**ckpt, "crc32": crc}, out / "ckpt.pt")
+    r = run_sample(f"--out_dir={out}", "--device=cpu")
+    assert r.returncode == 1 and "ckpt.pt is damaged: its weights do not match the checksum" in r.stderr
+    assert "Traceback" not in r.stderr and r.stderr.count("error:") == 1
     (out / "ckpt.pt").write_bytes(b"not a checkpoint")
     r = run_sample(f"--out_dir={out}", "--device=cpu")
     assert r.returncode != 0 and "is not a checkpoint written by train.py" in r.stderr
