@@ -202,7 +202,7 @@ def settings_doc(path, dict_name=None):
             out += [i for i in _dataclass_doc(model, 'MPTConfig') if i[0] != 'setting' or i[1] not in reassigned]
         else:
             module = item[1].split('globals().update(', 1)[1].split('.', 1)[0]
-            out.append(('see', f"and every setting of {module}.py: python {module}.py --help"))
+            out.append(('see', f"({module}.py's settings: python {module}.py --help)"))
     return out
 
 
