@@ -1144,8 +1144,14 @@ if __name__ == '__main__':
         iter_num += 1
     if last:  # the summary: what was trained and saved, and how to sample it
         ckpt = os.path.join(out_dir, 'ckpt.pt')
+        if os.path.exists(ckpt):
+            saved_to = (f"{ckpt} holds the {'best' if math.isfinite(best_val_loss) else 'last'} weights: "
+                        f"python sample.py --out_dir={shlex.quote(out_dir)}")
+        elif iter_num > start_iter:
+            saved_to = f"no ckpt.pt: no evaluation after step {start_iter} improved on its val loss"
+        else:
+            saved_to = f"nothing new saved: the run was already at max_iters={max_iters}"
         print0(f"done: {iter_num:,} steps, {iter_num * global_batch * max_seq_len:,} tokens, " +
                (f"best val loss {best_val_loss:.4f}" if math.isfinite(best_val_loss) else "no val loss (eval_iters=0)") +
-               (f"; {ckpt} holds the {'best' if math.isfinite(best_val_loss) else 'last'} weights: "
-                f"python sample.py --out_dir={shlex.quote(out_dir)}" if os.path.exists(ckpt) else "; nothing saved"))
+               f"; {saved_to}")
     leave()

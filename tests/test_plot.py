@@ -51,6 +51,12 @@ def tiny_run(tmp_path_factory):
     r = subprocess.run([sys.executable, "train.py", *args], cwd=ROOT, capture_output=True, text=True, timeout=300,
                        env={**os.environ, "OMP_NUM_THREADS": "1"})
     assert r.returncode == 0, r.stderr[-3000:]
+    # (train.py's last line, checked here rather than in another run: the summary of what was trained and saved)
+    best = min(json.loads(line)["val_loss"] for line in (tmp / "out" / "metrics.jsonl").read_text().splitlines()
+               if "val_loss" in line)
+    assert r.stdout.splitlines()[-1] == (f"done: 8 steps, {8 * TOKENS_PER_STEP:,} tokens, best val loss {best:.4f}; "
+                                         f"{tmp / 'out' / 'ckpt.pt'} holds the best weights: python sample.py "
+                                         f"--out_dir={tmp / 'out'}")
     return tmp / "out"
 
 
