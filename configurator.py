@@ -87,8 +87,7 @@ def _apply_file(settings, keys, path, verbose):
 def _check_known(key, keys, where):
     if key not in keys:
         if ALIASES.get(key) in keys:
-            hint = f"; did you mean {ALIASES[key]}? (its name here)" if key != 'dropout' else \
-                "; did you mean resid_pdrop (also attn_pdrop, emb_pdrop)?"
+            hint = f"; did you mean {ALIASES[key]}? (its name here)"
         else:
             close = difflib.get_close_matches(key, keys, n=3, cutoff=0.6)
             hint = f"; did you mean {' or '.join(close)}?" if close else \
@@ -138,9 +137,12 @@ def help_text(path, usage=None, dict_name=None):
     """The script's docstring as written, then its settings: grouped as in the file, each with its default, type
     and comment."""
     name, source = os.path.basename(path), open(path).read()
-    body = ast.parse(source).body
-    doc = ast.get_source_segment(source, body[0]).strip('"\'rRbBuU \n') if body and isinstance(body[0], ast.Expr) \
-        and isinstance(body[0].value, ast.Constant) and isinstance(body[0].value.value, str) else ''
+    body, doc = ast.parse(source).body, ''
+    if body and isinstance(body[0], ast.Expr) and isinstance(body[0].value, ast.Constant) and \
+            isinstance(body[0].value.value, str):  # the docstring as written (its backslashes too), quotes removed
+        text = ast.get_source_segment(source, body[0]).lstrip('rRuU')
+        quote = 3 if text[:3] in ('"""', "'''") else 1
+        doc = text[quote:-quote].strip('\n')
     lines = [f"usage: {usage or f'python {name} [config.py ...] [--key=value ...]'}", "", doc, "",
              "settings (default, type, what it is); a config file (Python) and --key=value override them, in order:"]
     items = settings_doc(path, dict_name)
