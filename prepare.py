@@ -229,7 +229,7 @@ def read_jsonl(path, field, pairs=False):
                             + " and ".join(f"{k!r} is " + ("missing" if k not in row else json_type(row[k]))
                                            for k in wrong) + f" ({has})")
                     elif wrong:
-                        die(f"{path}:{i}: a prompt/response record is a JSON object with text in 'prompt' and "
+                        die(f"{path}:{i}: a prompt/response record must be a JSON object with text in 'prompt' and "
                             f"'response' ({has})")
                     yield (row["prompt"], row["response"])
                     continue
