@@ -23,7 +23,7 @@ import json
 import os
 import sys
 
-from configurator import configure, help_if_asked
+from configurator import configure, help_if_asked, out_of_range
 
 USAGE = "python plot.py OUT_DIR|BENCH.json [...] [--key=value ...]"
 help_if_asked(__file__, USAGE)
@@ -194,4 +194,6 @@ def main(paths):
 
 if __name__ == '__main__':
     configure(globals(), [a for a in sys.argv[1:] if a.startswith('-')], verbose=False)
+    for problem in out_of_range(globals(), __file__, whole=dict(dpi=1)):
+        fail(problem)
     main([a for a in sys.argv[1:] if not a.startswith('-')])  # the bare arguments are what to plot
