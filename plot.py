@@ -31,7 +31,7 @@ help_if_asked(__file__, USAGE)
 # -----------------------------------------------------------------------------
 out = ''  # the PNG; empty: OUT_DIR/loss.png for one run, BENCH.png beside one bench file, else plot.png
 title = ''  # the figure's title; empty: none
-dpi = 100  # pixels per inch of the PNG (the figure is 10 x 4 inches)
+dpi = 100  # pixels per inch of the PNG, a figure of 10 x 4 inches
 # -----------------------------------------------------------------------------
 
 
