@@ -22,11 +22,14 @@ import sys
 import time
 from json import dump as json_dump
 
+from configurator import configure, device_problem, help_if_asked, out_of_range
+
+help_if_asked(__file__)  # --help: the settings below, read from this file before torch's slow import
+
 import torch
 import torch.nn.functional as F
 
 import train
-from configurator import configure
 from model import MPT, MPTConfig, alibi_slopes, check_attention, flash_attn_alibi, torch_attention
 
 # -----------------------------------------------------------------------------
@@ -45,6 +48,11 @@ sample_batch_sizes = [1, 16]  # sample mode: prompts generated at once
 sample_prompt_len = 128  # sample mode: prompt tokens, then...
 sample_new_tokens = 256  # ...tokens generated per prompt
 settings = configure(globals(), sys.argv[1:])
+_problems = out_of_range(settings, __file__, whole=dict(warmup=0, iters=1, micro_steps=1, sample_prompt_len=1,
+                                                        sample_new_tokens=1, batch_size=0, max_seq_len=1))
+_problems += [p for p in [device_problem(device)] if p]
+if _problems:
+    sys.exit('error: ' + '\nerror: '.join(_problems))
 # -----------------------------------------------------------------------------
 
 cuda = torch.device(device).type == 'cuda'

@@ -20,19 +20,29 @@ import tempfile
 import time
 from pathlib import Path
 
+from configurator import configure, help_if_asked, out_of_range
+
+help_if_asked(__file__)  # --help: the settings below
+
 import prepare
 
-here, shared = Path(__file__).resolve().parent, Path(__file__).resolve().parents[1] / "shared"
+# -----------------------------------------------------------------------------
+input = ''  # the text to repeat; empty: ../shared/data/tinyshakespeare.txt if there, else the shipped assets/ copy
+mb = 24.0  # megabytes of text to tokenize in each run
+repeat = 5  # runs of each kind, interleaved; the best of them counts
+wait = 60.0  # seconds each run may wait first for the CPUs to be idle
+configure(globals(), sys.argv[1:])
+# -----------------------------------------------------------------------------
+shared = Path(__file__).resolve().parents[1] / "shared"
 if (shared / "tiktoken").is_dir():  # the GPT-2 BPE with no download, as in the tests
     os.environ.setdefault("TIKTOKEN_CACHE_DIR", str(shared / "tiktoken"))
-args = dict(a[2:].split("=", 1) for a in sys.argv[1:])
+problems = out_of_range(globals(), __file__, whole=dict(repeat=1), at_least=dict(wait=0), positive=('mb',))
+if problems:
+    sys.exit('error: ' + '\nerror: '.join(problems))
 default = shared / "data" / "tinyshakespeare.txt"
-source = Path(args.get("input", default if default.exists() else here / "data" / "shakespeare" / "input.txt"))
+source = Path(input or (default if default.exists() else prepare.shakespeare_text))
 if not source.exists():
-    sys.exit(f"bench_prepare.py: no {source}: give --input=PATH to some text, or run `python prepare.py shakespeare`")
-mb = float(args.get("mb", 24))
-repeat = int(args.get("repeat", 5))
-wait = float(args.get("wait", 60))
+    sys.exit(f"bench_prepare.py: no {source}: give --input=PATH to some text")
 
 lines = source.read_text(encoding="utf-8").splitlines(keepends=True)
 rng, text = random.Random(0), []

@@ -32,6 +32,8 @@ import sys
 import warnings
 from pathlib import Path
 
+from configurator import help_if_asked
+help_if_asked(__file__)  # --help: the settings below, read from this file before torch's slow import
 import torch
 from torch.distributed.checkpoint.api import CheckpointException
 

@@ -318,8 +318,8 @@ class MPT(nn.Module):
         position and the cross-entropy: the mean over the counted targets, or with reduction='sum' their sum
         (0, not NaN, when none counts); without targets, only the last position's logits (B, 1, V).
         sequence_id (B, T) integer document ids, non-decreasing along each row (packed documents): with
-        config.attn_uses_sequence_id a token attends only to its own document's tokens; without, it is
-        ignored (as in llm-foundry)."""
+        config.attn_uses_sequence_id a token attends only to its own document's tokens; without, giving it is
+        an error (llm-foundry ignores it, and attention would then silently cross documents)."""
         if not idx.is_cuda and idx.numel():
             # checked on CPU only, where it costs nothing; on CUDA a bad id is a device-side assert,
             # so train.py and sample.py check their tokens on the host before they reach the GPU
@@ -327,9 +327,12 @@ class MPT(nn.Module):
             if lo < 0 or hi >= V:
                 raise ValueError(f"token id {hi if hi >= V else lo} is outside the vocabulary [0, {V}): "
                                  f"the data was made with another tokenizer, or vocab_size is too small")
-        if not self.config.attn_uses_sequence_id:
-            sequence_id = None
-        elif sequence_id is not None:
+        if targets is not None and tuple(targets.shape) != tuple(idx.shape):
+            raise ValueError(f"targets must have idx's shape {tuple(idx.shape)}, got {tuple(targets.shape)}")
+        if sequence_id is not None and not self.config.attn_uses_sequence_id:
+            raise ValueError("sequence_id given, but the model attends across documents (attn_uses_sequence_id=False): "
+                             "set attn_uses_sequence_id=True in MPTConfig to keep documents apart, or pass no sequence_id")
+        if sequence_id is not None:
             if tuple(sequence_id.shape) != tuple(idx.shape):
                 raise ValueError(f"sequence_id must have idx's shape {tuple(idx.shape)}, "
                                  f"got {tuple(sequence_id.shape)}")
@@ -349,7 +352,8 @@ class MPT(nn.Module):
         loss = None
         if targets is not None:
             # fp32 cross-entropy: bf16 logits would round the loss (and its gradient) visibly
-            loss = F.cross_entropy(logits.float().view(-1, logits.size(-1)), targets.view(-1), ignore_index=-1,
+            # (reshape: targets may be a slice of a larger batch, not contiguous)
+            loss = F.cross_entropy(logits.float().view(-1, logits.size(-1)), targets.reshape(-1), ignore_index=-1,
                                    reduction=reduction)
         return logits, loss
 

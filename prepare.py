@@ -1,7 +1,7 @@
 """
 Prepare a dataset for train.py: text in, memory-mapped token files out.
 
-    python prepare.py shakespeare_char    # tiny Shakespeare (downloaded), one token per character
+    python prepare.py shakespeare_char    # tiny Shakespeare (shipped: assets/tinyshakespeare.txt), one token per character
     python prepare.py shakespeare         # the same text as GPT-2 BPE tokens
     python prepare.py openwebtext         # also fineweb-edu (sample-10BT) and c4 (en): pip install datasets
     python prepare.py --input=notes/ --input=more.jsonl --out_dir=data/notes   # your own text
@@ -17,13 +17,16 @@ Prompt/response data (llm-foundry's fine-tuning format): .jsonl records {"prompt
 becomes prompt tokens + response tokens + end-of-text, packed back to back; beside each .bin a .mask file holds
 one byte per token, 1 on the response tokens and the end-of-text (what the loss counts), 0 on the prompt's.
 
-A named source given --input=PATH reads that local copy instead of downloading.
+Tiny Shakespeare (1.1 MB) ships with this repository, so the main job needs no network. The large corpora stream
+from the Hugging Face hub; with no network, download them elsewhere and give the local files (.parquet or .jsonl,
+or a folder of them) with --input=PATH: a named source given --input reads that local copy instead.
 Output in out_dir (default data/<source>):
     train.bin, val.bin  token ids as raw little-endian uint16, nanoGPT's format: np.memmap(path, np.uint16)
     train.mask, val.mask  prompt/response data only: one uint8 per token, 1 where the loss counts
     meta.json           tokenizer, vocab_size, dtype, eot_token, format (text or prompt_response), token and
                         document counts, source, split, seed; for char the vocabulary as `chars`, for a Hugging
                         Face tokenizer its tokenizer_file. Written last: it marks a finished dataset.
+A run that fails leaves nothing behind: the token files appear only when complete, and a folder it made is removed.
 Settings are --key=value as in the other scripts (values are Python literals); the defaults are below.
 """
 import ast
@@ -39,8 +42,12 @@ import shutil
 import signal
 import sys
 import time
-import urllib.request
 from pathlib import Path
+
+from configurator import help_if_asked, help_text
+
+USAGE = "python prepare.py [SOURCE] [--key=value ...]"
+help_if_asked(__file__, USAGE, "settings")  # --help: read from this file's source, before the imports below
 
 import numpy as np
 import tiktoken
@@ -57,13 +64,14 @@ settings = dict(
     # split
     val_fraction=None,  # None: 0.1 for small inputs (shakespeare, files < 100 MB), 0.0005 for large ones
     seed=1337,  # seeds which documents go to val
-    # tokenizer
-    tokenizer="",  # gpt2 (tiktoken's GPT-2 BPE), char, or a Hugging Face model directory / tokenizer.json;
-    # empty: char for shakespeare_char, else gpt2
+    # tokenizer (empty: char for shakespeare_char, else gpt2)
+    tokenizer="",  # gpt2 (tiktoken's GPT-2 BPE), char, or a Hugging Face model directory / tokenizer.json
     # system
     num_proc=len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count(),  # tokenizer processes
 )
+# tiny Shakespeare, shipped: karpathy/char-rnn's input.txt (1,115,394 bytes), the identity meta.json records for it
 shakespeare_url = "https://raw.githubusercontent.com/karpathy/char-rnn/master/data/tinyshakespeare/input.txt"
+shakespeare_text = Path(__file__).resolve().parent / "assets" / "tinyshakespeare.txt"
 hub_sources = {  # Hugging Face datasets, streamed: only the tokens are stored
     "openwebtext": dict(path="Skylion007/openwebtext"),
     "fineweb-edu": dict(path="HuggingFaceFW/fineweb-edu", name="sample-10BT"),  # ~10B GPT-2 tokens
@@ -77,9 +85,19 @@ piece_chars = 1 << 20  # text per tokenizer task: pickling it is cheap next to B
 small_input = 100 << 20  # files under this many bytes in all default to val_fraction 0.1
 
 
+made = []  # the folders this run has created (out_dir and any missing parents), deepest first
+
+
 def die(msg):
-    """Bad input ends the run with one line and exit status 1, never a traceback."""
+    """Bad input ends the run with one line and exit status 1, never a traceback; what the run made goes."""
     print(f"prepare.py: error: {msg}", file=sys.stderr)
+    if multiprocessing.parent_process() is None:  # not from a tokenizer worker: the main process owns the folders
+        if made:  # out_dir, then the parents made for it (empty once it is gone)
+            shutil.rmtree(made[0], ignore_errors=True)
+            for path in made[1:]:
+                with contextlib.suppress(OSError):
+                    path.rmdir()
+        made.clear()
     sys.exit(1)
 
 
@@ -93,7 +111,7 @@ def parse_args(argv):
     cfg = dict(settings, input=[], source="")
     for arg in argv:
         if arg in ("-h", "--help"):
-            sys.exit(print(__doc__ + "sources: " + ", ".join(sources) + "\nsettings: " + json.dumps(settings)))
+            sys.exit(print(help_text(__file__, USAGE, "settings")))
         if not arg.startswith("--"):
             if arg not in sources and os.path.exists(arg):
                 die(f"your own files go in as --input={arg} (with --out_dir=DIR)")
@@ -203,11 +221,16 @@ def read_jsonl(path, field, pairs=False):
                     row = json.loads(line)
                 except json.JSONDecodeError as e:
                     die(f"{path}:{i}: not valid JSON ({e.msg}, column {e.colno})")
-                has = f"its fields: {', '.join(row)}" if isinstance(row, dict) else f"it is a JSON {type(row).__name__}"
+                has = f"its fields: {', '.join(row)}" if isinstance(row, dict) else f"it is {json_type(row)}"
                 if pairs:
-                    if not (isinstance(row, dict) and all(isinstance(row.get(k), str) for k in PAIR)):
-                        die(f"{path}:{i}: a prompt/response record needs the text fields 'prompt' and 'response' "
-                            f"({has})")
+                    wrong = [k for k in PAIR if not isinstance(row.get(k) if isinstance(row, dict) else None, str)]
+                    if wrong and isinstance(row, dict):
+                        die(f"{path}:{i}: a prompt/response record needs text in 'prompt' and 'response', but "
+                            + " and ".join(f"{k!r} is " + ("missing" if k not in row else json_type(row[k]))
+                                           for k in wrong) + f" ({has})")
+                    elif wrong:
+                        die(f"{path}:{i}: a prompt/response record must be a JSON object with text in 'prompt' and "
+                            f"'response' ({has})")
                     yield (row["prompt"], row["response"])
                     continue
                 if is_pair(row, field):
@@ -220,12 +243,21 @@ def read_jsonl(path, field, pairs=False):
         die(f"cannot read {path}: {e.strerror or e}")
 
 
+def json_type(value):
+    """A parsed JSON value's type as JSON names it: null, a boolean, a number, a list, an object, a string."""
+    return "null" if value is None else "a boolean" if isinstance(value, bool) else \
+        "a number" if isinstance(value, (int, float)) else "a list" if isinstance(value, list) else \
+        "an object" if isinstance(value, dict) else "a string"
+
+
 def read_hub(where, field, **load_args):
     """Documents from Hugging Face datasets, streamed: a hub dataset, or local .parquet/.jsonl by builder name."""
+    local = "" if isinstance(where, Path) else \
+        f"; or, offline, download it elsewhere and give the files with --input=PATH (.parquet/.jsonl, or a folder)"
     try:
         import datasets  # optional: only these sources need it
     except ImportError:
-        die(f"{where} is read with Hugging Face datasets, which is not installed: pip install datasets")
+        die(f"{where} is read with Hugging Face datasets, which is not installed: pip install datasets{local}")
     try:
         for i, row in enumerate(datasets.load_dataset(**load_args, split="train", streaming=True)):
             if not isinstance(row.get(field), str):
@@ -233,7 +265,7 @@ def read_hub(where, field, **load_args):
                     "choose it with --text_field=NAME")
             yield [row[field]]
     except Exception as e:  # network, missing dataset, corrupt file: say so plainly
-        die(f"cannot read {where}: {type(e).__name__}: {e}")
+        die(f"cannot read {where}: {type(e).__name__}: {e}{local}")
 
 
 def read_files(files, field, pairs=False):
@@ -422,17 +454,6 @@ def check_out_dir(out_dir, dataset):
     die(f"{out_dir} already holds a different dataset ({what}); choose another --out_dir or add --overwrite")
 
 
-def download(url, path):
-    if not path.exists():  # else kept from an earlier run
-        print(f"downloading {url}")
-        try:
-            urllib.request.urlretrieve(url, path.with_suffix(".tmp"))
-        except OSError as e:
-            die(f"cannot download {url} ({e}); give a local copy with --input=PATH")
-        os.replace(path.with_suffix(".tmp"), path)
-    return path
-
-
 def split_by_position(tmp, ntok, val_fraction, itemsize=token_dtype.itemsize):
     """nanoGPT's split of one long text: the first 1 - val_fraction of the tokens train, the rest val.
     Used when the document split left a side empty (one document, or too few for val_fraction); the
@@ -483,12 +504,11 @@ def prepare(cfg):
     dataset = dict(source=source or "files", inputs=inputs, tokenizer=tokenizer)
     if not cfg["overwrite"]:
         check_out_dir(out_dir, dataset)
-    try:
-        out_dir.mkdir(parents=True, exist_ok=True)
-    except OSError as e:
-        die(f"cannot create {out_dir}: {e.strerror or e}")
     if source.startswith("shakespeare") and not files:
-        files = [download(shakespeare_url, out_dir / "input.txt")]
+        if not shakespeare_text.is_file():
+            die(f"{shakespeare_text} is missing (it ships with this repository): restore it with `git checkout "
+                f"assets`, or give a copy of {shakespeare_url} with --input=PATH")
+        files = [shakespeare_text]
     if files:  # a Hugging Face tokenizer's documents stay whole (see the top)
         read = lambda: pieces(read_files(files, field, pairs), cut=tokenizer_file is None)
     else:
@@ -506,6 +526,11 @@ def prepare(cfg):
         chars, vocab_size, eot = None, enc.n_vocab, enc.eot_token
     if vocab_size > np.iinfo(token_dtype).max + 1:
         die(f"the {tokenizer} vocabulary has {vocab_size:,} symbols; uint16 token files hold at most 65,536")
+    made[:] = [p for p in (out_dir, *out_dir.parents) if not p.exists()]
+    try:
+        out_dir.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        die(f"cannot create {out_dir}: {e.strerror or e}")
 
     # renamed only when complete
     tmp = {split: out_dir / f"{split}.bin.tmp" for split in ("train", "val")}
@@ -564,8 +589,12 @@ def prepare(cfg):
     )
     if chars is not None:
         meta["chars"] = chars
-    (out_dir / "meta.json.tmp").write_text(json.dumps(meta, indent=2) + "\n")  # \u escapes: any character survives
-    os.replace(out_dir / "meta.json.tmp", out_dir / "meta.json")
+    try:
+        (out_dir / "meta.json.tmp").write_text(json.dumps(meta, indent=2) + "\n")  # \u escapes: any character survives
+        os.replace(out_dir / "meta.json.tmp", out_dir / "meta.json")
+    except OSError as e:
+        die(f"cannot write {out_dir}/meta.json: {e.strerror or e}")
+    made.clear()  # done: the folders stay
 
     seconds = time.time() - t0
     how = f"{ndocs[1]:,} of them val" if split == "document" else f"split by position: val is the last {val_fraction:.4g}"

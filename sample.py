@@ -11,30 +11,44 @@ import time
 from dataclasses import replace
 from pathlib import Path
 
+from configurator import configure, device_problem, help_if_asked, out_of_range
+
+help_if_asked(__file__)  # --help: the settings below, read from this file before torch's slow import
+
 import torch
 
 from checkpoints import state_crc
-from configurator import configure
 from model import MPT, MPTConfig, check_attention
 
 # -----------------------------------------------------------------------------
+# the model
 init_from = 'resume'  # 'resume' = out_dir/ckpt.pt from train.py; or the path of a Hugging Face MPT directory
 out_dir = 'out'  # where train.py wrote ckpt.pt
+# the samples
 start = "\n"  # the prompt; "FILE:prompt.txt" reads it from a file
 num_samples = 3  # samples, one after the other
 max_new_tokens = 500  # per sample; fewer when the end-of-text token comes first
 temperature = 0.8  # 1.0 = the model's own distribution, lower = more conservative, 0 = greedy
 top_k = 200  # sample only among the top_k likeliest tokens (None = all)
 top_p = None  # sample only among the likeliest tokens holding probability top_p (None = all)
-max_len = None  # limit on prompt + new tokens (the KV cache size); None = what they need, since ALiBi
-# extrapolates past the training length (a note says when the sample goes beyond it)
-seed = 1337
-device = 'cuda' if torch.cuda.is_available() else 'cpu'
+max_len = None  # limit on prompt + new tokens (the KV cache size); None = what they need: ALiBi extrapolates
+seed = 1337  # the sampling draws follow from it
+# system
+device = 'cuda' if torch.cuda.is_available() else 'cpu'  # 'cpu', 'cuda' or 'cuda:N'
 dtype = ('bfloat16' if torch.cuda.is_bf16_supported() else 'float16') if torch.cuda.is_available() else 'float32'
 compile = False  # torch.compile the model (pays off only for long generations)
 attn_impl = None  # None = the checkpoint's; 'torch' | 'triton' | 'flash'
 configure(globals(), sys.argv[1:])
 # -----------------------------------------------------------------------------
+
+
+def setting_problems():
+    """The settings' problems, one line each, before the model loads (and long before a sample is half printed)."""
+    problems = out_of_range(globals(), __file__, whole=dict(num_samples=1, max_new_tokens=1, top_k=1, max_len=1, seed=0),
+                            at_least=dict(temperature=0), choices=dict(dtype=('float32', 'bfloat16', 'float16')))
+    if top_p is not None and not (isinstance(top_p, (int, float)) and 0 < top_p <= 1):
+        problems.append(f"top_p={top_p!r}: use a probability in (0, 1], or None for all tokens")
+    return problems + [p for p in [device_problem(device)] if p]
 
 
 def load_model():
@@ -108,8 +122,17 @@ def load_tokenizer(model, meta):
         eot = json.loads((Path(init_from) / 'config.json').read_text()).get('eos_token_id')
         *tokenizer, n_vocab = hf_tokenizer(Path(init_from) / 'tokenizer.json', eot, init_from)
     else:
+        if vocab_size < 50257:  # GPT-2's BPE, the fallback, cannot be this model's: fail before a download
+            raise ValueError(f"{'the checkpoint' if init_from == 'resume' else init_from} records no tokenizer (no "
+                             f"meta.json{'' if init_from == 'resume' else ', no tokenizer.json'}) and its {vocab_size} "
+                             f"ids are too few for GPT-2's BPE: it was trained with another tokenizer (a character-level "
+                             f"run? sample the run itself, --out_dir=RUN, whose data_dir/meta.json holds the characters)")
         import tiktoken
-        enc = tiktoken.get_encoding('r50k_base')  # GPT-2's BPE; r50k_base is what tiktoken caches offline
+        try:
+            enc = tiktoken.get_encoding('r50k_base')  # GPT-2's BPE; r50k_base is what tiktoken caches offline
+        except Exception as e:  # offline: tiktoken's download fails deep inside requests
+            raise ValueError(f"GPT-2's BPE (tiktoken r50k_base) cannot be loaded ({type(e).__name__}): it is downloaded "
+                             f"once; offline, set TIKTOKEN_CACHE_DIR to a tiktoken cache that holds it") from None
         tokenizer = (lambda text: enc.encode(text, allowed_special={'<|endoftext|>'}), enc.decode, enc.eot_token,
                      "GPT-2 BPE (tiktoken r50k_base)")
         n_vocab = enc.n_vocab
@@ -120,14 +143,18 @@ def load_tokenizer(model, meta):
     return tokenizer
 
 
-def printer(decode, eot):
+def printer(decode, eot, head):
     """A stream callback for generate: decodes the whole continuation each step and prints what is
     new, holding back a trailing partial UTF-8 character. Works for any tokenizer; the O(n^2)
-    decoding is negligible next to the model. The end-of-text token itself is not printed."""
-    ids, shown = [], 0
+    decoding is negligible next to the model. The end-of-text token itself is not printed. head (the
+    prompt) is printed with the first new token, after the first forward: a note that forward prints on
+    stderr (the attention falling back on CPU) then comes before the sample's text, not inside it."""
+    ids, shown, waiting = [], 0, [head]
 
     def stream(tokens):
         nonlocal shown
+        if waiting:
+            print(waiting.pop(), end='', flush=True)
         if int(tokens[0]) == eot:
             return
         ids.append(int(tokens[0]))
@@ -138,12 +165,13 @@ def printer(decode, eot):
 
 
 def main():
+    problems = setting_problems()
+    if problems:
+        sys.exit('error: ' + '\nerror: '.join(problems))
     torch.manual_seed(seed)
     model, meta = load_model()
     encode, decode, eot, name = load_tokenizer(model, meta)
     print(f"tokenizer: {name}", file=sys.stderr)
-    if dtype not in ('float32', 'bfloat16', 'float16'):
-        raise ValueError(f"dtype={dtype!r}: use 'float32', 'bfloat16' or 'float16'")
     check_attention(model.config, device, getattr(torch, dtype))
     model.eval().to(device=device, dtype=getattr(torch, dtype))
     if compile:
@@ -164,9 +192,8 @@ def main():
     generator = torch.Generator(device=device).manual_seed(seed)
     made, t0 = 0, time.time()
     for _ in range(num_samples):
-        print(prompt, end='', flush=True)
         out = model.generate([ids], new_tokens, temperature=temperature, top_k=top_k, top_p=top_p, eos_token=eot,
-                  max_len=limit, generator=generator, stream=printer(decode, eot))
+                             max_len=limit, generator=generator, stream=printer(decode, eot, prompt))
         made += len(out[0]) - len(ids)
         print('\n---------------')
     dt = time.time() - t0

@@ -38,6 +38,7 @@ import glob
 import json
 import math
 import os
+import shlex
 import shutil
 import signal
 import socket
@@ -45,6 +46,10 @@ import sys
 import time
 import warnings
 from dataclasses import asdict, fields, replace
+
+from configurator import configure, device_problem, help_if_asked, out_of_range, settings_in
+
+help_if_asked(__file__)  # --help: the settings below, read from this file before torch's slow import
 
 import numpy as np
 import torch
@@ -58,7 +63,6 @@ from torch.distributed.tensor import DTensor
 
 from checkpoints import (check_files, checkpoint_dirs, file_crc, is_checkpoint, read_manifest, state_crc, step_of,
                          write_manifest)
-from configurator import configure, settings_in
 from lora import (LINEAR_NAMES, add_lora, base_fingerprint, check_base, describe_lora, init_lora, is_adapter, is_nf4,
                   linear_shapes, load_nf4, memory_plan, nf4_problem, quantize, to_nf4)
 from model import MPT, MPTConfig, check_attention, config_from_hf, hf_tensor_files, read_hf_tensor
@@ -71,10 +75,8 @@ eval_interval = 1000  # evaluate val loss and save a checkpoint every this many 
 eval_iters = 100  # micro-batches of val data per evaluation, over all processes; 0: no evaluation
 log_interval = 10  # console and metrics.jsonl every this many steps
 keep_checkpoints = 3  # the newest sharded checkpoints kept in out_dir
-init_from = 'scratch'  # 'scratch', 'resume' (the newest checkpoint in out_dir), a Hugging Face MPT directory, or
-# a checkpoint of ours (some_out_dir/ckpt-NNNNNN): a new run (a stage) from its weights, see load_weights
-resume_step = -1  # with init_from='resume': the step of the checkpoint to continue (out_dir/ckpt-NNNNNN); -1: the
-# newest. Checkpoints after it are moved into out_dir/superseded/, not deleted
+init_from = 'scratch'  # 'scratch', 'resume' (out_dir's newest checkpoint), a Hugging Face MPT, or run/ckpt-N (a stage)
+resume_step = -1  # init_from='resume' continues ckpt-<resume_step>, -1: the newest; later ones go to superseded/
 eval_only = False  # evaluate init_from's weights once (at every eval length) and exit: no training, nothing saved
 eval_seq_lens = []  # also evaluate at these sequence lengths, e.g. [2048, 4096, 8192]: ALiBi extrapolates
 wandb_log = False  # also log to Weights & Biases (pip install wandb)
@@ -89,11 +91,12 @@ gradient_accumulation_steps = 16  # micro-batches per step over all processes; e
 # model: every MPTConfig field (vocab_size, d_model, n_heads, n_layers, max_seq_len, attn_impl, resid_pdrop,
 # ...) is a setting of the same name, with model.py's default, so config files set the model like the rest
 globals().update({f.name: f.default for f in fields(MPTConfig)})
-init_device = 'auto'  # 'cpu': every rank builds the whole model from the seed and keeps its shard (the same
-# weights on any number of processes); 'meta': each rank initializes only its own shards on its device (no
-# rank ever holds the whole model; the weights then depend on the world size); 'auto': meta above 1B params
+# init_device: 'cpu': every rank builds the whole model from the seed and keeps its shard (the same weights on any
+# number of processes); 'meta': each rank initializes only its own shards on its device (no rank ever holds the
+# whole model; the weights then depend on the world size)
+init_device = 'auto'  # 'cpu', 'meta', or 'auto': meta above 1B params
 # Lion: decoupled weight decay on weights with >= 2 dims (embedding, linear layers), see lion_step
-learning_rate = 2e-4  # peak
+learning_rate = 2e-4  # the peak, after warmup
 max_iters = 4800  # optimizer steps in all
 weight_decay = 2e-4  # at the peak lr each step multiplies weights by (1 - weight_decay)
 beta1 = 0.9
@@ -109,8 +112,7 @@ lora_rank = 0  # 0: full fine-tuning, every weight trains; > 0: only the adapter
 lora_alpha = 16.0  # the adapters' output is scaled by lora_alpha / lora_rank
 lora_dropout = 0.0  # dropout on the adapters' input
 lora_targets = ['Wqkv', 'out_proj', 'up_proj', 'down_proj']  # the linear layers (by name) that get adapters
-quantize_base = ''  # 'nf4': QLoRA, the frozen linear layers kept as 4-bit NormalFloat (torchao), dequantized
-# on the fly in each matmul; '': the frozen base stays in the compute dtype (dtype: bf16 on GPUs)
+quantize_base = ''  # 'nf4': QLoRA, frozen linear layers in 4-bit NormalFloat (torchao); '': they stay in the compute dtype
 # system
 device = 'cuda' if torch.cuda.is_available() else 'cpu'  # with torchrun each process takes cuda:LOCAL_RANK
 dtype = 'bfloat16' if torch.cuda.is_available() else 'float32'  # bf16 matmuls on fp32 master weights, or fp32
@@ -122,6 +124,37 @@ dp_replicate = 1  # HSDP over many nodes: the processes form dp_replicate groups
 # groups. 1: one group of all processes (FSDP). torchtitan's data_parallel_replicate_degree
 peak_flops = 0.0  # one device's peak FLOP/s for MFU; 0: model.PEAK_FLOPS's figure for this GPU
 _defaults = settings_in(globals())
+
+
+def setting_problems(s, world_size=1):
+    """The settings' problems, one line each, found before any work: a bad value met deep inside a run (a
+    modulo by zero at the first step, a negative learning rate that trains on) costs the run or silently ruins it.
+    (LoRA's settings, dtype and quantize_base are checked where the run sets them up.)"""
+    problems = out_of_range(s, __file__, whole=dict(
+        batch_size=1, gradient_accumulation_steps=1, eval_interval=1, log_interval=1, keep_checkpoints=1,
+        max_iters=0, eval_iters=0, warmup_iters=0, lr_decay_iters=0, resume_step=-1, vocab_size=1, d_model=1, n_heads=1,
+        n_layers=1, expansion_ratio=1, max_seq_len=1, kv_n_heads=1, alibi_bias_max=0, seed=0),
+        at_least=dict(learning_rate=0, min_lr=0, weight_decay=0, grad_clip=0, peak_flops=0),
+        positive=('clip_qkv', 'softmax_scale', 'layer_norm_epsilon'),
+        fraction=('beta1', 'beta2', 'attn_pdrop', 'resid_pdrop', 'emb_pdrop'),
+        choices=dict(init_device=('auto', 'cpu', 'meta')))
+    problems += [p for p in [device_problem(s['device'])] if p]
+    if isinstance(s['gradient_accumulation_steps'], int) and s['gradient_accumulation_steps'] % world_size:
+        problems.append(f"gradient_accumulation_steps={s['gradient_accumulation_steps']} (micro-batches per step over "
+                        f"all processes) does not divide among {world_size} processes: make it a multiple of {world_size}")
+    if is_checkpoint(s['init_from']):  # a stage keeps its checkpoint's architecture: a different one asked for is an error
+        try:
+            with open(os.path.join(s['init_from'], 'train.json')) as f:
+                model = json.load(f)['model']
+        except (OSError, ValueError, KeyError) as e:
+            return problems + [f"init_from={s['init_from']}: its train.json is unreadable ({e})"]
+        ignored = [f"{k}={s[k]!r} (the checkpoint's is {model[k]!r})" for k in _ARCH_FIELDS
+                   if s[k] != _defaults[k] and s[k] != model[k]]
+        if ignored:
+            problems.append(f"init_from={s['init_from']} starts a stage, which keeps the checkpoint's architecture: "
+                            f"{', '.join(ignored)} would be ignored; drop {'it' if len(ignored) == 1 else 'them'} "
+                            f"(a stage may change max_seq_len, alibi_bias_max, dropout, attn_impl)")
+    return problems
 
 
 # -----------------------------------------------------------------------------
@@ -139,9 +172,15 @@ def print0(*args):
 
 def fail(message, this_rank_only=False):
     """End the run with one clear line on stderr and exit status 1, never a traceback. What every rank
-    meets alike (settings, files) rank 0 alone prints; this_rank_only: only this rank can know."""
+    meets alike (settings, files) rank 0 alone prints; this_rank_only: only this rank can know. Under torchrun
+    the line also goes to the error file it names: torchrun ends its own report (a traceback of the launcher,
+    then each failed rank) with that file's message as the failure's "traceback", so the line comes last."""
     if this_rank_only or int(os.environ.get('RANK', 0)) == 0:
         print(f"error: {message}", file=sys.stderr, flush=True)
+    if os.environ.get('TORCHELASTIC_ERROR_FILE'):
+        with open(os.environ['TORCHELASTIC_ERROR_FILE'], 'w') as f:
+            json.dump({'message': {'message': f"error: {message}", 'extraInfo': {
+                'py_callstack': f"error: {message}", 'timestamp': str(int(time.time()))}}}, f)
     sys.exit(1)
 
 
@@ -1011,7 +1050,15 @@ def save_for_sampling(path, model, extra):
 # the run
 
 if __name__ == '__main__':
-    settings = configure(globals(), sys.argv[1:], verbose=int(os.environ.get('RANK', 0)) == 0)
+    try:
+        settings = configure(globals(), sys.argv[1:], verbose=int(os.environ.get('RANK', 0)) == 0)
+    except SystemExit as e:  # a bad argument: one line, from rank 0 only
+        if not isinstance(e.code, str):
+            raise
+        fail(e.code.removeprefix('error: '))
+    problems = setting_problems(globals(), int(os.environ.get('WORLD_SIZE', 1)))
+    if problems:
+        fail('\nerror: '.join(problems))
     preempted = []  # SIGTERM (a preempted job) or Ctrl-C: the loop finishes its step, saves, and exits 0
 
     def stop_soon(signum, frame):
@@ -1043,9 +1090,6 @@ if __name__ == '__main__':
     elif checkpoint_dirs(out_dir) and not eval_only:
         fail(f"{out_dir} already holds checkpoints from another run: continue it with --init_from=resume, "
              f"or choose another out_dir")
-    if gradient_accumulation_steps % world_size:
-        fail(f"gradient_accumulation_steps={gradient_accumulation_steps} (micro-batches per step over all "
-             f"processes) does not divide among {world_size} processes: make it a multiple of {world_size}")
     global_batch = batch_size * gradient_accumulation_steps  # sequences per step, for any world size
     torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
 
@@ -1396,4 +1440,16 @@ if __name__ == '__main__':
         stop = settle(end=t0)  # the step before this one
         pending = (iter_num, lr, packet, t0)
         iter_num += 1
+    if last:  # the summary: what was trained and saved, and how to sample it
+        ckpt = os.path.join(out_dir, 'ckpt.pt')
+        if os.path.exists(ckpt):
+            saved_to = (f"{ckpt} holds the {'best' if math.isfinite(best_val_loss) else 'last'} weights: "
+                        f"python sample.py --out_dir={shlex.quote(out_dir)}")
+        elif iter_num > start_iter:
+            saved_to = f"no ckpt.pt: no evaluation after step {start_iter} improved on its val loss"
+        else:
+            saved_to = f"nothing new saved: the run was already at max_iters={max_iters}"
+        print0(f"done: {iter_num:,} steps, {iter_num * global_batch * max_seq_len:,} tokens, " +
+               (f"best val loss {best_val_loss:.4f}" if math.isfinite(best_val_loss) else "no val loss (eval_iters=0)") +
+               f"; {saved_to}")
     leave()

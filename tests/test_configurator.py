@@ -2,11 +2,15 @@
 import dataclasses
 import glob
 import os
+import re
+import subprocess
+import sys
 
 import pytest
+import torch
 
 import train
-from configurator import configure
+from configurator import configure, help_text
 from model import MPT, MPTConfig
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -69,3 +73,116 @@ def test_every_config_file_builds_its_model(path):
     first_line = open(path).readline()
     assert f"{n:,}" in first_line or f"{n / 1e6:.1f}M" in first_line
     assert s['learning_rate'] < 1.0 and s['gradient_accumulation_steps'] >= 1
+
+
+def test_nanogpt_names_and_single_dash_arguments():
+    s = settings()
+    for alias, real in (('lr', 'learning_rate'), ('bs', 'batch_size')):
+        with pytest.raises(SystemExit, match=f"unknown setting '{alias}' in --{alias}=abc; did you mean {real}\\?"):
+            configure(s, [f'--{alias}=abc'], verbose=False)
+    # the model's names: nanoGPT's n_embd, n_layer, n_head, block_size; iters
+    s = train.default_settings()
+    for alias, real in (('n_embd', 'd_model'), ('n_layer', 'n_layers'), ('n_head', 'n_heads'),
+                        ('block_size', 'max_seq_len'), ('iters', 'max_iters')):
+        with pytest.raises(SystemExit, match=f"unknown setting '{alias}'.*did you mean {real}\\?"):
+            configure(s, [f'--{alias}=4'], verbose=False)
+    with pytest.raises(SystemExit, match=r"'-x': settings are given as --key=value \(and --help lists them\)"):
+        configure(settings(), ['-x'], verbose=False)
+
+
+# ---- --help: each script's settings from its own source, before its heavy imports ----------------------------
+
+SCRIPTS = {  # script: what its help must show (regular expressions, each on one line)
+    'train.py': [r"^usage: python train\.py \[config\.py \.\.\.\] \[--key=value \.\.\.\]$",
+                 r"^Train an MPT \(model\.py\) on the token files prepare\.py writes",
+                 r"^  I/O$", r"^    --batch_size=16 +int +micro-batch: sequences per process in one forward/backward$",
+                 r"^  MPTConfig \(model\.py\):$", r"^    --d_model=768 +int$",
+                 r"^    --clip_qkv=None +float \| None +clamp q, k, v to",
+                 r"^    --init_device='auto' +str +'cpu', 'meta', or 'auto': meta above 1B params$",  # train.py's, not model.py's
+                 r"^    --device='cuda' if torch\.cuda\.is_available\(\) else 'cpu'$",
+                 r"^ +str +with torchrun each process takes cuda:LOCAL_RANK$",
+                 r"^  learning rate: linear warmup, then cosine decay"],
+    'sample.py': [r"^usage: python sample\.py", r"^    --max_new_tokens=500 +int +per sample",
+                  r"^    --top_p=None +any +sample only among"],
+    'bench.py': [r"^    --mode='train' +str", r"^    \(train\.py's settings: python train\.py --help\)$"],
+    'export.py': [r"^    --hf_dir='' +str +where to write the merged Hugging Face model"],
+    'prepare.py': [r"^usage: python prepare\.py \[SOURCE\] \[--key=value \.\.\.\]$", r"^  tokenizer \(empty: char",
+                   r"^    --num_proc=len\(os\.sched_getaffinity\(0\)\)", r"^ +int +tokenizer processes$",
+                   r"^    --val_fraction=None +any +None: 0\.1 for small inputs"],
+    'bench_prepare.py': [r"^    --mb=24\.0 +float +megabytes of text"],
+    'plot.py': [r"^usage: python plot\.py OUT_DIR\|BENCH\.json", r"^    --out='' +str +the PNG"],
+}
+
+
+@pytest.mark.parametrize('script', SCRIPTS)
+def test_help_lists_the_settings_before_the_heavy_imports(script, tmp_path):
+    # a torch that cannot be imported: the help must come before the script imports it
+    (tmp_path / 'torch').mkdir()
+    (tmp_path / 'torch' / '__init__.py').write_text("raise ImportError('torch was imported before --help')\n")
+    env = {**os.environ, 'PYTHONPATH': str(tmp_path)}
+    for flag in ('--help', '-h'):
+        r = subprocess.run([sys.executable, script, 'config/shakespeare_char_cpu.py', flag], cwd=ROOT, env=env,
+                           capture_output=True, text=True, timeout=60)
+        assert r.returncode == 0 and not r.stderr, r.stderr
+        for pattern in SCRIPTS[script]:
+            assert re.search(pattern, r.stdout, re.MULTILINE), (pattern, r.stdout)
+
+
+def test_help_reads_groups_settings_and_comments(tmp_path):
+    # the settings block: module-level assignments up to configure(); comment lines head groups, a comment
+    # beside a setting is its description; a default that is an expression is shown as written
+    path = tmp_path / 'script.py'
+    path.write_text('"""A script.\n\nIt does things."""\nimport sys\n\n# ------\n# data\nsize = 3  # how many\n'
+                    'name = "x"\n# system\nwhere = "a" if sys.platform else "b"  # place\nratio = None\n_hidden = 1\n'
+                    'configure(globals(), sys.argv[1:])\nafter = 2\n')
+    text = help_text(str(path))
+    assert text.splitlines()[:4] == ["usage: python script.py [config.py ...] [--key=value ...]", "",
+                                      "A script.", ""]
+    assert re.search(r"\n\n  data\n    --size=3 +int +how many\n    --name=\"x\" +str\n\n  system\n"
+                     r"    --where=\"a\" if sys\.platform else \"b\" +str +place\n    --ratio=None +any\Z", text), text
+
+
+# ---- checks at start: one line per bad value -------------------------------------------------------------
+
+BAD_SETTINGS = {  # train.py: overrides -> the line
+    'batch_size': (dict(batch_size=0), "batch_size=0: use a whole number >= 1 (micro-batch: sequences per process in "
+                                       "one forward/backward)"),
+    'batch_size_negative': (dict(batch_size=-1), "batch_size=-1: use a whole number >= 1"),
+    'eval_interval': (dict(eval_interval=0), "eval_interval=0: use a whole number >= 1"),
+    'accumulation': (dict(gradient_accumulation_steps=0), "gradient_accumulation_steps=0: use a whole number >= 1"),
+    'max_seq_len': (dict(max_seq_len=0), "max_seq_len=0: use a whole number >= 1 (training context"),
+    'learning_rate': (dict(learning_rate=-1.0), "learning_rate=-1.0: use a number >= 0 (the peak, after warmup)"),
+    'warmup': (dict(warmup_iters=-5), "warmup_iters=-5: use a whole number >= 0"),
+    'kv_n_heads': (dict(kv_n_heads=0), "kv_n_heads=0: use a whole number >= 1"),
+    'dropout': (dict(resid_pdrop=1.0), "resid_pdrop=1.0: use a number in [0, 1)"),
+    'clip_qkv': (dict(clip_qkv=0.0), "clip_qkv=0.0: use a number > 0"),
+    'init_device': (dict(init_device='gpu'), "init_device='gpu': use one of 'auto', 'cpu', 'meta'"),
+    'device': (dict(device='gpu'), "device='gpu': use 'cpu', 'cuda' or 'cuda:N' (the N-th GPU)"),
+}
+
+
+@pytest.mark.parametrize('case', BAD_SETTINGS)
+def test_each_bad_setting_is_one_line(case):
+    overrides, line = BAD_SETTINGS[case]
+    problems = train.setting_problems({**train.default_settings(), 'device': 'cpu', **overrides})
+    assert len(problems) == 1 and problems[0].startswith(line), problems
+
+
+def test_good_settings_and_every_config_pass():
+    assert train.setting_problems({**train.default_settings(), 'device': 'cpu'}) == []
+    for path in sorted(glob.glob(os.path.join(ROOT, 'config', '*.py'))):
+        s = train.default_settings()
+        configure(s, [path], verbose=False)
+        assert train.setting_problems({**s, 'device': 'cpu', 'init_from': 'scratch'}) == [], path
+
+
+def test_world_size_and_cuda_without_cuda():
+    s = {**train.default_settings(), 'device': 'cpu', 'gradient_accumulation_steps': 3}
+    assert train.setting_problems(s, world_size=2) == [
+        "gradient_accumulation_steps=3 (micro-batches per step over all processes) does not divide among 2 processes: "
+        "make it a multiple of 2"]
+    if torch.cuda.is_available():
+        pytest.skip("this torch has CUDA")
+    (problem,) = train.setting_problems({**s, 'gradient_accumulation_steps': 4, 'device': 'cuda'})
+    assert problem.startswith("device='cuda' but this torch (") and problem.endswith(
+        "use --device=cpu, or a CUDA build of torch on a machine with a GPU")

@@ -341,18 +341,36 @@ def test_sequence_id_keeps_documents_apart(impl):
         assert close(logits[:, s:s + n], a)
 
 
-def test_sequence_id_off_changes_nothing():
-    # attn_uses_sequence_id=False (the default): sequence_id is ignored, attention crosses documents
+def test_sequence_id_without_attn_uses_sequence_id_is_an_error():
+    # attn_uses_sequence_id=False (the default): attention crosses documents, and a sequence_id given anyway is
+    # one clear error rather than silently ignored
     torch.manual_seed(0)
     model = MPT(tiny()).eval()
     idx = torch.randint(0, 97, (2, 32), generator=torch.Generator().manual_seed(1))
     ids = torch.repeat_interleave(torch.arange(2), torch.tensor([10, 22])).view(1, 32).repeat(2, 1)
+    with pytest.raises(ValueError, match=r"sequence_id given, but .*attn_uses_sequence_id=False.*set attn_uses_sequence_id=True"):
+        model(idx, idx, sequence_id=ids)
     with torch.no_grad():
         plain, _ = model(idx, idx)
-        with_ids, _ = model(idx, idx, sequence_id=ids)
         second_alone, _ = model(idx[:, 10:].contiguous(), idx[:, 10:].contiguous())
-    assert torch.equal(plain, with_ids)
     assert not torch.allclose(plain[:, 10:], second_alone, atol=1e-4)  # the second document sees the first
+
+
+def test_sliced_targets():
+    # model(x[:, :-1], x[:, 1:]): targets a non-contiguous slice of a batch, as nanoGPT-style code writes it;
+    # the loss is the same as with contiguous copies, and a mismatched shape is one clear error
+    torch.manual_seed(0)
+    model = MPT(tiny()).eval()
+    x = torch.randint(0, 97, (3, 17), generator=torch.Generator().manual_seed(2))
+    assert not x[:, 1:].is_contiguous()
+    with torch.no_grad():
+        _, loss = model(x[:, :-1], x[:, 1:])
+        _, ref = model(x[:, :-1].contiguous(), x[:, 1:].contiguous())
+        logits, _ = model(x[:, :-1], x[:, 1:])
+    expected = torch.nn.functional.cross_entropy(logits.double().flatten(0, 1), x[:, 1:].flatten())
+    assert loss.item() == ref.item() and abs(loss.item() - expected.item()) < 1e-5
+    with pytest.raises(ValueError, match=r"targets must have idx's shape \(3, 16\), got \(3, 15\)"):
+        model(x[:, :-1], x[:, 2:])
 
 
 def test_sequence_id_torch_attention_matches_kernel_reference():

@@ -181,6 +181,35 @@ def test_missing_datasets_says_how_to_install(tmp_path):
     (tmp_path / "x.parquet").write_bytes(b"")
     r = run(f"--input={tmp_path / 'x.parquet'}", f"--out_dir={tmp_path / 'out'}", env={"PYTHONPATH": str(tmp_path / "fake")})
     assert r.returncode == 1 and "pip install datasets" in r.stderr and "Traceback" not in r.stderr
+    # a named corpus, which streams from the hub, also says how to give a local copy instead
+    r = run("c4", f"--out_dir={tmp_path / 'out'}", env={"PYTHONPATH": str(tmp_path / "fake")})
+    assert r.returncode == 1 and "pip install datasets" in r.stderr and "give the files with --input=PATH" in r.stderr
+    assert not (tmp_path / "out").exists()
+
+
+OFFLINE = "import socket\ndef _no(*a, **k):\n    raise OSError('no network in this test')\nsocket.socket.connect = _no\n"
+
+
+def test_shakespeare_char_offline_from_the_shipped_text(tmp_path):
+    # the README's first command, as a fresh clone runs it: no --input, no --out_dir, and no network (a
+    # sitecustomize makes every connection fail). The text is the shipped copy of tiny Shakespeare, checked
+    # against ../shared's; a second run is the same dataset again (idempotent), not "a different dataset"
+    (tmp_path / "offline").mkdir()
+    (tmp_path / "offline" / "sitecustomize.py").write_text(OFFLINE)
+    offline = {"PYTHONPATH": str(tmp_path / "offline"), "TIKTOKEN_CACHE_DIR": str(tmp_path / "empty")}
+    readme = lambda: subprocess.run([sys.executable, str(repo / "prepare.py"), "shakespeare_char"], cwd=tmp_path,
+                                    capture_output=True, text=True, env={**os.environ, **offline})
+    r = readme()
+    assert r.returncode == 0, r.stderr
+    out = tmp_path / "data" / "shakespeare_char"
+    meta, train, val = load(out)
+    text = shakespeare.read_text(encoding="utf-8")
+    assert "".join(meta["chars"][i] for i in np.concatenate([train, val])) == text
+    assert meta["inputs"] == [prepare.shakespeare_url] and (repo / "assets" / "tinyshakespeare.txt").stat().st_size == 1_115_394
+    before = {p.name: p.read_bytes() for p in out.iterdir()}
+    r = readme()
+    assert r.returncode == 0, r.stderr
+    assert {p.name: p.read_bytes() for p in out.iterdir()} == before
 
 
 def unreadable_file(tmp_path):
@@ -226,7 +255,19 @@ def test_bad_input_gets_a_message(tmp_path, case):
     assert r.returncode == 1
     assert r.stderr.startswith("prepare.py: error: ") and "Traceback" not in r.stderr
     assert bad_inputs[case][1] in r.stderr
-    assert not list(tmp_path.glob("out/*.bin*"))  # nothing that looks written
+    assert not (tmp_path / "out").exists()  # a failed run leaves nothing behind
+
+
+def test_a_failed_run_removes_the_folders_it_made_and_nothing_else(tmp_path):
+    # out_dir and its missing parents go; a folder that was there before stays, with what it held
+    (tmp_path / "empty.txt").write_text("")
+    r = run(f"--input={tmp_path / 'empty.txt'}", f"--out_dir={tmp_path / 'new' / 'deeper' / 'out'}")
+    assert r.returncode == 1 and "no text in the input" in r.stderr
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["empty.txt"]
+    (tmp_path / "mine").mkdir()
+    (tmp_path / "mine" / "notes.txt").write_text("kept")
+    r = run(f"--input={tmp_path / 'empty.txt'}", f"--out_dir={tmp_path / 'mine'}")
+    assert r.returncode == 1 and [p.name for p in (tmp_path / "mine").iterdir()] == ["notes.txt"]
 
 
 def test_tokenizer_vocab_must_fit_uint16(tmp_path, monkeypatch, capsys):
@@ -335,11 +376,18 @@ def test_prompt_response_tokens_and_loss_masks(tmp_path, tokenizer_dir):
 
 @pytest.mark.parametrize("case,files,args,message", [
     ("no response", {"a.jsonl": '{"prompt": "p", "response": "r"}\n{"prompt": "only a prompt"}\n'}, [],
-     "a.jsonl:2: a prompt/response record needs the text fields 'prompt' and 'response' (its fields: prompt)"),
+     "a.jsonl:2: a prompt/response record needs text in 'prompt' and 'response', but 'response' is missing "
+     "(its fields: prompt)"),
+    ("null response", {"a.jsonl": '{"prompt": "p", "response": "r"}\n{"prompt": "p", "response": null}\n'}, [],
+     "a.jsonl:2: a prompt/response record needs text in 'prompt' and 'response', but 'response' is null "
+     "(its fields: prompt, response)"),
+    ("number prompt", {"a.jsonl": '{"prompt": "p", "response": "r"}\n{"prompt": 7, "response": "r"}\n'}, [],
+     "a.jsonl:2: a prompt/response record needs text in 'prompt' and 'response', but 'prompt' is a number"),
     ("pair among text", {"a.jsonl": '{"text": "t"}\n{"prompt": "p", "response": "r"}\n'}, [],
      "a.jsonl:2: a prompt/response record among plain-text records"),
     ("text among pairs", {"a.jsonl": '{"prompt": "p", "response": "r"}\n{"text": "t"}\n'}, [],
-     "a.jsonl:2: a prompt/response record needs the text fields 'prompt' and 'response' (its fields: text)"),
+     "a.jsonl:2: a prompt/response record needs text in 'prompt' and 'response', but 'prompt' is missing and "
+     "'response' is missing (its fields: text)"),
     ("mixed files", {"a.jsonl": '{"prompt": "p", "response": "r"}\n', "b.txt": "plain"}, [],
      "a.jsonl holds prompt/response records but"),
     ("no tokenizer.json", {"a.txt": "x"}, ["--tokenizer={tmp}/notok"], "notok: no tokenizer.json in this folder"),
@@ -365,4 +413,4 @@ def test_prompt_response_and_tokenizer_bad_input(tmp_path, tokenizer_dir, case, 
     r = run(f"--input={tmp_path / 'in'}", *tok, f"--out_dir={tmp_path / 'out'}")
     assert r.returncode == 1 and r.stderr.startswith("prepare.py: error: ") and "Traceback" not in r.stderr, r.stderr
     assert message in r.stderr and r.stderr.count("\n") == 1, r.stderr
-    assert not list(tmp_path.glob("out/*.bin*")) and not list(tmp_path.glob("out/*.mask"))
+    assert not (tmp_path / "out").exists()

@@ -207,3 +207,62 @@ def test_sample_py_uses_the_tokenizer_the_run_recorded(tmp_path, tokenizer_dir):
     r = run_sample(f"--out_dir={out}", "--device=cpu")
     assert r.returncode == 1 and "gone/tokenizer.json, which is not there any more" in r.stderr
     assert "Traceback" not in r.stderr and r.stderr.count("error:") == 1
+
+
+# ---- settings and messages: one line each, at the right moment ---------------------------------------
+
+OFFLINE = "import socket\ndef _no(*a, **k):\n    raise OSError('no network in this test')\nsocket.socket.connect = _no\n"
+
+
+def test_sample_py_bad_settings_and_tokenizers_are_one_line_each(tmp_path):
+    # all at once (each run is mostly torch's import): settings checked before anything loads, a char-level
+    # model exported to a Hugging Face directory (no tokenizer.json, no meta.json), and GPT-2's BPE offline
+    model, out = write_char_checkpoint(tmp_path)
+    model.save_hf(tmp_path / "char_hf")
+    tiktoken_model = tiny_model(vocab_size=50304, d_model=32, n_heads=4)
+    tiktoken_model.save_hf(tmp_path / "bpe_hf")
+    (tmp_path / "offline").mkdir()
+    (tmp_path / "offline" / "sitecustomize.py").write_text(OFFLINE)
+    offline = {**os.environ, "PYTHONPATH": str(tmp_path / "offline"), "TIKTOKEN_CACHE_DIR": str(tmp_path / "empty")}
+    cuda_line = ("device='gpu': use 'cpu', 'cuda' or 'cuda:N'" if torch.cuda.is_available() else
+                 "device='cuda' but this torch (")
+    runs = {
+        "settings": ([f"--out_dir={tmp_path / 'nowhere'}", "--max_new_tokens=0", "--top_k=0", "--temperature=-1",
+                      "--top_p=1.5", "--device=" + ("gpu" if torch.cuda.is_available() else "cuda")], None,
+                     ["max_new_tokens=0: use a whole number >= 1 (per sample;", "top_k=0: use a whole number >= 1",
+                      "temperature=-1.0: use a number >= 0", "top_p=1.5: use a probability in (0, 1]", cuda_line]),
+        "char export": ([f"--init_from={tmp_path / 'char_hf'}", "--device=cpu"], offline,
+                        [f"{tmp_path / 'char_hf'} records no tokenizer (no meta.json, no tokenizer.json) and its 29 ids "
+                         f"are too few for GPT-2's BPE: it was trained with another tokenizer"]),
+        "offline bpe": ([f"--init_from={tmp_path / 'bpe_hf'}", "--device=cpu"], offline,
+                        ["GPT-2's BPE (tiktoken r50k_base) cannot be loaded (", "offline, set TIKTOKEN_CACHE_DIR"]),
+    }
+    procs = {name: subprocess.Popen([sys.executable, "sample.py", *args], cwd=ROOT, text=True, env=env,
+                                    stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+             for name, (args, env, _) in runs.items()}
+    for name, proc in procs.items():
+        stdout, stderr = proc.communicate(timeout=300)
+        lines = [line for line in stderr.splitlines() if not line.startswith(("override:", "tokenizer:"))]
+        expected = runs[name][2]
+        assert proc.returncode == 1 and not stdout and "Traceback" not in stderr, (name, stderr)
+        if name == "offline bpe":
+            assert len(lines) == 1 and all(part in lines[0] for part in expected), stderr
+        else:
+            assert len(lines) == len(expected), (name, stderr)
+            assert all(line.startswith("error: " + e) for line, e in zip(lines, expected)), (name, stderr)
+
+
+def test_sample_py_notes_come_before_the_sample(tmp_path):
+    # the checkpoint says attn_impl='triton'; on the CPU the first forward falls back to 'torch' with a note
+    # on stderr. With stdout and stderr in one stream (a terminal), the note comes before the prompt, not in it
+    _, out = write_char_checkpoint(tmp_path)
+    env = {**os.environ, "TIKTOKEN_CACHE_DIR": str(SHARED / "tiktoken")}
+    r = subprocess.run([sys.executable, "sample.py", f"--out_dir={out}", "--start=to be", "--num_samples=2",
+                        "--max_new_tokens=10", "--device=cpu"], cwd=ROOT, text=True, env=env, timeout=120,
+                       stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    assert r.returncode == 0, r.stdout
+    lines = r.stdout.splitlines()
+    note = lines.index("note: attn_impl='triton' needs a CUDA device; using attn_impl='torch' on CPU")
+    samples = [i for i, line in enumerate(lines) if line.startswith("to be")]
+    assert len(samples) == 2 and note < samples[0]
+    assert all(line.startswith(("override:", "tokenizer:")) for line in lines[:note])  # nothing of a sample before it

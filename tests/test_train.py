@@ -227,6 +227,18 @@ def test_each_process_loads_its_own_rows_of_a_hugging_face_model(released_mpt, q
                 assert torch.equal(got, base[name].chunk(2)[rank % 2]), (rank, name)
 
 
+def test_two_processes_a_bad_setting_is_the_last_line(shakespeare, tmp_path):
+    # torchrun reports a failed worker with its own traceback and a summary; train.py writes its one line into
+    # the error file torchrun names, so that summary ends with the line ("traceback : error: ...")
+    returncode, _, stderr = run([*TINY, f'--data_dir={shakespeare}', f'--out_dir={tmp_path / "out"}',
+                                 '--gradient_accumulation_steps=3'], procs=2, expect_ok=False)
+    line = ("error: gradient_accumulation_steps=3 (micro-batches per step over all processes) does not divide among 2 "
+            "processes: make it a multiple of 2")
+    last = stderr.rstrip().splitlines()[-2:]
+    assert returncode == 1 and last[0].strip() == f"traceback : {line}" and set(last[1]) == {'='}, stderr
+    assert f"\n{line}\n" in stderr and 'train.py", line' not in stderr  # rank 0 printed it once, and no traceback of ours
+
+
 # ---- settings, Lion, the schedule, the sampler (in process) --------------------------------------------
 
 def test_settings_are_the_issues_and_every_mpt_config_field():
@@ -441,6 +453,13 @@ BAD_RUNS = {  # name: (what write_bad writes, extra arguments, the message, a re
     'lora_alpha': ('nothing', ['--lora_rank=4', '--lora_alpha=None'], r"lora_alpha=None: a positive number"),
     'init_from': ('nothing', ['--init_from=somewhere'], r"init_from='somewhere': use 'scratch', 'resume', a Hugging Face"),
     'dp_replicate': ('nothing', ['--dp_replicate=3'], r"dp_replicate=3: the 1 processes must split into dp_replicate equal"),
+    # settings out of range: each one line, all of them, before any work
+    'ranges': ('nothing', ['--batch_size=0', '--eval_interval=0', '--learning_rate=-1', '--warmup_iters=-5',
+                           '--device=gpu'],
+               r"\nerror: batch_size=0: use a whole number >= 1 \(micro-batch: sequences per process .*\)\n"
+               r"error: eval_interval=0: use a whole number >= 1 .*\nerror: warmup_iters=-5: use a whole number >= 0\n"
+               r"error: learning_rate=-1.0: use a number >= 0 \(the peak, after warmup\)\n"
+               r"error: device='gpu': use 'cpu', 'cuda' or 'cuda:N' \(the N-th GPU\)\n\Z"),
 }
 
 
@@ -463,7 +482,7 @@ def test_bad_run_is_one_clear_message(bad_runs, name):
     returncode, _, stderr = bad_runs[name]
     assert returncode == 1 and 'Traceback' not in stderr, stderr
     assert re.search(BAD_RUNS[name][2], stderr), stderr
-    assert stderr.count('error:') == 1
+    assert stderr.count('error:') == (BAD_RUNS[name][2].count('error: ') or 1)
 
 
 # ---- faults -------------------------------------------------------------------------------------------
@@ -995,7 +1014,7 @@ def test_a_stage_starts_from_a_checkpoints_weights(straight, shakespeare, tmp_pa
     (_, stage1), (losses, stage2) = metrics(straight), metrics(tmp_path / 'same')
     assert stage2[0] == stage1[6] and sorted(losses) == [0, 1]
     run([*TINY, f'--data_dir={shakespeare}', f'--out_dir={tmp_path / "longer"}', f'--init_from={ckpt}',
-         '--max_iters=2', '--eval_interval=2', '--max_seq_len=32', '--alibi_bias_max=16', '--d_model=64'])
+         '--max_iters=2', '--eval_interval=2', '--max_seq_len=32', '--alibi_bias_max=16'])
     info = json.loads((tmp_path / 'longer' / 'ckpt-000002' / 'train.json').read_text())
     assert info['model']['max_seq_len'] == 32 and info['model']['alibi_bias_max'] == 16
     assert info['model']['d_model'] == 32 and info['iter_num'] == 2
@@ -1004,6 +1023,17 @@ def test_a_stage_starts_from_a_checkpoints_weights(straight, shakespeare, tmp_pa
          '--max_iters=3', '--eval_interval=3', '--max_seq_len=32'])
     info = json.loads((tmp_path / 'longer' / 'ckpt-000003' / 'train.json').read_text())
     assert info['model']['alibi_bias_max'] == 16 and info['iter_num'] == 3
+
+
+def test_a_stage_refuses_an_architecture_it_would_ignore(straight):
+    # (in process: train.py runs setting_problems first, before anything else)
+    stage = {**train.default_settings(), 'device': 'cpu', 'init_from': str(straight / 'ckpt-000006'),
+             'vocab_size': 65, 'd_model': 32, 'n_heads': 4, 'n_layers': 2}  # the checkpoint's: fine
+    assert train.setting_problems({**stage, 'max_seq_len': 64, 'alibi_bias_max': 16}) == []
+    assert train.setting_problems({**stage, 'd_model': 64, 'n_layers': 3}) == [
+        f"init_from={straight / 'ckpt-000006'} starts a stage, which keeps the checkpoint's architecture: d_model=64 "
+        f"(the checkpoint's is 32), n_layers=3 (the checkpoint's is 2) would be ignored; drop them (a stage may change "
+        f"max_seq_len, alibi_bias_max, dropout, attn_impl)"]
 
 
 def test_eval_only_at_several_lengths(straight, shakespeare, tmp_path):
