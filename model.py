@@ -106,9 +106,11 @@ def torch_attention(q, k, v, slopes=None, causal=True, softmax_scale=None, dropo
     Tq, Tk = q.size(-2), k.size(-2)
     i = torch.arange(Tk - Tq, Tk, device=q.device).view(-1, 1)  # absolute query positions
     j = torch.arange(Tk, device=q.device).view(1, -1)
-    bias = torch.zeros(1, Tq, Tk, device=q.device)
+    # 4-D, with its batch dim: CPU SDPA takes its fused kernel for a (1, H, Tq, Tk) mask, but falls back to
+    # the unfused "math" path for a 3-D one
+    bias = torch.zeros(1, 1, Tq, Tk, device=q.device)
     if slopes is not None:
-        bias = slopes.view(-1, 1, 1).float() * (j - i)  # (H, Tq, Tk)
+        bias = slopes.view(1, -1, 1, 1).float() * (j - i)  # (1, H, Tq, Tk)
     masked = (j > i) if causal else torch.zeros(Tq, Tk, dtype=torch.bool, device=q.device)
     if key_start is not None:
         masked = masked | (j < key_start.view(-1, 1, 1, 1))  # (B, 1, Tq, Tk)
