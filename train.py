@@ -58,7 +58,7 @@ import torch.distributed.checkpoint as dcp
 import torch.utils.checkpoint
 from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict, set_model_state_dict
 from torch.distributed.device_mesh import init_device_mesh
-from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+from torch.distributed.fsdp import FSDPModule, MixedPrecisionPolicy, fully_shard
 from torch.distributed.tensor import DTensor
 
 from checkpoints import (check_files, checkpoint_dirs, file_crc, is_checkpoint, read_manifest, state_crc, step_of,
@@ -405,7 +405,8 @@ def setup_model(config, mesh, dtype='bfloat16', activation_checkpointing=False, 
                 init_weights=True, lora=None):
     """The MPT of config, sharded with FSDP2 over mesh (see init_distributed): each block, then the root
     (embedding, final norm). The weights that train stay fp32 shards (the master weights); with dtype='bfloat16'
-    FSDP all-gathers them as bf16 for the matmuls and reduce-scatters the gradients in fp32. config.init_device:
+    FSDP all-gathers them as bf16 for the matmuls and reduce-scatters the gradients in fp32; one process in fp32
+    gets the plain module (no FSDP: nothing to shard or cast). config.init_device:
     see the settings. init_weights=False leaves a meta-built model's shards uninitialized, for weights loaded
     next (load_hf_weights, load_checkpoint). lora: add_lora's settings (rank, alpha, dropout, targets,
     quantize_base), or None; a LoRA model's frozen base is kept in the compute dtype (bf16 or fp32: it never
@@ -422,6 +423,21 @@ def setup_model(config, mesh, dtype='bfloat16', activation_checkpointing=False, 
             block.forward = torch.compile(block.forward)
         if activation_checkpointing:  # after compile: a checkpoint around the attention kernel's graph
             checkpoint_block(block)   # break would keep torch.compile from compiling anything inside it
+    if mesh.size() == 1 and dtype == 'float32':
+        # One process computing in fp32: the parameters are their own masters and there is nothing to shard,
+        # gather or reduce, so FSDP would only add its hooks and DTensor's dispatch (measured: 12 ms of a
+        # 97 ms step at shakespeare_char_cpu's size). The plain module trains to the same numbers, and its
+        # checkpoints (DCP, whole tensors) load on any number of processes, as sharded ones do on one
+        if config.init_device == 'meta':
+            model.to_empty(device=mesh.device_type)
+            if init_weights:
+                torch.manual_seed(seed)  # as the sharded path below seeds rank 0
+                model.init_weights()
+        else:
+            model.to(mesh.device_type)
+        if lora:
+            init_lora(model, seed)
+        return model
     if dtype == 'bfloat16':
         mp = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
     else:
@@ -434,9 +450,12 @@ def setup_model(config, mesh, dtype='bfloat16', activation_checkpointing=False, 
     ignored = {p for p in model.parameters() if is_nf4(p)} if mesh.size(mesh.ndim - 1) == 1 else set()
     if lora:
         ignored |= set(model.transformer.wte.parameters()) | set(model.transformer.norm_f.parameters())
+    # on one process (bf16) a block's gathered weights are kept from its forward to its backward: nothing is
+    # saved by freeing them (the fp32 masters are whole anyway) and the backward's second gather is skipped
+    keep = dict(reshard_after_forward=mesh.size() > 1)
     for block in model.transformer.blocks:
-        fully_shard(block, mesh=mesh, mp_policy=mp, ignored_params=ignored)
-    fully_shard(model, mesh=mesh, mp_policy=mp, ignored_params=ignored)  # also moves a CPU-built model's shards
+        fully_shard(block, mesh=mesh, mp_policy=mp, ignored_params=ignored, **keep)
+    fully_shard(model, mesh=mesh, mp_policy=mp, ignored_params=ignored, **keep)  # also moves a CPU-built model's shards
     if config.init_device == 'meta':
         model.to_empty(device=mesh.device_type)
     if config.init_device == 'meta' and init_weights:
@@ -569,6 +588,11 @@ def _local(t):
     return t.to_local() if isinstance(t, DTensor) else t
 
 
+# On a CPU the device is the host, so reading the verdict on a step costs nothing there, while masking every
+# gradient (lion_step's ok) costs a pass over them; True takes the device's path anyway (the tests check both)
+DEVICE_DECIDES = False
+
+
 def train_step(model, exp_avgs, batches, lr, peak_lr, weight_decay, beta1, beta2, grad_clip, stop=0.0,
                healthy=None, loss_tokens=None, seeds=None):
     """One optimizer step on this rank's micro-batches [(x, y[, sequence_id]), ...]. Gradients are reduce-scattered
@@ -582,16 +606,17 @@ def train_step(model, exp_avgs, batches, lr, peak_lr, weight_decay, beta1, beta2
     counted targets in the whole step, over all ranks (the host knows it from the masks): the loss is then
     their mean, each counted token weighing the same whichever micro-batch holds it, and a micro-batch with
     none adds nothing (a mean over it would be 0/0)."""
-    loss_sum = 0.0
+    loss_sum, world = 0.0, dist.get_world_size()
     for i, (x, y, *sequence_id) in enumerate(batches):
-        model.set_requires_gradient_sync(i == len(batches) - 1)
+        if isinstance(model, FSDPModule):  # not a world of one's plain module (setup_model)
+            model.set_requires_gradient_sync(i == len(batches) - 1)
         if seeds is not None:  # dropout's masks: one seed per micro-batch
             torch.manual_seed(seeds[i])
         if loss_tokens is None:
             _, loss = model(x, y, *sequence_id)
         else:  # a sum, scaled so that the mean over micro-batches and ranks below is the token mean
             _, loss = model(x, y, *sequence_id, reduction='sum')
-            loss = loss * (len(batches) * dist.get_world_size() / max(loss_tokens, 1))
+            loss = loss * (len(batches) * world / max(loss_tokens, 1))
         (loss / len(batches)).backward()
         loss_sum = loss_sum + loss.detach()
     # on DTensor gradients the norm is of the whole model: each rank's part, all-reduced
@@ -600,15 +625,21 @@ def train_step(model, exp_avgs, batches, lr, peak_lr, weight_decay, beta1, beta2
     # one all-reduce for the global mean loss and the stop requests; every rank then decides alike
     packet = torch.stack([torch.as_tensor(loss_sum, dtype=torch.float32, device=norm.device),
                           torch.tensor(float(stop), device=norm.device)])
-    dist.all_reduce(packet)
-    loss = packet[0] / (len(batches) * dist.get_world_size())
+    if world > 1:
+        dist.all_reduce(packet)
+    loss = packet[0] / (len(batches) * world)
     # an inf gradient with a finite loss matters as much: clipping turns it into NaN, and Lion's
     # sign(NaN) would spread NaN through the weights and their momentum
     ok = torch.isfinite(loss) & torch.isfinite(norm)
     ok = ok & healthy if healthy is not None else ok
     named = [(name, p) for name, p in model.named_parameters() if p.grad is not None]
-    lion_step([_local(p) for _, p in named], [_local(p.grad) for _, p in named],
-              [_local(exp_avgs[name]) for name, _ in named], lr, beta1, beta2, weight_decay, peak_lr, ok=ok)
+    update = ([_local(p) for _, p in named], [_local(p.grad) for _, p in named],
+              [_local(exp_avgs[name]) for name, _ in named], lr, beta1, beta2, weight_decay, peak_lr)
+    if ok.device.type == 'cpu' and not DEVICE_DECIDES:  # the host holds the verdict: skip a bad step outright
+        if ok:
+            lion_step(*update)
+    else:  # decided on the device, so that the host never waits for it (lion_step's ok)
+        lion_step(*update, ok=ok)
     model.zero_grad(set_to_none=True)
     return torch.stack([loss, norm.float(), ok.float(), packet[1]])
 
@@ -632,7 +663,8 @@ def evaluate(model, split, batches, seq_len, vocab_size, device, eot_token=None)
             continue
         _, loss = model(x, y, *sequence_id)
         total += torch.stack([loss.float(), torch.ones((), device=device)]) * (j < len(batches))
-    dist.all_reduce(total)
+    if world > 1:
+        dist.all_reduce(total)
     model.train()
     return (total[0] / total[1]).item()
 
@@ -1245,6 +1277,8 @@ if __name__ == '__main__':
     # model and optimizer state
     model = setup_model(config, mesh, dtype, activation_checkpointing, compile, seed,
                         init_weights=init_from == 'scratch', lora=lora)  # else loaded next
+    # without dropout no step draws a random number, so none needs seeding
+    has_dropout = max(config.attn_pdrop, config.resid_pdrop, config.emb_pdrop, lora['dropout'] if lora else 0) > 0
     hf_weights = None  # a Hugging Face MPT: a LoRA run's base (also on resume: its checkpoints hold only the
     if lora:           # adapters), or where a full fine-tune starts
         hf_weights = base['path']
@@ -1429,7 +1463,7 @@ if __name__ == '__main__':
         # place in the global batch): a resumed run, on any number of processes, draws the same masks
         per_rank = gradient_accumulation_steps // world_size
         seeds = [int(np.random.SeedSequence([seed, iter_num, rank * per_rank + i]).generate_state(1)[0])
-                 for i in range(per_rank)]
+                 for i in range(per_rank)] if has_dropout else None
         lr = get_lr(iter_num, learning_rate, min_lr, warmup_iters, lr_decay_iters)
         t0 = time.time()
         packet = train_step(model, exp_avgs, batches, lr, learning_rate, weight_decay, beta1, beta2, grad_clip,

@@ -34,7 +34,9 @@ import time
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
-from configurator import configure  # noqa: E402
+from configurator import configure, help_if_asked  # noqa: E402
+
+help_if_asked(__file__)
 
 # -----------------------------------------------------------------------------
 mode = 'train'  # 'train': ours vs nanoGPT; 'lora': our LoRA vs PEFT on transformers' MPT
@@ -55,7 +57,7 @@ configure(globals(), sys.argv[1:])
 # -----------------------------------------------------------------------------
 
 LOG_EVERY = 10
-SHAKESPEARE = os.path.join(ROOT, 'TODO')  # the corpus prepare.py's shakespeare_char reads
+SHAKESPEARE = os.path.join(ROOT, 'assets', 'tinyshakespeare.txt')  # the corpus prepare.py's shakespeare_char reads
 STEP_LINE = re.compile(r'^iter (\d+): loss ')  # a step's log line, in both projects' formats
 VAL_LINE = re.compile(r'^(?:iter|step) \d+: (?:train loss [0-9.]+, )?val loss ([0-9.]+)')  # ours, nanoGPT's, peft_lora.py's
 
