@@ -221,9 +221,11 @@ def environment():
             env['cpu'] = next(line.split(':', 1)[1].strip() for line in f if line.startswith('model name'))
     except (OSError, StopIteration):
         pass
+    commit = lambda path: subprocess.run(['git', '-C', path, 'rev-parse', 'HEAD'], capture_output=True,
+                                         text=True).stdout.strip() or 'unknown'
+    env['commit'] = commit(ROOT)
     if mode == 'train':
-        r = subprocess.run(['git', '-C', nanogpt, 'rev-parse', 'HEAD'], capture_output=True, text=True)
-        env['nanogpt_commit'] = r.stdout.strip() or 'unknown'
+        env['nanogpt_commit'] = commit(nanogpt)
     else:
         import peft
         import transformers
