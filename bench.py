@@ -444,6 +444,8 @@ def compile_job(job):
                 p.name == "DQ" and meta.get("DQ_TMA")):  # host-side descriptors
             rows = meta["BLOCK_N"] if p.name in ("K", "V", "DK", "DV") else meta["BLOCK_M"]
             signature[p.name] = f"tensordesc<{'fp32' if p.name == 'DQ' else dt}[1,1,{rows},{meta['BLOCK_D']}]>"
+        elif p.name in ("LSE", "DELTA") and name == "_attn_bwd_dkdv" and meta["TMA"]:
+            signature[p.name] = f"tensordesc<fp32[1,1,{meta['BLOCK_M']}]>"
         elif p.name in ("LSE", "DELTA", "SLOPES") or (p.name == "DQ" and name == "_attn_bwd_dkdv"):
             signature[p.name], attrs[(i,)] = "*fp32", [["tt.divisibility", 16]]
         elif p.name in ("DOC_START", "DOC_END"):
@@ -480,9 +482,9 @@ def compile_job(job):
                 f.write(compiled.asm["cubin"])
             sass = subprocess.run([triton.knobs.nvidia.cuobjdump.path, "-sass", cubin], capture_output=True,
                                   text=True, check=True).stdout
-        loops = [sass_loop_stats(body) for body in sass_loops(sass)]
+        loops = [sass_loop_stats(body) for body in sass_loops(sass)]  # the main loop: no mask, else the shortest
         result.update(hgmma="HGMMA" in sass, n_loops=len(loops),
-                      loop=min(loops, key=lambda s: s["instructions"]) if loops else None)
+                      loop=min(loops, key=lambda s: (s["mask_selects"], s["instructions"])) if loops else None)
     result["seconds"] = round(time.time() - start, 1)
     return result
 
@@ -507,7 +509,7 @@ def sass_loops(sass):
 def sass_loop_stats(body):
     """Per warp and iteration of a loop: instructions (NOPs not counted), HGMMA count and shapes, MUFU.EX2,
     wgmma waits (WARPGROUP.DEPBAR), CTA barriers (BAR.SYNC), TMA loads, global loads (LDG, LDGSTS), local
-    memory (spill) accesses, and how many exp2 are issued while a wgmma is in flight (the tensor cores
+    memory (spill) accesses, float selects (FSEL: masking), and how many exp2 are issued while a wgmma is in flight (the tensor cores
     working during the softmax): two passes over the loop, the second counted, HGMMAs in flight from their
     issue until a DEPBAR.LE gsb0, N leaves at most N committed groups pending."""
     ops = [t.split()[0] for t in body]
@@ -525,7 +527,8 @@ def sass_loop_stats(body):
     n = lambda *prefixes: sum(op.startswith(prefixes) for op in ops)
     return dict(instructions=len(ops) - n("NOP"), hgmma=n("HGMMA"), hgmma_shapes=shapes, ex2=n("MUFU.EX2"),
                 ex2_in_flight=overlapped, waits=n("WARPGROUP.DEPBAR"), bar_sync=n("BAR.SYNC"), tma_loads=n("UTMALDG"),
-                tma_reduce=n("UTMAREDG"), global_loads=n("LDG"), spill=n("LDL", "STL"))
+                tma_reduce=n("UTMAREDG"), global_loads=n("LDG.", "LDGSTS"), spill=n("LDL", "STL"),
+                mask_selects=n("FSEL"))
 
 
 def bench_sass():

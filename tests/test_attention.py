@@ -195,13 +195,42 @@ _id = lambda c: "B{}-H{}-Hkv{}-Tq{}-Tk{}-D{}-{}-{}-{}".format(
     *c[:6], "causal" if c[6] else "full", "alibi" if c[7] else "noalibi", c[8])
 
 
+# The kernels' variants: the same math scheduled differently (model.py's FWD_VARIANTS, DKDV_VARIANTS), all
+# in the autotune tables, so that on a GPU any of them may run. The tests below run with each one forced in
+# turn: variant i of every kernel (its last one where a kernel has fewer). The interpreter runs the same
+# Triton code sequentially, so what it checks is the math and the control flow of each variant (prologues,
+# peeled iterations, look-ahead tiles, which blocks are visited), not the asynchronous schedule on a GPU.
+VARIANT_KERNELS = [("_attn_fwd", "FWD_TUNING", "FWD_VARIANTS"), ("_attn_bwd_dkdv", "DKDV_TUNING", "DKDV_VARIANTS")]
+N_VARIANTS = max(len(getattr(fa, variants)) for _, _, variants in VARIANT_KERNELS)
+
+
+@pytest.fixture(params=range(N_VARIANTS), ids=lambda i: f"variant{i}")
+def variant(request, monkeypatch):
+    saved = []
+    for kernel_name, table_name, variants_name in VARIANT_KERNELS:
+        kernel, table, variants = getattr(fa, kernel_name), getattr(fa, table_name), getattr(fa, variants_name)
+        want = variants[min(request.param, len(variants) - 1)]
+        entries = [e for e in table if all(e[0].kwargs.get(k) == v for k, v in want.items())]
+        if not entries:  # the interpreter's table lists the first variant only: the same tile with the others
+            config, *rest = table[0]
+            entries = [(triton.Config({**config.kwargs, **want}, num_warps=config.num_warps,
+                                      num_stages=config.num_stages, pre_hook=config.pre_hook), *rest)]
+        saved.append((table, list(table)))
+        table[:] = entries  # the autotuner's pruning reads this list alongside kernel.configs
+        monkeypatch.setattr(kernel, "configs", [e[0] for e in entries])
+        monkeypatch.setattr(kernel, "cache", {})
+    yield request.param
+    for table, entries in saved:
+        table[:] = entries
+
+
 @pytest.mark.parametrize("case", CASES, ids=_id)
-def test_attention_matches_reference(case):
+def test_attention_matches_reference(case, variant):
     check_attention(*case, dtype=DTYPE)
 
 
 @pytest.mark.parametrize("case", FP16_CASES, ids=_id)
-def test_attention_fp16(case):
+def test_attention_fp16(case, variant):
     check_attention(*case, dtype=torch.float16)
 
 
@@ -212,7 +241,7 @@ TMA_CASES = [CASES[i] for i in (1, 2, 4, 5, 6, 7, 9, 12)]
 
 
 @pytest.mark.parametrize("case", TMA_CASES, ids=_id)
-def test_attention_tma(case, monkeypatch):
+def test_attention_tma(case, monkeypatch, variant):
     if DEVICE != "cpu":
         pytest.skip("on a GPU the architecture picks the path (sm_90: TMA)")
     made = []
@@ -266,7 +295,7 @@ def _rss_mib():
 
 
 @pytest.mark.parametrize("tma", [False, True], ids=["pointers", "tma"])
-def test_rows_beyond_2_31_elements(tma, monkeypatch):
+def test_rows_beyond_2_31_elements(tma, monkeypatch, variant):
     # q, k, v and dO whose rows lie up to 2.5e9 elements from their base (row stride 2^23, 300 rows, as
     # fused qkv rows are at T > 100k): int32 row offsets would wrap and read the wrong memory (or
     # segfault). The views sit in one 5 GB torch.empty that is never touched beyond the rows used,
@@ -369,7 +398,7 @@ SEQ_CASES = [
 
 @pytest.mark.parametrize("case", SEQ_CASES, ids=lambda c: _id(c[:9]) + ("-deterministic" if c[9] else "")
                          + ("-tma" if c[10] else ""))
-def test_attention_sequence_id(case, monkeypatch):
+def test_attention_sequence_id(case, monkeypatch, variant):
     *shape, deterministic, tma = case
     if tma and DEVICE != "cpu":
         pytest.skip("on a GPU the architecture picks the path")
@@ -738,7 +767,7 @@ def test_decoding_does_not_retune(monkeypatch):
 
 
 @pytest.mark.filterwarnings("ignore:All-NaN slice")  # the first document's rows, under the interpreter
-def test_sequence_id_skips_earlier_documents():
+def test_sequence_id_skips_earlier_documents(variant):
     # Two documents, 128 and 64 tokens (block-aligned for every tile size). The first one's keys and values
     # are NaN: the second document's outputs and gradients can only be finite (and right) if no block of the
     # first document is ever loaded for it, i.e. its key blocks are skipped, not merely masked.
