@@ -785,13 +785,23 @@ def _tile(X, start, n_rows, stride, BLOCK: tl.constexpr, BLOCK_D: tl.constexpr, 
 
 
 @triton.jit
-def _block_ids(n_blocks, REVERSE: tl.constexpr):
-    # The 1-D grid holds (batch x head) x blocks, blocks of one head adjacent so that the programs running
-    # together share that head's K/V in L2. REVERSE: later query blocks (more keys, causal) start first.
+def _block_ids(n_blocks, n_bh, group, LONGEST: tl.constexpr):
+    # The 1-D grid holds (batch x head) x blocks. By default the blocks of one head are adjacent, so that
+    # the programs running together share that head's K/V in L2. With a causal mask the programs' lengths
+    # differ (a query block's keys, a key block's queries), and LONGEST launches the longest ones first,
+    # across heads and batch, so that the last wave holds short programs: 'last' (query blocks: the last
+    # one sees the most keys) or 'first' (key blocks). It does so within groups of `group` (batch x head)
+    # rows, which the host sizes so that a group's K/V fit in L2 (FlashAttention-3's LPT schedule).
     pid = tl.program_id(0)
-    bh, blk = pid // n_blocks, pid % n_blocks
-    if REVERSE:
-        blk = n_blocks - 1 - blk
+    if LONGEST == "":
+        bh, blk = pid // n_blocks, pid % n_blocks
+    else:
+        g = pid // (group * n_blocks)
+        rows = tl.minimum(group, n_bh - g * group)  # the last group may be smaller
+        r = pid - g * group * n_blocks
+        bh, blk = g * group + r % rows, r // rows
+        if LONGEST == "last":
+            blk = n_blocks - 1 - blk
     return bh, blk
 
 
@@ -945,13 +955,13 @@ def _fwd_pipelined(acc, l_i, m_i, q, K, V, b, hk, stride_kn, stride_vn, lo, hi, 
 def _attn_fwd(Q, K, V, O, LSE, SLOPES, DOC_START, DOC_END, qk_scale,
               stride_qb, stride_qh, stride_qm, stride_kb, stride_kh, stride_kn,
               stride_vb, stride_vh, stride_vn, stride_ob, stride_oh, stride_om, stride_lb, stride_lh,
-              H, G, Tq, Tk, tq_bucket,
+              B, H, G, Tq, Tk, tq_bucket, group,
               HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, CAUSAL: tl.constexpr, HAS_ALIBI: tl.constexpr,
               HAS_SEQ: tl.constexpr, DOT_PREC: tl.constexpr, TMA: tl.constexpr, BLOCK_M: tl.constexpr,
               BLOCK_N: tl.constexpr, PIPELINE: tl.constexpr):
     # Q, K, V, O are pointers, or with TMA host-side tensor descriptors over the (B, H, T, D) views
     tl.static_assert(LSE_FRAME % BLOCK_M == 0)
-    bh, pid_m = _block_ids(tl.cdiv(Tq, BLOCK_M), CAUSAL)
+    bh, pid_m = _block_ids(tl.cdiv(Tq, BLOCK_M), B * H, group, "last" if CAUSAL else "")
     b, h = bh // H, bh % H
     hk = h // G  # GQA: query head h reads kv head h // G
     start_m = pid_m * BLOCK_M
@@ -1015,7 +1025,7 @@ def _bwd_preprocess(O, DO, DELTA, stride_ob, stride_oh, stride_om, stride_dob, s
                     stride_lh, H, Tq,
                     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr):
     # delta_i = rowsum(dO_i * O_i) = sum_j P_ij dP_ij, the softmax-backward term shared by every key
-    bh, pid_m = _block_ids(tl.cdiv(Tq, BLOCK_M), False)
+    bh, pid_m = _block_ids(tl.cdiv(Tq, BLOCK_M), 0, 0, "")
     b, h = (bh // H).to(tl.int64), (bh % H).to(tl.int64)
     start_m = pid_m * BLOCK_M
     o_ptrs, mask = _tile(O + b * stride_ob + h * stride_oh, start_m, Tq, stride_om, BLOCK_M, BLOCK_D, HEAD_DIM)
@@ -1168,7 +1178,7 @@ def _dkdv_pipelined(dk, dv, k, v, Q, DO, DQ, LSE, DELTA, SLOPES, b, stride_qh, s
 def _attn_bwd_dkdv(Q, K, V, DO, LSE, DELTA, DK, DV, DQ, SLOPES, DOC_START, DOC_END, qk_scale, sm_scale,
                    stride_qb, stride_qh, stride_qm, stride_kb, stride_kh, stride_kn, stride_vb, stride_vh, stride_vn,
                    stride_dob, stride_doh, stride_dom, stride_lb, stride_lh, stride_dkb, stride_dkh, stride_dkn,
-                   stride_dqb, stride_dqh, stride_dqm, H, G, Tq, Tk, tq_bucket,
+                   stride_dqb, stride_dqh, stride_dqm, B, H, G, Tq, Tk, tq_bucket, group,
                    HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, CAUSAL: tl.constexpr, HAS_ALIBI: tl.constexpr,
                    HAS_SEQ: tl.constexpr, DOT_PREC: tl.constexpr, FUSE_DQ: tl.constexpr, TMA: tl.constexpr,
                    DQ_TMA: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, PIPELINE: tl.constexpr):
@@ -1176,7 +1186,7 @@ def _attn_bwd_dkdv(Q, K, V, DO, LSE, DELTA, DK, DV, DQ, SLOPES, DOC_START, DOC_E
     # every dK/dV row has a single owner, so GQA needs no atomics for them. DK and DV share strides.
     # With TMA (sm_90) the tensors are host-side descriptors: no pointer tiles to hold in registers.
     tl.static_assert(LSE_FRAME % BLOCK_M == 0)
-    bhk, pid_n = _block_ids(tl.cdiv(Tk, BLOCK_N), False)
+    bhk, pid_n = _block_ids(tl.cdiv(Tk, BLOCK_N), B * (H // G), group, "first" if CAUSAL else "")
     b, hk = bhk // (H // G), bhk % (H // G)
     start_n = pid_n * BLOCK_N
     off_shift = Tk - Tq
@@ -1277,13 +1287,13 @@ def _dq_inner(dq, q, do, lse, delta, K, V, stride_kn, stride_vn, lo, hi, Tk, fir
 def _attn_bwd_dq(Q, K, V, DO, LSE, DELTA, DQ, SLOPES, DOC_START, DOC_END, qk_scale, sm_scale,
                  stride_qb, stride_qh, stride_qm, stride_kb, stride_kh, stride_kn, stride_vb, stride_vh, stride_vn,
                  stride_dob, stride_doh, stride_dom, stride_lb, stride_lh, stride_dqb, stride_dqh, stride_dqm,
-                 H, G, Tq, Tk, tq_bucket,
+                 B, H, G, Tq, Tk, tq_bucket, group,
                  HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, CAUSAL: tl.constexpr, HAS_ALIBI: tl.constexpr,
                  HAS_SEQ: tl.constexpr, DOT_PREC: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
     # deterministic=True only: one program per (batch, query head, query block), walking the same key
     # blocks as the forward, so each dQ element is summed in one fixed order
     tl.static_assert(LSE_FRAME % BLOCK_M == 0)
-    bh, pid_m = _block_ids(tl.cdiv(Tq, BLOCK_M), CAUSAL)
+    bh, pid_m = _block_ids(tl.cdiv(Tq, BLOCK_M), B * H, group, "last" if CAUSAL else "")
     b, h = (bh // H).to(tl.int64), (bh % H).to(tl.int64)
     start_m = pid_m * BLOCK_M
     off_shift = Tk - Tq
@@ -1408,7 +1418,8 @@ def _attn_forward(q, k, v, slopes, causal, sm_scale, sequence_id=None, determini
     grid = lambda META: (triton.cdiv(Tq, META["BLOCK_M"]) * B * H,)
     _launch(_attn_fwd, grid, *tiles, lse, slopes if slopes is not None else q, *_doc_bounds(sequence_id, lse),
             sm_scale * LOG2E, *q.stride()[:3], *k.stride()[:3], *v.stride()[:3], *o.stride()[:3], *lse.stride()[:2],
-            H, H // H_kv, Tq, Tk, _bucket(Tq), fixed=deterministic, TMA=tma, **meta)
+            B, H, H // H_kv, Tq, Tk, _bucket(Tq), _lpt_group(q, 2 * Tk * D // (H // H_kv)), fixed=deterministic,
+            TMA=tma, **meta)
     return o, lse
 
 
@@ -1427,7 +1438,7 @@ def _attn_backward(do, q, k, v, o, lse, slopes, causal, sm_scale, deterministic,
     dq_acc = lse.new_zeros(1) if deterministic else _empty_bhtd(B, H, Tq, D, lse)  # zeroed by _dkdv_pre_hook
     args = (slopes if slopes is not None else q, *docs, sm_scale * LOG2E, sm_scale,
             *q.stride()[:3], *k.stride()[:3], *v.stride()[:3], *do.stride()[:3], *lse.stride()[:2])
-    tail = (H, H // H_kv, Tq, Tk, _bucket(Tq))
+    tail = (B, H, H // H_kv, Tq, Tk, _bucket(Tq))
     dq_strides = (0, 0, 0) if deterministic else dq_acc.stride()[:3]
     tiles = [q, k, v, do, dk, dv]
     tma = _use_tma(*tiles)
@@ -1442,13 +1453,27 @@ def _attn_backward(do, q, k, v, o, lse, slopes, causal, sm_scale, deterministic,
         if tma else (lse, delta)
     grid = lambda META: (triton.cdiv(Tk, META["BLOCK_N"]) * B * H_kv,)
     _launch(_attn_bwd_dkdv, grid, q_, k_, v_, do_, lse_, delta_, dk_, dv_, dq_, *args, *dk.stride()[:3], *dq_strides,
-            *tail, fixed=deterministic, FUSE_DQ=not deterministic, TMA=tma, DQ_TMA=dq_tma, **meta)
+            *tail, _lpt_group(q, 2 * Tq * D * (H // H_kv)), fixed=deterministic, FUSE_DQ=not deterministic, TMA=tma, DQ_TMA=dq_tma, **meta)
     if not deterministic:
         return dq_acc.to(q.dtype), dk, dv  # keeps the (B, T, H, D) memory layout
     dq = _empty_bhtd(B, H, Tq, D, q)
     grid = lambda META: (triton.cdiv(Tq, META["BLOCK_M"]) * B * H,)
-    _launch(_attn_bwd_dq, grid, q, k, v, do, lse, delta, dq, *args, *dq.stride()[:3], *tail, fixed=True, **meta)
+    _launch(_attn_bwd_dq, grid, q, k, v, do, lse, delta, dq, *args, *dq.stride()[:3], *tail,
+            _lpt_group(q, 2 * Tk * D // (H // H_kv)), fixed=True, **meta)
     return dq, dk, dv
+
+
+def _lpt_group(x, row_elements):
+    # (batch x head) rows per group of the causal longest-first schedule (_block_ids): as many as keep the
+    # tensors the programs of a row share (row_elements elements of x's dtype) in half the L2 cache
+    if not x.is_cuda:
+        return 3  # the interpreter: odd, so that the tests' few heads also make a smaller last group
+    return max(1, _l2_bytes(x.device) // 2 // (row_elements * x.element_size()))
+
+
+@functools.lru_cache
+def _l2_bytes(device):
+    return torch.cuda.get_device_properties(device).L2_cache_size
 
 
 def _stats_empty(B, H, T, like):

@@ -20,6 +20,7 @@ import pytest
 import torch
 
 import triton
+import triton.language as tl
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import model as fa  # noqa: E402  (tests/conftest.py imported it first, with TRITON_INTERPRET=1 on a CPU)
@@ -369,6 +370,29 @@ def test_grid_takes_more_than_65535_heads(monkeypatch):
         assert len(grid) == 1 or all(n <= 65535 for n in grid[1:]), grid
         assert grid[0] * (grid[1] if len(grid) > 1 else 1) >= B * H or kernel is fa._attn_bwd_dkdv
         assert grid[0] < 2 ** 31
+
+
+@pytest.mark.parametrize("n_bh,n_blocks,group", [(7, 5, 3), (4, 6, 4), (5, 1, 2), (1, 4, 8)])
+def test_causal_programs_launch_longest_first(n_bh, n_blocks, group):
+    # _block_ids' causal schedule: every (row, block) exactly once, in groups of `group` rows (the last one
+    # smaller), and inside a group the longest programs (query blocks: the last; key blocks: the first) first
+    require_kernels()
+
+    @triton.jit
+    def ids(OUT, n_blocks, n_bh, group, LONGEST: tl.constexpr):
+        bh, blk = fa._block_ids(n_blocks, n_bh, group, LONGEST)
+        tl.store(OUT + 2 * tl.program_id(0) + tl.arange(0, 2), tl.where(tl.arange(0, 2) == 0, bh, blk))
+
+    for longest in ("last", "first"):
+        out = torch.full((n_bh * n_blocks, 2), -1, dtype=torch.int32, device=DEVICE)
+        ids[(n_bh * n_blocks,)](out, n_blocks, n_bh, group, longest)
+        pairs = [tuple(p) for p in out.tolist()]
+        assert sorted(pairs) == [(r, b) for r in range(n_bh) for b in range(n_blocks)]
+        for start in range(0, n_bh * n_blocks, group * n_blocks):
+            chunk = pairs[start:start + group * n_blocks]
+            assert {r for r, _ in chunk} == set(range(start // n_blocks, min(n_bh, start // n_blocks + group)))
+            length = [b + 1 if longest == "last" else n_blocks - b for _, b in chunk]
+            assert length == sorted(length, reverse=True)
 
 
 def _packed_ids(B, T, doc_lengths, gen):
