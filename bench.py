@@ -49,10 +49,15 @@ attn_shapes = [(8, 16, 2048, 128), (4, 16, 4096, 128), (16, 12, 2048, 64)]  # at
 sample_batch_sizes = [1, 16]  # sample mode: prompts generated at once
 sample_prompt_len = 128  # sample mode: prompt tokens, then...
 sample_new_tokens = 256  # ...tokens generated per prompt
-sass_jobs = 'table'  # sass mode: 'table' (sm_90, bf16, D=128, causal: every config, TMA and pointer paths) or 'aot' (tests/test_attention.py's set: sm_80 and sm_90, head dims, variants)
-sass_triton = os.path.expanduser('~/.cache/mpt-aot/triton-3.6.0')  # sass mode: a second Triton (a pip --target folder; the AOT test installs the GPU machines' 3.6 here) compiled with too, if it exists
+# sass mode: which compiles. 'table': sm_90, bf16, D=128, causal, every config, TMA and pointer paths; 'aot':
+# tests/test_attention.py's set (sm_80 and sm_90, head dims, variants); 'full': every combination
+sass_jobs = 'table'
+# sass mode: a second Triton (a pip --target folder) to compile with too, if it exists; the AOT test installs
+# the GPU machines' 3.6 here
+sass_triton = os.path.expanduser('~/.cache/mpt-aot/triton-3.6.0')
 sass_workers = 0  # sass mode: compiling processes in all (0: one per CPU core)
-sass_worker = ''  # sass mode, set by bench itself: 'i/n' makes this process a worker that compiles jobs i, i+n, ...
+sass_listing = ''  # sass mode: read the loops of this `cuobjdump -sass` listing (one kernel) instead of compiling
+sass_worker = ''  # sass mode, set by bench itself: 'i/n' makes this process a worker compiling jobs i, i+n, ...
 settings = configure(globals(), sys.argv[1:])
 # -----------------------------------------------------------------------------
 
@@ -374,28 +379,35 @@ def sass_job_list(which):
     dims that are not a multiple of 8, misaligned views). 'aot': every config at the largest head dim it
     serves (bf16, causal, the default variant), with sequence ids, and once more in fp16 at a padded head dim
     (masked loads, not causal, the deterministic dK/dV variant), on sm_80 and sm_90, the sm_90 pointer
-    fallback at head dim 128, and the preprocess kernel."""
+    fallback at the largest head dim, and the preprocess kernel. 'full': every head dim in {64, 80, 112, 128}
+    a config serves x dtype x causal x sequence ids x path x dQ variant."""
     import triton
 
     import model as fa
     jobs = []
     tables = {"_attn_fwd": fa.FWD_TUNING, "_attn_bwd_dkdv": fa.DKDV_TUNING, "_attn_bwd_dq": fa.DQ_TUNING}
     for name, tuning in tables.items():
-        for idx, (_, archs, max_block_d, decode, only_seq) in enumerate(tuning):
+        for idx, (_, archs, max_block_d, decode, only) in enumerate(tuning):
             dims = [d for d in (64, 80, 112, 128) if triton.next_power_of_2(d) <= max_block_d]
-            seqs = [False, True] if only_seq is None else [only_seq]
+            seqs = [only["HAS_SEQ"]] if "HAS_SEQ" in only else [False, True]
             for cap in archs:
                 job = dict(kernel=name, config=idx, arch=cap, dtype="bf16", head_dim=dims[-1], causal=True,
                            seq=seqs[0], tma=cap >= 90 and name != "_attn_bwd_dq", fuse_dq=True)
+                serves = lambda j: all(j[k] == only.get(c, j[k]) for k, c in (("tma", "TMA"), ("fuse_dq", "FUSE_DQ")))
                 if which == "table":
-                    if cap >= 90 and max_block_d >= 128:
-                        jobs += [job] + ([dict(job, tma=False)] if job["tma"] else [])
-                    continue
-                jobs += [dict(job, seq=seq) for seq in seqs]
-                jobs += [dict(job, dtype="fp16", head_dim=dims[-2:][0], causal=False, fuse_dq=False)]
-                if job["tma"] and decode is not True:
-                    jobs += [dict(job, tma=False)]
-    if which == "aot":
+                    more = [dict(job, tma=False)] if job["tma"] else []
+                    jobs += [j for j in [job] + more if cap >= 90 and max_block_d >= 128 and not j["seq"]
+                             and serves(j)]
+                elif which == "full":
+                    jobs += [j for j in (dict(job, dtype=dt, head_dim=d, causal=c, seq=seq, tma=tma, fuse_dq=fuse)
+                                         for dt in ("fp16", "bf16") for d in dims for c in (True, False) for seq in seqs
+                                         for tma in {job["tma"], False} for fuse in {True, name != "_attn_bwd_dkdv"})
+                             if serves(j)]
+                else:
+                    more = [dict(job, dtype="fp16", head_dim=dims[-2:][0], causal=False, fuse_dq=False)]
+                    more += [dict(job, tma=False)] if job["tma"] else []
+                    jobs += [j for j in [dict(job, seq=seq) for seq in seqs] + more if serves(j)]
+    if which != "table":
         jobs += [dict(kernel="_bwd_preprocess", config=None, arch=cap, dtype="bf16", head_dim=128, causal=True,
                       seq=False, tma=False, fuse_dq=True) for cap in (80, 90)]
     return jobs
@@ -508,10 +520,10 @@ def sass_loops(sass):
 
 def sass_loop_stats(body):
     """Per warp and iteration of a loop: instructions (NOPs not counted), HGMMA count and shapes, MUFU.EX2,
-    wgmma waits (WARPGROUP.DEPBAR), CTA barriers (BAR.SYNC), TMA loads, global loads (LDG, LDGSTS), local
-    memory (spill) accesses, float selects (FSEL: masking), and how many exp2 are issued while a wgmma is in flight (the tensor cores
-    working during the softmax): two passes over the loop, the second counted, HGMMAs in flight from their
-    issue until a DEPBAR.LE gsb0, N leaves at most N committed groups pending."""
+    wgmma waits (WARPGROUP.DEPBAR), CTA barriers (BAR.SYNC), TMA loads and reductions, global loads (LDG,
+    LDGSTS), local memory (spill) accesses, float selects (FSEL: masks), and how many exp2 are issued while a
+    wgmma is in flight (the tensor cores working during the softmax): two passes over the loop, the second
+    counted, an HGMMA in flight from its issue until a DEPBAR.LE gsb0, N leaves at most N groups pending."""
     ops = [t.split()[0] for t in body]
     in_flight, open_group, overlapped = 0, False, 0
     for count in (False, True):
@@ -532,6 +544,11 @@ def sass_loop_stats(body):
 
 
 def bench_sass():
+    if sass_listing:  # a listing from elsewhere: every wgmma loop, main loop first
+        loops = sorted((sass_loop_stats(body) for body in sass_loops(open(sass_listing).read())),
+                       key=lambda s: (s["mask_selects"], s["instructions"]))
+        print_table(loops, list(loops[0]) if loops else ['instructions'])
+        return loops
     jobs = sass_job_list(sass_jobs)
     if sass_worker:  # a worker: compile every n-th job, one JSON line each
         i, n = map(int, sass_worker.split("/"))
@@ -550,8 +567,8 @@ def bench_sass():
                    OMP_NUM_THREADS="1")
         if folder:
             env["PYTHONPATH"] = os.pathsep.join([folder, *filter(None, [env.get("PYTHONPATH")])])
-        workers += [subprocess.Popen([sys.executable, os.path.abspath(__file__), "--mode=sass", f"--sass_jobs={sass_jobs}",
-                                      f"--sass_worker={i}/{n_per}"], env=env, stdout=subprocess.PIPE,
+        command = [sys.executable, os.path.abspath(__file__), "--mode=sass", f"--sass_jobs={sass_jobs}"]
+        workers += [subprocess.Popen(command + [f"--sass_worker={i}/{n_per}"], env=env, stdout=subprocess.PIPE,
                                      stderr=subprocess.PIPE, text=True) for i in range(n_per)]
     rows = []
     for w in workers:

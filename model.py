@@ -644,7 +644,9 @@ def peak_flops_per_device(device=None):
 # Kernels: _attn_fwd (one program per (batch, head, query block)); the backward runs _bwd_preprocess
 # (delta = rowsum(dO * O)), then _attn_bwd_dkdv, one program per (batch, kv head, key block) walking
 # query tiles, which also accumulates dQ with fp32 atomics (5 GEMMs, as FlashAttention-2/3); with
-# deterministic=True it leaves dQ to _attn_bwd_dq instead (7 GEMMs, a fixed summation order).
+# deterministic=True it leaves dQ to _attn_bwd_dq instead (7 GEMMs, a fixed summation order). The forward
+# and dK/dV kernels also come software-pipelined for sm_90 (PIPELINE, see "Variants" below), as extra
+# autotune configs. `python bench.py --mode=sass` shows what each config compiles to, without a GPU.
 # Grids are 1-D (CUDA caps grid axes 1 and 2 at 65,535; axis 0 takes 2^31 - 1 programs), and every
 # block's offset from its tensor's base is computed in int64 (see _tile).
 
@@ -665,11 +667,12 @@ _MAX_ROW_STRIDE = 2 ** 24
 
 # Autotuning, keyed on head dim, causal, a power-of-two bucket of Tq (not Tk: while decoding with a KV
 # cache Tk grows by one each step and would retune at every power of two), and the kernel variant.
-# Entries are (config, archs, largest padded head dim BLOCK_D, decode, seq): sm_80 (mma.sync) holds the
+# Entries are (config, archs, largest padded head dim BLOCK_D, decode, only): sm_80 (mma.sync) holds the
 # invariant dot operand in registers while sm_90 (wgmma) reads it from shared memory, so the register
 # budget differs per arch. decode=True entries serve only Tq <= 16 (one new token per step: a 64-row
 # tile, the smallest wgmma M, is mostly padding but decode is bound by reading K/V, not by the MMAs),
-# False only longer Tq, None both; likewise seq=True/False for the kernels with/without sequence ids.
+# False only longer Tq, None both; `only` names launch constants an entry requires, e.g. HAS_SEQ=True
+# (with sequence ids) or TMA=True (not the pointer fallback).
 # tests/test_attention.py compiles every entry with the Triton the GPU machines run and the installed
 # one and fails on register spills, ptxas' "wgmma serialized" advisory, shared memory over the limit,
 # sm_90 kernels without wgmma, sm_90 wgmma with N < 64, and an sm_90 forward without TMA loads.
@@ -681,11 +684,11 @@ DQ_KEY = ["HEAD_DIM", "CAUSAL", "HAS_SEQ", "tq_bucket"]
 DECODE_MAX_TQ = 16
 
 
-def _tune(block_m, block_n, num_warps, num_stages, archs=(80, 90), max_block_d=128, decode=None, seq=None,
+def _tune(block_m, block_n, num_warps, num_stages, archs=(80, 90), max_block_d=128, decode=None, only=None,
           pre_hook=None, **variant):
     config = triton.Config({"BLOCK_M": block_m, "BLOCK_N": block_n, **variant}, num_warps=num_warps,
                            num_stages=num_stages, pre_hook=pre_hook)
-    return config, archs, max_block_d, decode, seq
+    return config, archs, max_block_d, decode, only or {}
 
 
 def _set_block_shapes(nargs):
@@ -710,11 +713,15 @@ def _dkdv_pre_hook(nargs):
         nargs["LSE"].block_shape = nargs["DELTA"].block_shape = [1, 1, nargs["BLOCK_M"]]
 
 
-# Variants: the same math scheduled differently. Each table below lists today's form and the newer ones as
-# separate configs, and on a GPU the autotuner keeps whichever is fastest there. The forward's PIPELINE
-# overlaps the softmax of one key block with q k^T of the next (_fwd_pipelined).
+# Variants: the same math scheduled differently. Each table below lists the first form and the newer ones
+# as separate configs, and on a GPU the autotuner keeps whichever is fastest there (deterministic=True runs
+# a table's first entry). PIPELINE: the forward overlaps the softmax of one key block with q k^T of the
+# next (_fwd_pipelined); the dK/dV kernel holds K and V for the whole loop and needs two wgmma waits per
+# query tile (_dkdv_pipelined). They are built for the sm_90 TMA path at head dims up to 128 without
+# sequence ids (with those, or on the pointer fallback, they spill) and, for dK/dV, with fused dQ.
 FWD_VARIANTS = [dict(PIPELINE=False), dict(PIPELINE=True)]
 DKDV_VARIANTS = [dict(PIPELINE=False), dict(PIPELINE=True)]
+_PIPELINED = dict(HAS_SEQ=False, TMA=True)  # where the pipelined variants serve
 
 if _INTERPRET:  # the tests run each variant in turn (tests/test_attention.py's `variant` fixture)
     FWD_TUNING = [_tune(32, 16, 4, 1, pre_hook=_set_block_shapes, **FWD_VARIANTS[0])]
@@ -724,21 +731,26 @@ else:  # BLOCK_M x BLOCK_N = queries x keys in every kernel
     _fwd = functools.partial(_tune, pre_hook=_set_block_shapes, PIPELINE=False)
     _bwd = functools.partial(_tune, pre_hook=_dkdv_pre_hook, **DKDV_VARIANTS[0])
     # decode (Tq <= 16): sm_90 a 64-row tile with 128 keys per step, sm_80 the 64x64 tile (smaller ones spill
-    # with Triton 3.6 at D = 112)
-    FWD_TUNING = [_fwd(128, 128, 8, 3, archs=(90,), decode=False), _fwd(128, 64, 8, 3, archs=(90,), decode=False),
-                  _fwd(128, 128, 8, 2, archs=(90,), decode=False, PIPELINE=True),
-                  _fwd(128, 64, 8, 3, archs=(90,), decode=False, PIPELINE=True),
-                  _fwd(64, 128, 4, 3, archs=(90,), decode=True),
+    # with Triton 3.6 at D = 112). sm_90's pointer fallback (head dims not a multiple of 8, misaligned views)
+    # takes the tiles that do not spill there: 128x64, and 64x64 for decode.
+    _tma = dict(TMA=True)
+    FWD_TUNING = [_fwd(128, 128, 8, 3, archs=(90,), decode=False, only=_tma),
+                  _fwd(128, 64, 8, 3, archs=(90,), decode=False),
+                  _fwd(64, 128, 4, 3, archs=(90,), decode=True, only=_tma),
+                  _fwd(64, 64, 4, 3, archs=(90,), decode=True, only=dict(TMA=False)),
                   _fwd(128, 64, 8, 2, archs=(80,), max_block_d=64, decode=False),
-                  _fwd(64, 64, 4, 3, archs=(80,), seq=False), _fwd(64, 32, 4, 3, archs=(80,), seq=True)]
-    # sm_90 at D > 64: K and V are re-read every iteration (see _dkdv_inner) and 2 stages of them overflow
-    # shared memory, hence 1 stage. With Triton 3.6 the fused-dQ variant spills 64 bytes at D = 128 (24
-    # with sequence ids; Triton 3.9: 16 with sequence ids, else none): tests/test_attention.py allows
-    # exactly these. No spill-free tile with N >= 64 was found there.
+                  _fwd(64, 64, 4, 3, archs=(80,), only=dict(HAS_SEQ=False)),
+                  _fwd(64, 32, 4, 3, archs=(80,), only=dict(HAS_SEQ=True)),
+                  # 2 stages: the look-ahead's K tile is a third in flight (3 overflow shared memory)
+                  _fwd(128, 128, 8, 2, archs=(90,), decode=False, only=_PIPELINED, **FWD_VARIANTS[1])]
+    # sm_90 at D > 64, the first form: K and V are re-read every iteration (see _dkdv_inner) and 2 stages of
+    # them overflow shared memory, hence 1 stage. With Triton 3.6 it spills 36-40 bytes at D = 128 (the
+    # pipelined variant, last, does not); tests/test_attention.py names every spill it allows.
     DKDV_TUNING = [_bwd(64, 128, 8, 1, archs=(90,)), _bwd(64, 64, 4, 2, archs=(90,), max_block_d=64),
                    _bwd(32, 64, 8, 2, archs=(80,)), _bwd(32, 128, 8, 2, archs=(80,), max_block_d=64),
-                   _bwd(64, 128, 8, 2, archs=(90,), **DKDV_VARIANTS[1])]
-    DQ_TUNING = [_tune(128, 64, 8, 2, archs=(90,), seq=False), _tune(128, 64, 8, 1, archs=(90,), seq=True),
+                   _bwd(64, 128, 8, 2, archs=(90,), only=dict(_PIPELINED, FUSE_DQ=True), **DKDV_VARIANTS[1])]
+    DQ_TUNING = [_tune(128, 64, 8, 2, archs=(90,), only=dict(HAS_SEQ=False)),
+                 _tune(128, 64, 8, 1, archs=(90,), only=dict(HAS_SEQ=True)),
                  _tune(64, 64, 4, 2, archs=(90,), max_block_d=64),
                  _tune(128, 32, 8, 2, archs=(80,)), _tune(128, 64, 8, 3, max_block_d=64)]
 
@@ -754,9 +766,9 @@ def _autotune(tuning, key, **kwargs):
     def prune(configs, named_args, **meta):
         arch = _arch(named_args["DOC_START"].device)
         decode = named_args["tq_bucket"] <= DECODE_MAX_TQ
-        return [c for c, (_, archs, max_d, dec, seq) in zip(configs, tuning)
+        return [c for c, (_, archs, max_d, dec, only) in zip(configs, tuning)
                 if arch in archs and meta["BLOCK_D"] <= max_d and dec in (None, decode)
-                and seq in (None, meta["HAS_SEQ"])]
+                and all(meta[k] == v for k, v in only.items())]
     return triton.autotune([c for c, *_ in tuning], key=key, prune_configs_by={"early_config_prune": prune}, **kwargs)
 
 
@@ -906,10 +918,13 @@ def _fwd_inner(acc, l_i, m_i, q, K, V, b, hk, stride_kn, stride_vn, lo, hi, Tk, 
                slope2, kb, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr,
                MASKED: tl.constexpr, HAS_ALIBI: tl.constexpr, HAS_SEQ: tl.constexpr, DOT_PREC: tl.constexpr,
                TMA: tl.constexpr):
-    # key blocks [lo, hi), one after the other: q k^T, softmax, P v
-    for start_n in range(lo, hi, BLOCK_N):
+    # key blocks [lo, hi), one after the other: q k^T, softmax, P v. Without TMA (the pointer tiles take
+    # registers) loop invariants such as kb are recomputed in the loop rather than held.
+    for start_n in tl.range(lo, hi, BLOCK_N, disable_licm=not TMA):
         k = _rows(K, b, hk, start_n, 0, stride_kn, Tk, BLOCK_N, BLOCK_D, HEAD_DIM, TMA)
         qk = tl.dot(q, tl.trans(k), input_precision=DOT_PREC)  # (BLOCK_M, BLOCK_N)
+        if not TMA:
+            kb = slope2 * tl.arange(0, BLOCK_N).to(tl.float32)
         s = _scores(qk, qk_scale, kb, start_n, first_key, row_end, BLOCK_N, MASKED, HAS_ALIBI, HAS_SEQ)
         p, m_i, l_i, acc = _softmax_step(s, slope2 * (start_n - c).to(tl.float32), m_i, l_i, acc)
         v = _rows(V, b, hk, start_n, 0, stride_vn, Tk, BLOCK_N, BLOCK_D, HEAD_DIM, TMA)
@@ -1073,7 +1088,10 @@ def _dkdv_inner(dk, dv, k, v, K, V, hk, Q, DO, DQ, LSE, DELTA, SLOPES, DOC_START
     # instead of dS K, reading both operands from shared memory (see _dkdv_pipelined).
     offs_n = start_n + tl.arange(0, BLOCK_N)
     h, start_m = h0, lo
-    for it in tl.range(0, n_heads * n_blocks, disable_licm=PIPELINE):
+    # Loop invariants (smem descriptors, pointer tiles) are recomputed rather than held where K and V are
+    # held: that saves registers there (measured: 344 -> 44 spilled bytes on the sm_90 pointer fallback, Triton
+    # 3.6), but not with sm_80's 32-row tiles (Triton 3.9 then spills 108 bytes at D = 64)
+    for it in tl.range(0, n_heads * n_blocks, disable_licm=PIPELINE or (not TMA and BLOCK_M >= 64)):
         offs_m = start_m + tl.arange(0, BLOCK_M)
         if TMA:  # rows past Tq are zero-filled
             if PIPELINE:
@@ -1453,7 +1471,8 @@ def _attn_backward(do, q, k, v, o, lse, slopes, causal, sm_scale, deterministic,
         if tma else (lse, delta)
     grid = lambda META: (triton.cdiv(Tk, META["BLOCK_N"]) * B * H_kv,)
     _launch(_attn_bwd_dkdv, grid, q_, k_, v_, do_, lse_, delta_, dk_, dv_, dq_, *args, *dk.stride()[:3], *dq_strides,
-            *tail, _lpt_group(q, 2 * Tq * D * (H // H_kv)), fixed=deterministic, FUSE_DQ=not deterministic, TMA=tma, DQ_TMA=dq_tma, **meta)
+            *tail, _lpt_group(q, 2 * Tq * D * (H // H_kv)), fixed=deterministic, FUSE_DQ=not deterministic,
+            TMA=tma, DQ_TMA=dq_tma, **meta)
     if not deterministic:
         return dq_acc.to(q.dtype), dk, dv  # keeps the (B, T, H, D) memory layout
     dq = _empty_bhtd(B, H, Tq, D, q)
