@@ -55,7 +55,7 @@ sass_jobs = 'table'
 # sass mode: a second Triton (a pip --target folder) to compile with too, if it exists; the AOT test installs
 # the GPU machines' 3.6 here
 sass_triton = os.path.expanduser('~/.cache/mpt-aot/triton-3.6.0')
-sass_workers = 0  # sass mode: compiling processes in all (0: one per CPU core)
+sass_workers = 0  # sass mode: compiling processes in all (0: two per CPU core, at most 16)
 sass_listing = ''  # sass mode: read the loops of this `cuobjdump -sass` listing (one kernel) instead of compiling
 sass_worker = ''  # sass mode, set by bench itself: 'i/n' makes this process a worker compiling jobs i, i+n, ...
 settings = configure(globals(), sys.argv[1:])
@@ -559,7 +559,9 @@ def bench_sass():
     folders = [None] + ([sass_triton] if sass_triton and os.path.isdir(os.path.join(sass_triton, "triton")) else [])
     if len(folders) == 1:
         print(f"(no second Triton in {sass_triton!r}: the installed one only)")
-    n_per = max(1, (sass_workers or os.cpu_count() or 1) // len(folders))
+    # twice as many processes as cores by default: the jobs differ in size and each Triton has its own share
+    # (3.9 compiles about 25% slower than 3.6), so one process per core would leave cores idle at the end
+    n_per = max(1, (sass_workers or min(2 * (os.cpu_count() or 1), 16)) // len(folders))
     workers = []
     for folder in folders:
         # always compile: a cached kernel skips ptxas, whose log is read here
