@@ -27,6 +27,10 @@ data position and settings; the newest keep_checkpoints are kept), ckpt.pt (one 
 full fp32 weights and MPTConfig, at the best val loss so far), metrics.jsonl (a JSON object per line).
 """
 
+import atexit
+import contextlib
+import errno
+import fcntl
 import functools
 import glob
 import json
@@ -34,6 +38,7 @@ import math
 import os
 import shutil
 import signal
+import socket
 import sys
 import time
 import warnings
@@ -52,6 +57,8 @@ from torch.distributed.device_mesh import init_device_mesh
 from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 from torch.distributed.tensor import DTensor, distribute_tensor
 
+from checkpoints import (check_files, checkpoint_dirs, file_crc, is_checkpoint, read_manifest, state_crc, step_of,
+                         write_manifest)
 from configurator import configure, settings_in
 from model import MPT, MPTConfig, check_attention, config_from_hf
 
@@ -65,6 +72,8 @@ log_interval = 10  # console and metrics.jsonl every this many steps
 keep_checkpoints = 3  # the newest sharded checkpoints kept in out_dir
 init_from = 'scratch'  # 'scratch', 'resume' (the newest checkpoint in out_dir), a Hugging Face MPT directory, or
 # a checkpoint of ours (some_out_dir/ckpt-NNNNNN): a new run (a stage) from its weights, see load_weights
+resume_step = -1  # with init_from='resume': the step of the checkpoint to continue (out_dir/ckpt-NNNNNN); -1: the
+# newest. Checkpoints after it are moved into out_dir/superseded/, not deleted
 eval_only = False  # evaluate init_from's weights once (at every eval length) and exit: no training, nothing saved
 eval_seq_lens = []  # also evaluate at these sequence lengths, e.g. [2048, 4096, 8192]: ALiBi extrapolates
 wandb_log = False  # also log to Weights & Biases (pip install wandb)
@@ -292,6 +301,45 @@ def to_device(rows, device, masks=None, eot_token=None):
     if device.type == 'cuda':
         return tuple(t.pin_memory().to(device, non_blocking=True) for t in out)
     return out
+
+
+def check_tokenizer(meta, meta_path, base):
+    """Fine-tuning a Hugging Face model (base: its directory) on data tokenized otherwise trains it on ids that
+    mean other tokens to it, and nothing would say so. (problem, warning), each one line or None: the data's
+    meta.json (prepare.py) must record the base's own tokenizer: a tokenizer.json of the same content, giving the
+    same vocabulary size and end-of-text id as prepare.py --tokenizer=base would."""
+    redo = f"re-run `python prepare.py ... --tokenizer={base}` for this data"
+    if not os.path.isfile(os.path.join(base, 'tokenizer.json')):
+        return None, (f"warning: {base} has no tokenizer.json, so the data's tokenizer cannot be checked against the "
+                      f"model's")
+    if not meta:
+        return None, (f"warning: {meta_path} does not exist, so the data's tokenizer cannot be checked against the "
+                      f"model's: unless the data was prepared with --tokenizer={base}, {redo}")
+    if not meta.get('tokenizer'):
+        return None, (f"warning: {meta_path} records no tokenizer (an older prepare.py wrote it), so it cannot be "
+                      f"checked against the model's: unless the data was prepared with --tokenizer={base}, {redo}")
+    if meta['tokenizer'] in ('gpt2', 'char'):
+        return (f"{meta_path}: the data was tokenized with {meta['tokenizer']}, not with {base}'s own tokenizer, so "
+                f"its token ids mean other tokens to the model: {redo}"), None
+    from prepare import hf_tokenizer  # what prepare.py records for --tokenizer=base: its file, vocabulary, end-of-text
+    file, vocab_size, eot = hf_tokenizer(base)
+    theirs = meta.get('tokenizer_file') or meta['tokenizer']
+    theirs = os.path.join(theirs, 'tokenizer.json') if os.path.isdir(theirs) else theirs
+    try:
+        with open(theirs) as a, open(file) as b:
+            same = json.load(a) == json.load(b)  # the content, whatever the formatting
+    except (OSError, ValueError):
+        same = None  # gone since: only the numbers below can be compared
+    differ = [f"{what} {meta.get(key)} vs {value}" for what, key, value in (('vocab_size', 'vocab_size', vocab_size),
+                                                                          ('end-of-text id', 'eot_token', eot))
+              if meta.get(key) != value]
+    if same is False or differ:
+        return (f"{meta_path}: the data was tokenized with {theirs}, not with {base}'s own tokenizer "
+                f"({', '.join(differ) or 'their tokenizer.json files differ'}): {redo}"), None
+    if same is None:
+        return None, (f"warning: {meta_path} says the data was tokenized with {theirs}, which is gone, so only its "
+                      f"vocabulary size and end-of-text id could be checked against {base}'s tokenizer")
+    return None, None
 
 
 # -----------------------------------------------------------------------------
@@ -676,7 +724,8 @@ def evaluate(model, split, batches, seq_len, vocab_size, device, eot_token=None)
 
 # -----------------------------------------------------------------------------
 # checkpoints: out_dir/ckpt-NNNNNN/ is written as ckpt-NNNNNN.tmp/ and renamed when complete, so a crash
-# during a save leaves the previous checkpoint as the newest
+# during a save leaves the previous checkpoint as the newest; its manifest.json (checkpoints.py: each file's size
+# and CRC-32) lets a resume verify it before loading. A run holds its out_dir for its whole life (lock_out_dir).
 
 _SHAPE_FIELDS = ('vocab_size', 'd_model', 'n_heads', 'n_layers', 'expansion_ratio', 'kv_n_heads', 'qk_ln')
 # what a stage (init_from=ckpt-NNNNNN) keeps of the checkpoint's model; max_seq_len, alibi_bias_max, dropout
@@ -686,45 +735,355 @@ _ARCH_FIELDS = _SHAPE_FIELDS + ('clip_qkv', 'softmax_scale', 'logit_scale', 'lay
 _RUN_FIELDS = ('max_seq_len', 'alibi_bias_max')
 
 
-def is_checkpoint(path):
-    """A sharded checkpoint of ours: a directory with DCP's .metadata and our train.json."""
-    return os.path.isfile(os.path.join(path, 'train.json')) and os.path.isfile(os.path.join(path, '.metadata'))
-
-
 # a checkpoint holds what trains: the whole model, or a LoRA run's adapters (its frozen base is re-read from the
 # Hugging Face directory it started from, train.json's 'base', and checked against its fingerprint)
 TRAINED = StateDictOptions(ignore_frozen_params=True)
 
 
-def checkpoint_dirs(out_dir):
-    """The complete sharded checkpoints in out_dir, oldest first."""
-    dirs = [d for d in glob.glob(os.path.join(out_dir, 'ckpt-*')) if os.path.isdir(d) and not d.endswith('.tmp')]
-    return sorted(dirs, key=lambda d: int(d.rsplit('-', 1)[1]))
+def from_rank0(obj):
+    """Rank 0's obj on every rank. What rank 0 alone looks at (the lock, the free space, the files it writes) every
+    rank then acts on alike, so that a failure ends them all, with one line."""
+    if dist.get_world_size() == 1:
+        return obj
+    box = [obj]
+    dist.broadcast_object_list(box, src=0)
+    return box[0]
+
+
+def gather(obj):
+    """Every rank's obj, in rank order, on every rank."""
+    out = [None] * dist.get_world_size()
+    dist.all_gather_object(out, obj)
+    return out
+
+
+def human(n):
+    """A size in bytes as people read it: 1.2 MB (powers of 1000, as df -H)."""
+    for unit in ('bytes', 'kB', 'MB', 'GB'):
+        if n < 1000:
+            return f"{n:.0f} {unit}" if unit == 'bytes' else f"{n:.1f} {unit}"
+        n /= 1000
+    return f"{n:.1f} TB"
+
+
+_lock = None  # (file descriptor, lock file, out_dir if this run created it) while this process holds out_dir
+
+
+def lock_out_dir(out_dir):
+    """Hold out_dir for this run's whole life (rank 0 alone): an exclusive flock on out_dir/train.lock, whose
+    content names the holder (host, pid, start time) for the line a second run gets. The kernel releases a flock
+    when its holder dies, however it dies, so a lock file left by a killed run of this host is taken over, with
+    a note. Returns (problem, note), each one line or None.
+    out_dir shared by nodes: NFS (v4, or v3 with lockd) turns flock into a whole-file lock that every client sees,
+    and Lustre does when mounted with -o flock, so two runs on any nodes exclude each other (NFS v4 drops a dead
+    node's locks when its lease lapses, about 90 s). Where the filesystem has no locks (flock fails: Lustre's -o
+    noflock) the file alone decides, a check rather than a lock: a live process of this host named in it holds
+    out_dir. A lock file left by a run of another host is never taken over, since from here it cannot be told
+    whether that run lives (with Lustre's -o localflock or NFS's local_lock it may): the line says to delete the
+    file once that run has ended."""
+    global _lock
+    created = not os.path.isdir(out_dir)
+    path = os.path.join(out_dir, 'train.lock')
+    try:
+        os.makedirs(out_dir, exist_ok=True)
+        while True:  # again if the holder removed the file between our open and our flock (release_out_dir)
+            fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                kernel = True
+            except BlockingIOError:  # a live run holds it
+                holder = _read_lock(fd)
+                os.close(fd)
+                return (f"{out_dir} is in use by another run ({_describe(holder)}): wait for it to end, or choose "
+                        f"another out_dir"), None
+            except OSError:  # a filesystem without locks
+                kernel = False
+            if os.path.exists(path) and os.path.samestat(os.stat(path), os.fstat(fd)):
+                break
+            os.close(fd)
+        holder, note = _read_lock(fd), None
+        if holder:
+            here = holder.get('host') == socket.gethostname()
+            alive = here and not kernel and _alive(holder)
+            if alive or not here:
+                os.close(fd)
+                what = "wait for it to end" if alive else f"if that run has ended, delete {path}"
+                return (f"{out_dir} is in use by another run ({_describe(holder)}): {what}, or choose another "
+                        f"out_dir"), None
+            note = f"note: {path} was left by a run that has ended ({_describe(holder)}); this run takes it over"
+        me = dict(host=socket.gethostname(), pid=os.getpid(), started=time.strftime('%Y-%m-%d %H:%M:%S %Z'),
+                  pid_start=_process_start(os.getpid()), command=' '.join(sys.argv))
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, (json.dumps(me) + '\n').encode(), 0)
+        os.fsync(fd)
+    except OSError as e:
+        return f"cannot write in out_dir={out_dir}: {e.strerror or e}", None
+    _lock = (fd, path, out_dir if created else None)
+    atexit.register(release_out_dir)
+    return None, note
+
+
+def release_out_dir():
+    """Give out_dir back: remove the lock file (before closing it: see lock_out_dir's loop), and out_dir too if
+    this run created it and wrote nothing else there."""
+    global _lock
+    if _lock is None:
+        return
+    fd, path, created = _lock
+    _lock = None
+    with contextlib.suppress(OSError):
+        os.unlink(path)
+    os.close(fd)
+    if created:
+        with contextlib.suppress(OSError):
+            os.rmdir(created)
+
+
+def _read_lock(fd):
+    try:
+        return json.loads(os.pread(fd, 1 << 16, 0) or b'{}')
+    except ValueError:  # cut short as it was written: its writer died then
+        return {}
+
+
+def _describe(holder):
+    return f"host {holder.get('host')}, pid {holder.get('pid')}, started {holder.get('started')}"
+
+
+def _process_start(pid):
+    """When a process started (clock ticks since boot, /proc/PID/stat field 22): a pid reused by another process
+    does not pass for the one a lock file names. None where there is no /proc."""
+    try:
+        with open(f'/proc/{pid}/stat') as f:
+            return int(f.read().rsplit(')', 1)[1].split()[19])
+    except (OSError, ValueError, IndexError):
+        return None
+
+
+def _alive(holder):
+    """Whether the process of this host that a lock file names still runs."""
+    try:
+        os.kill(holder['pid'], 0)
+    except PermissionError:  # another user's
+        pass
+    except (OSError, KeyError, TypeError, ValueError, OverflowError):
+        return False
+    return holder.get('pid_start') in (None, _process_start(holder['pid']))
+
+
+def verify_checkpoint(path):
+    """(problem or None, the manifest's files or None for a checkpoint from before manifests, seconds): a
+    checkpoint checked against its manifest by all ranks together, each reading its share of the files (the
+    largest first, dealt round), so that a big checkpoint is read once, in parallel. Every rank gets the same."""
+    t0 = time.time()
+    rank, world = dist.get_rank(), dist.get_world_size()
+    try:
+        files = read_manifest(path)
+        problem = files and check_files(path, files, sorted(files, key=lambda f: (-files[f][0], f))[rank::world])
+    except ValueError as e:
+        files, problem = None, str(e)
+    problems = [p for p in gather(problem) if p]
+    return (problems[0] if problems else None), files, time.time() - t0
+
+
+def choose_resume(out_dir, step):
+    """(directory, train.json, verified) of the checkpoint init_from='resume' continues: out_dir's at step (-1: the
+    newest), verified against its manifest before anything is read from it. A damaged or incomplete one is one line
+    that says what is wrong and names the newest complete checkpoint before it."""
+    dirs = checkpoint_dirs(out_dir)
+    steps = [step_of(d) for d in dirs]
+    if step != -1 and step not in steps:
+        fail(f"resume_step={step}: {out_dir} holds checkpoints at steps {', '.join(map(str, steps))}")
+    path = dirs[-1] if step == -1 else dirs[steps.index(step)]
+    problem, files, seconds = verify_checkpoint(path)
+    if problem:
+        good = next((d for d in reversed(dirs) if step_of(d) < step_of(path) and not verify_checkpoint(d)[0]), None)
+        fail(f"{path} cannot be resumed: {problem}. " + (
+            f"The newest complete checkpoint is {good}: resume it with --init_from=resume "
+            f"--resume_step={step_of(good)} (the checkpoints after it are then moved into {out_dir}/superseded/)"
+            if good else
+            f"No checkpoint before it in {out_dir} is complete either"))
+    try:
+        with open(os.path.join(path, 'train.json')) as f:
+            saved = json.load(f)
+    except (OSError, ValueError) as e:  # only a checkpoint from before manifests gets here unchecked
+        fail(f"{path}/train.json is unreadable ({e}): resume an older checkpoint with --resume_step=N")
+    if files is None:
+        print0(f"warning: {path} was written before checkpoints carried checksums: it is loaded unverified")
+    else:
+        print0(f"verified {path}: {len(files)} files, {human(sum(s for s, _ in files.values()))}, "
+               f"checksums read in {seconds:.2f} s")
+    return path, saved, files is not None
+
+
+def set_aside(out_dir, step):
+    """For a resume from an older checkpoint (resume_step): the checkpoints after step, and a ckpt.pt saved after
+    it, move into out_dir/superseded/<time>/, so that the resumed run neither mixes with them nor prunes them
+    (nothing is deleted). metrics.jsonl's rows after step go there too. Returns that folder, or None."""
+    later = [d for d in checkpoint_dirs(out_dir) if step_of(d) > step]
+    sampling = os.path.join(out_dir, 'ckpt.pt')
+    try:  # mmap: only the small pickle is read, not the weights
+        if torch.load(sampling, map_location='cpu', mmap=True, weights_only=True).get('iter_num', 0) > step:
+            later.append(sampling)
+    except Exception:  # absent or unreadable: leave it
+        pass
+    if not later:
+        return None
+    aside = os.path.join(out_dir, 'superseded', time.strftime('%Y%m%d-%H%M%S'))
+    os.makedirs(aside, exist_ok=True)
+    for path in later:
+        os.rename(path, os.path.join(aside, os.path.basename(path)))
+    return aside
+
+
+def trim_metrics(path, step, aside=None):
+    """metrics.jsonl as of the checkpoint at step, which a resume continues: each step once. The rows of later
+    steps (a killed run's, about to be redone) are dropped, or moved to aside/metrics.jsonl; the evaluation at step
+    stays (it came before the save), and so does what has no step. A line cut short by a kill is dropped."""
+    try:
+        with open(path) as f:
+            lines = f.read().splitlines()
+    except FileNotFoundError:
+        return
+    keep, later, torn = [], [], 0
+    for line in lines:
+        try:
+            row = json.loads(line)
+            it = row.get('iter') if isinstance(row, dict) else None
+        except ValueError:
+            torn += 1
+            continue
+        past = it is not None and (it > step or it == step and 'val_loss' not in row)
+        (later if past else keep).append(line)
+    if aside and later:
+        with open(os.path.join(aside, 'metrics.jsonl'), 'w') as f:
+            f.write(''.join(line + '\n' for line in later))
+    with open(path + '.tmp', 'w') as f:
+        f.write(''.join(line + '\n' for line in keep))
+    os.replace(path + '.tmp', path)
+    if torn:
+        print0(f"note: {path}: {torn} unreadable line(s) dropped (a write cut short)")
+
+
+def _failure(e):
+    """(one line, ran out of space) of an exception from a save. DCP gathers each rank's into a CheckpointException;
+    torch's zip writer turns a full disk into "enforce fail ... unexpected pos", naming no errno."""
+    errors = [exc for exc, _ in e.failures.values()] if isinstance(e, dcp.CheckpointException) else [e]
+    full = False
+    for exc in errors:
+        while exc is not None:
+            full |= isinstance(exc, OSError) and exc.errno in (errno.ENOSPC, errno.EDQUOT)
+            exc = exc.__cause__ or exc.__context__
+    first = errors[0] if errors else e
+    return f"{type(first).__name__}: {str(first).strip().splitlines()[0] if str(first).strip() else ''}", full
+
+
+def _save_failed(out_dir, partial, what, need, error, full):
+    """The line for a save that failed, after removing what it wrote (partial, a folder or a file). A disk with
+    under 1 MB left is full whatever the error said, and the save needed more than it held: what was written
+    and what was left."""
+    free = shutil.disk_usage(out_dir).free
+    written = _dir_bytes(partial) if os.path.isdir(partial) else \
+        os.path.getsize(partial) if os.path.exists(partial) else 0
+    if free < 1e6:
+        full, need = True, max(need, written + free)
+    if os.path.isdir(partial):
+        shutil.rmtree(partial, ignore_errors=True)
+    else:
+        with contextlib.suppress(OSError):
+            os.unlink(partial)
+    dirs = checkpoint_dirs(out_dir)
+    kept = f"{dirs[-1]} and the checkpoints before it are intact" if dirs else "there is no earlier checkpoint"
+    then = "continue with --init_from=resume" if dirs else "start the run again"
+    if full:
+        return (f"disk full while writing {what}: {out_dir} has {human(shutil.disk_usage(out_dir).free)} free with "
+                f"the partial save removed, and it needs more than {human(need)}; {kept}: free some space, then {then}")
+    return f"writing {what} failed ({error}); the partial save was removed, {kept}"
+
+
+def _room(out_dir, what, need, dirs):
+    """The line for too little free space to write need bytes, or None."""
+    free = shutil.disk_usage(out_dir).free
+    if free >= need:
+        return None
+    kept = f"{dirs[-1]} and the checkpoints before it are intact" if dirs else "there is no earlier checkpoint"
+    then = "continue with --init_from=resume" if dirs else "start the run again"
+    return (f"disk full: {out_dir} has {human(free)} free, and {what} needs about {human(need)}: nothing was written, "
+            f"{kept}; free some space, then {then}")
+
+
+def _dir_bytes(path):
+    return sum(e.stat().st_size for e in os.scandir(path) if e.is_file())
 
 
 def save_checkpoint(out_dir, model, exp_avgs, info, keep):
-    """Every rank writes its shards; rank 0 adds train.json (info), commits by renaming, prunes."""
+    """Every rank writes its shards and checksums them; rank 0 adds train.json (info) and manifest.json (each
+    file's size and CRC-32), commits by renaming, prunes. First the free space is checked against the last
+    checkpoint's size (or this one's tensors); a save that fails anyway (a disk filling up) is removed and the
+    run ends with one line. Either way the checkpoints before it stay as they were."""
+    t0 = time.time()
+    rank = dist.get_rank()
     path = os.path.join(out_dir, f"ckpt-{info['iter_num']:06d}")
-    if dist.get_rank() == 0:
+    state = {'model': get_model_state_dict(model, options=TRAINED), 'lion': exp_avgs}
+    need = sum(t.numel() * t.element_size() for group in state.values() for t in group.values())  # DTensors whole
+    problem = None
+    if rank == 0:
         shutil.rmtree(path + '.tmp', ignore_errors=True)  # cut short by a crash
-    dist.barrier()
-    dcp.save({'model': get_model_state_dict(model, options=TRAINED), 'lion': exp_avgs}, checkpoint_id=path + '.tmp')
-    if dist.get_rank() == 0:
-        with open(os.path.join(path + '.tmp', 'train.json'), 'w') as f:
-            json.dump(info, f, indent=1)
-        shutil.rmtree(path, ignore_errors=True)
-        os.rename(path + '.tmp', path)  # the commit
-        for old in checkpoint_dirs(out_dir)[:-max(keep, 1)] + glob.glob(os.path.join(out_dir, 'ckpt-*.tmp')):
-            shutil.rmtree(old)  # older checkpoints, and saves that a crash cut short
-    dist.barrier()
+        dirs = checkpoint_dirs(out_dir)
+        need = max(need, _dir_bytes(dirs[-1]) if dirs else 0)
+        problem = _room(out_dir, f"checkpoint {os.path.basename(path)}", need, dirs)
+    problem = from_rank0(problem)
+    if problem:
+        fail(problem)
+    files, error, seconds = {}, None, 0.0
+    try:
+        dcp.save(state, checkpoint_id=path + '.tmp')
+        t1 = time.time()  # DCP names each rank's files __RANK_N.distcp; rank 0 also wrote .metadata
+        mine = [f for f in os.listdir(path + '.tmp') if f.startswith(f'__{rank}_')] + ['.metadata'] * (rank == 0)
+        files = {f: list(file_crc(os.path.join(path + '.tmp', f))) for f in mine}
+        seconds = time.time() - t1
+    except (Exception, dcp.CheckpointException) as e:
+        error = _failure(e)
+    results = gather((files, error, seconds))
+    if rank == 0:
+        error = next((e for _, e, _ in results if e), None)
+        if error is None:
+            try:
+                files = {f: v for r in results for f, v in r[0].items()}
+                with open(os.path.join(path + '.tmp', 'train.json'), 'w') as f:
+                    json.dump(info, f, indent=1)
+                    f.flush()
+                    os.fsync(f.fileno())
+                files['train.json'] = list(file_crc(os.path.join(path + '.tmp', 'train.json')))
+                write_manifest(path + '.tmp', files)
+                shutil.rmtree(path, ignore_errors=True)
+                os.rename(path + '.tmp', path)  # the commit
+                fd = os.open(out_dir, os.O_RDONLY)  # the rename itself on disk
+                os.fsync(fd)
+                os.close(fd)
+            except OSError as e:
+                error = _failure(e)
+        if error:
+            problem = _save_failed(out_dir, path + '.tmp', f"checkpoint {os.path.basename(path)}", need, *error)
+        else:
+            for old in checkpoint_dirs(out_dir)[:-max(keep, 1)] + glob.glob(os.path.join(out_dir, 'ckpt-*.tmp')):
+                shutil.rmtree(old)  # older checkpoints, and saves that a crash cut short
+    problem = from_rank0(problem)
+    if problem:
+        fail(problem)
+    print0(f"saved {path}: {human(sum(s for s, _ in files.values()))} in {time.time() - t0:.2f} s, checksums "
+           f"{max(r[2] for r in results):.2f} s of it")
     return path
 
 
 def load_checkpoint(path, model, exp_avgs):
-    """Load weights and Lion state in place; each rank reads the parts of its own shards, whatever the
-    world size that saved them. Returns train.json."""
+    """Load weights and Lion state in place; each rank reads the parts of its own shards, whatever the world
+    size that saved them. Returns train.json. The caller has verified the checkpoint (choose_resume)."""
     state = {'model': get_model_state_dict(model, options=TRAINED), 'lion': exp_avgs}
-    dcp.load(state, checkpoint_id=path)
+    try:
+        dcp.load(state, checkpoint_id=path)
+    except (Exception, dcp.CheckpointException) as e:  # a checkpoint from before manifests, damaged
+        fail(f"{path} cannot be loaded ({_failure(e)[0]}): resume an older checkpoint with --resume_step=N")
     # strict=False: the frozen weights are not in it; dcp.load above has already failed on any missing key
     set_model_state_dict(model, state['model'], options=StateDictOptions(ignore_frozen_params=True, strict=False))
     with open(os.path.join(path, 'train.json')) as f:
@@ -736,21 +1095,40 @@ def load_weights(path, model):
     Lion's momentum is not carried over: it follows the old schedule's gradients, and the new stage warms up
     again from zero, as llm-foundry's load_weights_only does."""
     state = {'model': get_model_state_dict(model)}
-    dcp.load(state, checkpoint_id=path)  # reads just the 'model' entries
+    try:
+        dcp.load(state, checkpoint_id=path)  # reads just the 'model' entries
+    except (Exception, dcp.CheckpointException) as e:
+        fail(f"{path} cannot be loaded ({_failure(e)[0]})")
     set_model_state_dict(model, state['model'])
 
 
 def save_for_sampling(path, model, extra):
     """out_dir/ckpt.pt, one file that sample.py reads with plain torch.load: full fp32 weights (gathered on
     rank 0's CPU) and the MPTConfig, written to a temporary name and renamed. A LoRA run's holds only the
-    adapters ('adapters'; extra says 'lora' and 'base'): sample.py merges them into the base."""
+    adapters ('adapters'; extra says 'lora' and 'base'): sample.py merges them into the base. 'crc32' is the
+    tensors' checkpoints.state_crc, for a reader to check them against. A full disk is one line, as for
+    save_checkpoint, with the previous ckpt.pt intact."""
     lora = any(not p.requires_grad for p in model.parameters())
     options = StateDictOptions(full_state_dict=True, cpu_offload=True, ignore_frozen_params=lora)
     state = get_model_state_dict(model, options=options)
+    problem = None
     if dist.get_rank() == 0:
         config = asdict(replace(model.config, init_device='cpu'))
-        torch.save({'adapters' if lora else 'model': state, 'config': config, **extra}, path + '.tmp')
-        os.replace(path + '.tmp', path)
+        need = sum(t.numel() * t.element_size() for t in state.values())
+        problem = _room(os.path.dirname(path) or '.', path, need, checkpoint_dirs(os.path.dirname(path) or '.'))
+        if problem is None:
+            try:
+                with open(path + '.tmp', 'wb') as f:  # a file object: a full disk is then an OSError with errno
+                    torch.save({'adapters' if lora else 'model': state, 'config': config, 'crc32': state_crc(state),
+                                **extra}, f)
+                    f.flush()
+                    os.fsync(f.fileno())
+                os.replace(path + '.tmp', path)
+            except (OSError, RuntimeError) as e:
+                problem = _save_failed(os.path.dirname(path) or '.', path + '.tmp', path, need, *_failure(e))
+    problem = from_rank0(problem)
+    if problem:
+        fail(problem)
 
 
 # -----------------------------------------------------------------------------
@@ -758,18 +1136,36 @@ def save_for_sampling(path, model, extra):
 
 if __name__ == '__main__':
     settings = configure(globals(), sys.argv[1:], verbose=int(os.environ.get('RANK', 0)) == 0)
-    preempted = []  # SIGTERM (a preempted job): the loop finishes its step, saves, and exits 0
-    signal.signal(signal.SIGTERM, lambda signum, frame: preempted.append(signum))
+    preempted = []  # SIGTERM (a preempted job) or Ctrl-C: the loop finishes its step, saves, and exits 0
+
+    def stop_soon(signum, frame):
+        preempted.append(signum)
+        if signum == signal.SIGINT:  # a second Ctrl-C ends the process at once, even inside a long C++ call
+            signal.signal(signal.SIGINT, signal.SIG_DFL)
+            if int(os.environ.get('RANK', 0)) == 0:  # os.write: print is not safe in a signal handler
+                os.write(2, b"\nCtrl-C: finishing this step, then saving a checkpoint (Ctrl-C again aborts at once, "
+                            b"without saving)\n")
+    signal.signal(signal.SIGTERM, stop_soon)
+    signal.signal(signal.SIGINT, stop_soon)
     if dtype not in ('bfloat16', 'float32'):
         fail(f"dtype={dtype!r}: use 'bfloat16' (bf16 matmuls, fp32 master weights) or 'float32'")
+    if resume_step != -1 and init_from != 'resume':
+        fail(f"resume_step={resume_step} picks the checkpoint that init_from='resume' continues: add "
+             f"--init_from=resume")
+    rank, world_size, device, mesh = init_distributed(device)
+    master = rank == 0
+    # one run per out_dir, from here to the end (lock_out_dir); what out_dir holds is looked at only once it is ours
+    problem, note = from_rank0(lock_out_dir(out_dir) if master else None)
+    if problem:
+        fail(problem)
+    if note:
+        print0(note)
     if init_from == 'resume':
         if not checkpoint_dirs(out_dir):
             fail(f"init_from='resume' but {out_dir} holds no checkpoint (ckpt-NNNNNN/)")
     elif checkpoint_dirs(out_dir) and not eval_only:
         fail(f"{out_dir} already holds checkpoints from another run: continue it with --init_from=resume, "
              f"or choose another out_dir")
-    rank, world_size, device, mesh = init_distributed(device)
-    master = rank == 0
     if gradient_accumulation_steps % world_size:
         fail(f"gradient_accumulation_steps={gradient_accumulation_steps} (micro-batches per step over all "
              f"processes) does not divide among {world_size} processes: make it a multiple of {world_size}")
@@ -779,6 +1175,7 @@ if __name__ == '__main__':
     # the model: the settings' shape, or a Hugging Face checkpoint's; a resumed run must keep its checkpoint's
     model_args = {f.name: globals()[f.name] for f in fields(MPTConfig)}
     saved = stage_from = None
+    verified = False  # the checkpoint resumed was checked against its manifest
     if not (isinstance(lora_rank, int) and lora_rank >= 0):
         fail(f"lora_rank={lora_rank!r}: 0 (full fine-tuning) or the adapters' rank, e.g. 16")
     if not (isinstance(lora_alpha, (int, float)) and lora_alpha > 0):
@@ -802,9 +1199,7 @@ if __name__ == '__main__':
         fail(f"lora_rank={lora_rank} trains adapters on a pretrained model: set init_from to a Hugging Face MPT "
              f"directory (e.g. a downloaded mpt-7b)")
     if init_from == 'resume':
-        resume_dir = checkpoint_dirs(out_dir)[-1]
-        with open(os.path.join(resume_dir, 'train.json')) as f:
-            saved = json.load(f)
+        resume_dir, saved, verified = choose_resume(out_dir, resume_step)
         model_args['init_device'] = 'meta'  # the weights are about to be loaded
         if saved.get('base') or os.path.isdir(saved.get('started_from', 'scratch')):
             # started from a Hugging Face model: the shape came from its config.json, not from the settings
@@ -816,8 +1211,14 @@ if __name__ == '__main__':
             fail(f"the checkpoint in {out_dir} was trained with {describe_lora(saved.get('lora'))}, not "
                  f"{describe_lora(lora)}: resume with the settings it was trained with")
     elif is_checkpoint(init_from):  # a stage: the architecture is the checkpoint's, the rest today's settings
-        with open(os.path.join(init_from, 'train.json')) as f:
-            stage_from = json.load(f)
+        problem = verify_checkpoint(init_from)[0]
+        if problem:
+            fail(f"init_from={init_from}: this checkpoint is damaged: {problem}")
+        try:
+            with open(os.path.join(init_from, 'train.json')) as f:
+                stage_from = json.load(f)
+        except (OSError, ValueError) as e:
+            fail(f"init_from={init_from}: its train.json is unreadable ({e})")
         if stage_from.get('lora') or lora:
             fail(f"init_from={init_from}: " + ("a LoRA run's checkpoint holds only its adapters" if stage_from.get('lora')
                  else "LoRA trains on a Hugging Face model's frozen weights") + ": export the checkpoint with "
@@ -847,7 +1248,7 @@ if __name__ == '__main__':
     if changed:
         fail(f"the model differs from the checkpoint's in {out_dir} ({', '.join(changed)}): resume with the "
              f"settings it was trained with, or start a new out_dir (a new stage: "
-             f"--init_from={checkpoint_dirs(out_dir)[-1]})")
+             f"--init_from={resume_dir})")
     if saved and saved['seed'] != seed:  # the data order and dropout follow the seed: keep the run's
         fail(f"the checkpoint in {out_dir} was trained with seed={saved['seed']}, not {seed}: resume with "
              f"--seed={saved['seed']}")
@@ -885,6 +1286,12 @@ if __name__ == '__main__':
     if meta.get('loss_mask') and not os.path.exists(os.path.join(data_dir, 'train.mask')) and not train_files:
         fail(f"{meta_path} says the data is prompt/response with loss masks, but {data_dir}/train.mask is "
              f"missing: re-run prepare.py")
+    if os.path.isfile(os.path.join(started_from, 'config.json')):  # a Hugging Face model's tokenizer, or refused
+        problem, warning = check_tokenizer(meta, meta_path, started_from)
+        if problem:
+            fail(problem)
+        if warning and master:
+            print(warning, file=sys.stderr, flush=True)
     eot_token = meta.get('eot_token') if config.attn_uses_sequence_id else None  # packed documents end with it
     if config.attn_uses_sequence_id and eot_token is None:
         fail(f"attn_uses_sequence_id=True tells documents apart by their end-of-text token, but {meta_path} "
@@ -952,9 +1359,22 @@ if __name__ == '__main__':
     print0(f"{model.num_params():,} parameters, init_device={model.config.init_device}; {world_size} process(es) "
            f"on {device.type}; {global_batch} sequences x {max_seq_len} tokens per step; "
            f"{len(data['train'][0])} train file(s), {int(data['train'][2][-1]):,} windows")
-    if master:
-        os.makedirs(out_dir, exist_ok=True)
-    metrics = open(os.path.join(out_dir, 'metrics.jsonl'), 'a' if saved or eval_only else 'w') if master else None
+    metrics_path = os.path.join(out_dir, 'metrics.jsonl')
+    if saved and not eval_only:  # a resume: each step once in metrics.jsonl; what came after it set aside
+        problem = aside = None
+        if master:
+            try:
+                aside = set_aside(out_dir, iter_num)
+                trim_metrics(metrics_path, iter_num, aside)
+            except OSError as e:
+                problem = f"cannot move files in {out_dir} for the resume ({e}); no checkpoint was removed"
+        problem = from_rank0(problem)
+        if problem:
+            fail(problem)
+        if aside:
+            print0(f"moved what {out_dir} held after step {iter_num} (checkpoints, metrics) into {aside}")
+    metrics = open(metrics_path, 'a' if saved or eval_only else 'w') if master else None
+    last_good = resume_dir if verified else None  # the newest checkpoint known to be good: verified, or saved here
     if wandb_log and master:
         try:
             import wandb
@@ -974,14 +1394,18 @@ if __name__ == '__main__':
             metrics.close()
             if wandb_log:
                 wandb.finish()
+            release_out_dir()
         sys.stdout.flush()
         sys.stderr.flush()
         os._exit(0)
 
     def log(record):
         if master:
-            metrics.write(json.dumps(record) + '\n')
-            metrics.flush()
+            try:
+                metrics.write(json.dumps(record) + '\n')
+                metrics.flush()
+            except OSError as e:
+                fail(f"cannot write {metrics_path}: {e.strerror or e}", this_rank_only=True)
             if wandb_log:
                 wandb.log(record, step=record['iter'])
 
@@ -1041,8 +1465,11 @@ if __name__ == '__main__':
         step_time, steps_timed = step_time + (end or time.time()) - queued, steps_timed + 1
         if not ok:
             what = f"the loss is {loss}" if not math.isfinite(loss) else f"the gradient norm is {norm}"
-            fail(f"iter {it}: {what}; the step was skipped and the run stops without saving. The newest "
-                 f"checkpoint in {out_dir} is the last good one: resume it with a lower learning_rate (or grad_clip)")
+            fail(f"iter {it}: {what}; the step was skipped and the run stops without saving. " + (
+                f"{last_good} is the last good one: resume it with a lower learning_rate (or grad_clip)" if last_good
+                else f"No checkpoint is known to be good: {resume_dir} was written before checkpoints carried "
+                     f"checksums, and none was saved since; try it with a lower learning_rate (or grad_clip)" if saved
+                else "Nothing was saved: start again with a lower learning_rate (or grad_clip)"))
         if it % log_interval == 0:
             dt = step_time / steps_timed
             tokens_per_sec = global_batch * max_seq_len / dt
@@ -1071,14 +1498,15 @@ if __name__ == '__main__':
             improved = val_loss is None or val_loss < best_val_loss
             best_val_loss = val_loss if val_loss is not None and improved else best_val_loss
             if iter_num > start_iter:  # not the random init, nor the checkpoint just resumed
-                path = save_checkpoint(out_dir, model, exp_avgs, checkpoint_info(), keep_checkpoints)
+                path = last_good = save_checkpoint(out_dir, model, exp_avgs, checkpoint_info(), keep_checkpoints)
                 last_saved = iter_num
                 if improved and not stop:  # ckpt.pt keeps the best val loss: small data sets overfit
                     save_for_sampling(os.path.join(out_dir, 'ckpt.pt'), model,
                                       dict(iter_num=iter_num, val_loss=val_loss, settings=settings, meta=meta,
                                            lora=lora, base=base))
                 if stop:
-                    print0(f"SIGTERM: saved {path}; continue with --init_from=resume")
+                    print0(f"{'Ctrl-C' if signal.SIGINT in preempted else 'SIGTERM'}: saved {path}; continue with "
+                           f"--init_from=resume")
         if last or stop:
             break
 

@@ -1,7 +1,9 @@
 """train.py on CPU with gloo: one process against two, exact resume, Lion against the paper's update, the
 sampler, bad inputs, SIGTERM, a NaN loss, llm.c shards, Hugging Face init, and learning on tiny Shakespeare.
 The data is written here with numpy (no prepare.py); train.py runs as a subprocess, as a user runs it."""
+import collections
 import dataclasses
+import errno
 import json
 import math
 import os
@@ -18,6 +20,7 @@ import pytest
 import torch
 from torch.distributed.checkpoint.format_utils import dcp_to_torch_save
 
+import checkpoints
 import train
 from model import MPT, MPTConfig
 
@@ -348,7 +351,9 @@ def bad_runs(straight, shakespeare, tmp_path_factory):
     for name, (kind, args, _) in BAD_RUNS.items():
         d = tmp_path_factory.mktemp(name)
         write_bad(kind, d)
-        data_dir, out_dir = (shakespeare, straight) if kind == 'straight' else (d, d / 'out')
+        data_dir, out_dir = (shakespeare, d / 'out') if kind == 'straight' else (d, d / 'out')
+        if kind == 'straight':  # a copy each: one run at a time holds an out_dir
+            shutil.copytree(straight, out_dir)
         procs[name] = start([*TINY, f'--data_dir={data_dir}', f'--out_dir={out_dir}', '--max_iters=9', *args])
     return {name: finish(p, expect_ok=False) for name, p in procs.items()}
 
@@ -399,6 +404,436 @@ def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(straight, shakespeare
     assert re.search(r"iter \d+: the loss is (nan|inf).*last good one", stderr), stderr
     after = {p.relative_to(out): p.read_bytes() for p in out.glob('ckpt-*/**/*') if p.is_file()}
     assert after == before and [Path(d).name for d in train.checkpoint_dirs(out)] == ['ckpt-000003', 'ckpt-000006']
+
+
+# ---- nothing lost, nothing silently wrong: one run per out_dir, checked checkpoints, a full disk, Ctrl-C ----------
+
+def files_of(out, pattern='ckpt-*/*'):
+    """{relative path: bytes} of the files under out that match pattern."""
+    return {p.relative_to(out): p.read_bytes() for p in sorted(Path(out).glob(pattern)) if p.is_file()}
+
+
+def steps_once(out_dir):
+    """metrics.jsonl's rows: every line is JSON, and no step has two train rows or two evaluations."""
+    rows = [json.loads(line) for line in (Path(out_dir) / 'metrics.jsonl').read_text().splitlines()]
+    keys = [(r['iter'], 'val_loss' in r) for r in rows]
+    assert len(keys) == len(set(keys)), keys
+    return rows
+
+
+def test_two_runs_on_one_out_dir_the_second_is_refused(straight, shakespeare, tmp_path):
+    # started 0.2 s apart: one run holds out_dir to its end; the other is one line naming it, and every file
+    # left is the holder's (its losses are the straight run's: same settings)
+    out = tmp_path / 'out'
+    args = [*TINY, f'--data_dir={shakespeare}', f'--out_dir={out}', '--max_iters=6']
+    first = start(args)
+    time.sleep(0.2)
+    second = start(args)
+    results = {p.pid: finish(p, expect_ok=False) for p in (first, second)}
+    ok = [pid for pid, r in results.items() if r[0] == 0]
+    refused = [r for r in results.values() if r[0] == 1]
+    assert len(ok) == 1 and len(refused) == 1, results
+    stderr = refused[0][2]
+    assert 'Traceback' not in stderr and stderr.count('error:') == 1, stderr
+    assert re.search(rf"{re.escape(str(out))} is in use by another run \(host {re.escape(os.uname().nodename)}, "
+                     rf"pid {ok[0]}, started 20\d\d-.*\): wait for it to end, or choose another out_dir",
+                     stderr), stderr
+    steps_once(out)
+    assert metrics(out) == metrics(straight)
+    assert [Path(d).name for d in train.checkpoint_dirs(out)] == ['ckpt-000003', 'ckpt-000006']
+    assert all(checkpoints.verify(d) == (None, True) for d in train.checkpoint_dirs(out))
+    assert not (out / 'train.lock').exists()  # given back at the end
+
+
+def no_locks(fd, operation):  # flock on a filesystem that has no locks
+    raise OSError(errno.ENOLCK, 'No locks available')
+
+
+def test_a_lock_is_taken_over_only_from_a_run_that_ended(tmp_path, monkeypatch):
+    # in process: lock_out_dir against a live holder (a process holding the flock), a dead one of this host,
+    # one of another host, and on a filesystem without locks
+    out = tmp_path / 'out'
+    out.mkdir()
+    lock = out / 'train.lock'
+    holder = subprocess.Popen([sys.executable, '-c', (
+        "import fcntl, json, os, sys, time\n"
+        f"fd = os.open({str(lock)!r}, os.O_RDWR | os.O_CREAT)\n"
+        "fcntl.flock(fd, fcntl.LOCK_EX)\n"
+        "os.write(fd, json.dumps(dict(host=os.uname().nodename, pid=os.getpid(), started='then')).encode())\n"
+        "print('locked', flush=True)\n"
+        "sys.stdin.read()\n")], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline() == 'locked\n'
+        problem, note = train.lock_out_dir(str(out))
+        assert problem == (f"{out} is in use by another run (host {os.uname().nodename}, pid {holder.pid}, started "
+                           f"then): wait for it to end, or choose another out_dir") and note is None
+        # no locks on this filesystem: the file alone tells, and it names a live process of this host
+        monkeypatch.setattr(train.fcntl, 'flock', no_locks)
+        assert 'is in use by another run' in train.lock_out_dir(str(out))[0]
+        monkeypatch.undo()
+    finally:
+        holder.communicate('')
+    assert lock.exists() and train._lock is None  # the holder died without removing it: the kernel lock is gone
+    problem, note = train.lock_out_dir(str(out))
+    assert problem is None and re.fullmatch(rf"note: {re.escape(str(lock))} was left by a run that has ended \(host "
+                                            rf".*, pid {holder.pid}, started then\); this run takes it over", note)
+    assert json.loads(lock.read_text())['pid'] == os.getpid()
+    train.release_out_dir()
+    assert not lock.exists() and out.is_dir()  # out_dir was there before: it stays
+    lock.write_text(json.dumps(dict(host='node-7', pid=1, started='then')))  # another host's: it may live
+    problem, _ = train.lock_out_dir(str(out))
+    assert problem == (f"{out} is in use by another run (host node-7, pid 1, started then): if that run has ended, "
+                       f"delete {lock}, or choose another out_dir")
+    lock.write_text(json.dumps(dict(host=os.uname().nodename, pid=holder.pid, started='then')))  # without locks
+    monkeypatch.setattr(train.fcntl, 'flock', no_locks)
+    problem, note = train.lock_out_dir(str(out))
+    assert problem is None and 'this run takes it over' in note
+    train.release_out_dir()
+    new = tmp_path / 'new'  # an out_dir the run made, and left empty: removed with the lock
+    assert train.lock_out_dir(str(new)) == (None, None) and new.is_dir()
+    train.release_out_dir()
+    assert not new.exists()
+
+
+def damage(kind, ckpt):
+    """Damage a copy of a checkpoint as a disk, a copy cut short or a careless hand would."""
+    shard, meta = ckpt / '__0_0.distcp', ckpt / '.metadata'
+    if kind == 'truncated':
+        shard.write_bytes(shard.read_bytes()[:shard.stat().st_size // 2])
+    elif kind == 'overwritten':  # the same size, 64 bytes of zeros in the middle
+        b = bytearray(shard.read_bytes())
+        b[len(b) // 2:len(b) // 2 + 64] = bytes(64)
+        shard.write_bytes(b)
+    elif kind == 'metadata':
+        b = bytearray(meta.read_bytes())
+        b[100] ^= 0xFF
+        meta.write_bytes(b)
+    elif kind == 'train_json':
+        (ckpt / 'train.json').write_text('{"iter_num": 6, "data_po')
+    elif kind == 'no_train_json':
+        (ckpt / 'train.json').unlink()
+    elif kind == 'manifest':
+        m = json.loads((ckpt / 'manifest.json').read_text())
+        m['files']['__0_0.distcp'][0] += 1
+        (ckpt / 'manifest.json').write_text(json.dumps(m))
+    else:
+        raise ValueError(kind)
+
+
+DAMAGED = {  # kind: what the line says is wrong with ckpt-000006
+    'truncated': r"__0_0\.distcp has [\d,]+ bytes, not the [\d,]+ it was written with \(truncated\)",
+    'overwritten': r"__0_0\.distcp does not match its checksum: its bytes changed after it was written",
+    'metadata': r"\.metadata does not match its checksum: its bytes changed after it was written",
+    'train_json': r"train\.json has [\d,]+ bytes, not the [\d,]+ it was written with \(truncated\)",
+    'no_train_json': r"train\.json is missing",
+    'manifest': r"manifest\.json is damaged \(it does not match its own checksum\)",
+}
+
+
+def damaged_line(out, kind):
+    return (rf"error: {re.escape(str(out / 'ckpt-000006'))} cannot be resumed: {DAMAGED[kind]}\. The newest complete "
+            rf"checkpoint is {re.escape(str(out / 'ckpt-000003'))}: resume it with --init_from=resume --resume_step=3 "
+            rf"\(the checkpoints after it are then moved into {re.escape(str(out))}/superseded/\)\n")
+
+
+@pytest.mark.parametrize('kind', DAMAGED)
+def test_a_damaged_checkpoint_is_one_line_that_names_the_newest_complete_one(straight, group_of_one, tmp_path,
+                                                                             capsys, kind):
+    # in process, choose_resume (what init_from=resume runs first) on each kind of damage; fault_runs below shows
+    # two of them in a whole run
+    out = tmp_path / 'out'
+    shutil.copytree(straight, out)
+    damage(kind, out / 'ckpt-000006')
+    before = files_of(out)
+    with pytest.raises(SystemExit) as e:
+        train.choose_resume(str(out), -1)
+    stderr = capsys.readouterr().err
+    assert e.value.code == 1 and stderr.count('error:') == 1 and re.fullmatch(damaged_line(out, kind), stderr), stderr
+    assert files_of(out) == before  # nothing touched, the damaged one included
+    assert train.choose_resume(str(out), 3)[0] == str(out / 'ckpt-000003')
+
+
+@pytest.fixture(scope='module')
+def fault_runs(straight, shakespeare, released_mpt, released_sft, tmp_path_factory):
+    """Whole runs that end at startup or soon after, all at once: a truncated and an overwritten newest checkpoint,
+    a checkpoint from before manifests that then meets a NaN, and data tokenized otherwise than the Hugging Face
+    base is. {name: (out_dir, its checkpoints' files before the run, (returncode, stdout, stderr))}"""
+    root = tmp_path_factory.mktemp('faults')
+    procs = {}
+    for kind in ('truncated', 'overwritten'):
+        out = root / kind
+        shutil.copytree(straight, out)
+        damage(kind, out / 'ckpt-000006')
+        procs[kind] = out, [*TINY, f'--data_dir={shakespeare}', '--init_from=resume', '--max_iters=9']
+    out = root / 'legacy'  # no manifests: loaded unverified, so a NaN after it does not call it good
+    shutil.copytree(straight, out)
+    for m in out.glob('ckpt-*/manifest.json'):
+        m.unlink()
+    procs['legacy'] = out, [*TINY, f'--data_dir={shakespeare}', '--init_from=resume', '--max_iters=20',
+                            '--learning_rate=1e9', '--min_lr=1e9']
+    # the tiny "released" MPT fully fine-tuned on characters, and with LoRA on GPT-2's ids (which fit its 512)
+    gpt2 = root / 'data_gpt2'
+    gpt2.mkdir()
+    for f in ('train.bin', 'val.bin'):
+        shutil.copy(released_sft / f, gpt2 / f)
+    (gpt2 / 'meta.json').write_text(json.dumps(dict(tokenizer='gpt2', vocab_size=50257, eot_token=50256)))
+    for name, data, extra in (('char', shakespeare, []), ('gpt2', gpt2, ['--lora_rank=4'])):
+        procs[name] = root / f'out_{name}', [*LORA[:-2], f'--init_from={released_mpt}', f'--data_dir={data}',
+                                             '--max_iters=2', *extra]
+    started = {name: (out, files_of(out), start([*args, f'--out_dir={out}'])) for name, (out, args) in procs.items()}
+    return {name: (out, before, finish(p, expect_ok=False)) for name, (out, before, p) in started.items()}
+
+
+@pytest.mark.parametrize('kind', ['truncated', 'overwritten'])
+def test_a_run_on_a_damaged_checkpoint_is_one_line(fault_runs, kind):
+    out, before, (returncode, _, stderr) = fault_runs[kind]
+    assert returncode == 1 and 'Traceback' not in stderr and stderr.count('error:') == 1, stderr
+    assert re.search(damaged_line(out, kind), stderr), stderr
+    assert files_of(out) == before
+
+
+def test_resume_step_continues_an_older_checkpoint_exactly(fault_runs, straight, shakespeare):
+    # the run whose ckpt-000006 was overwritten goes on from ckpt-000003: the damaged checkpoint, the ckpt.pt and
+    # the metrics rows of after step 3 move into superseded/, and the run then ends as the straight one did
+    out, before, _ = fault_runs['overwritten']
+    _, stdout, _ = run([*TINY, f'--data_dir={shakespeare}', f'--out_dir={out}', '--init_from=resume',
+                        '--resume_step=3', '--max_iters=6'])
+    assert re.search(r"verified .*ckpt-000003: 3 files, .* kB, checksums read in [\d.]+ s", stdout), stdout
+    assert re.search(r"moved what .* held after step 3 \(checkpoints, metrics\) into .*superseded/\d{8}-\d{6}", stdout)
+    [aside] = (out / 'superseded').iterdir()
+    assert files_of(aside, 'ckpt-000006/*') == {k: v for k, v in before.items() if k.parts[0] == 'ckpt-000006'}
+    assert (aside / 'ckpt.pt').is_file() and sorted(json.loads(line)['iter'] for line in
+                                                    (aside / 'metrics.jsonl').read_text().splitlines()) == [3, 4, 5, 6]
+    steps_once(out)
+    assert metrics(out) == metrics(straight)  # exactly as if nothing had happened
+    shard = 'ckpt-000006/__0_0.distcp'
+    assert files_of(out, shard) == files_of(straight, shard) and checkpoints.verify(out / 'ckpt-000006') == (None, True)
+
+
+def test_a_nan_after_an_unverified_checkpoint_does_not_call_it_good(fault_runs):
+    out, before, (returncode, stdout, stderr) = fault_runs['legacy']
+    assert returncode == 1 and 'Traceback' not in stderr and stderr.count('error:') == 1, stderr
+    assert re.search(r"warning: .*ckpt-000006 was written before checkpoints carried checksums: it is loaded "
+                     r"unverified", stdout), stdout
+    assert re.search(r"iter \d+: the loss is (nan|inf); the step was skipped and the run stops without saving\. No "
+                     r"checkpoint is known to be good: .*ckpt-000006 was written before checkpoints carried checksums",
+                     stderr), stderr
+    assert 'last good one' not in stderr and files_of(out) == before
+
+
+@pytest.mark.parametrize('name', ['char', 'gpt2'])
+def test_a_run_on_data_in_another_tokenizer_than_the_bases_is_one_line(fault_runs, released_mpt, name):
+    # before, both trained (loss ~10 on the GPT-2 ids), and export shipped the base's tokenizer with the result
+    out, _, (returncode, _, stderr) = fault_runs[name]
+    assert returncode == 1 and 'Traceback' not in stderr and stderr.count('error:') == 1, stderr
+    base = re.escape(str(released_mpt))
+    assert re.search(rf"error: .*meta\.json: the data was tokenized with {name}, not with {base}'s own tokenizer, so "
+                     rf"its token ids mean other tokens to the model: re-run `python prepare\.py \.\.\. "
+                     rf"--tokenizer={base}` for this data\n", stderr), stderr
+    assert not out.exists()  # the run made out_dir, and took it away again with nothing in it
+
+
+def test_check_tokenizer_compares_content_vocabulary_and_end_of_text(released_mpt, released_sft, tmp_path):
+    # in process, the check that init_from=<Hugging Face dir> runs (full, LoRA and QLoRA alike) on each case
+    base, meta_path = str(released_mpt), str(released_sft / 'meta.json')
+    meta = json.loads((released_sft / 'meta.json').read_text())
+    assert train.check_tokenizer(meta, meta_path, base) == (None, None)  # prepared with --tokenizer=base
+    redo = f"re-run `python prepare.py ... --tokenizer={base}` for this data"
+    tok = json.loads((released_mpt / 'tokenizer.json').read_text())
+    tok['model']['merges'] = tok['model']['merges'][:-1]  # another BPE of the same vocabulary
+    (tmp_path / 'tokenizer.json').write_text(json.dumps(tok))
+    other = {**meta, 'tokenizer': str(tmp_path), 'tokenizer_file': str(tmp_path / 'tokenizer.json')}
+    assert train.check_tokenizer(other, meta_path, base) == (
+        f"{meta_path}: the data was tokenized with {tmp_path / 'tokenizer.json'}, not with {base}'s own tokenizer "
+        f"(their tokenizer.json files differ): {redo}", None)
+    copy = tmp_path / 'copy'  # the same tokenizer elsewhere, formatted otherwise: the same
+    copy.mkdir()
+    original = json.loads((released_mpt / 'tokenizer.json').read_text())
+    (copy / 'tokenizer.json').write_text(json.dumps(original, indent=4))
+    same = {**meta, 'tokenizer_file': str(copy / 'tokenizer.json')}
+    assert train.check_tokenizer(same, meta_path, base) == (None, None)
+    problem, _ = train.check_tokenizer({**meta, 'eot_token': 3}, meta_path, base)
+    assert problem.endswith("own tokenizer (end-of-text id 3 vs 0): " + redo)
+    gone = {**meta, 'tokenizer_file': str(tmp_path / 'gone' / 'tokenizer.json')}
+    assert train.check_tokenizer(gone, meta_path, base)[1].startswith(
+        f"warning: {meta_path} says the data was tokenized with {gone['tokenizer_file']}, which is gone")
+    problem, _ = train.check_tokenizer({**gone, 'vocab_size': 600}, meta_path, base)
+    assert "(vocab_size 600 vs 500)" in problem
+    old = {k: v for k, v in meta.items() if k not in ('tokenizer', 'tokenizer_file')}  # an older prepare.py's
+    assert train.check_tokenizer(old, meta_path, base) == (None, (
+        f"warning: {meta_path} records no tokenizer (an older prepare.py wrote it), so it cannot be checked against "
+        f"the model's: unless the data was prepared with --tokenizer={base}, {redo}"))
+    assert train.check_tokenizer({}, meta_path, base)[1].startswith(f"warning: {meta_path} does not exist")
+    assert train.check_tokenizer(meta, meta_path, str(tmp_path / 'gone'))[1] == (
+        f"warning: {tmp_path / 'gone'} has no tokenizer.json, so the data's tokenizer cannot be checked against the "
+        f"model's")
+
+
+def test_a_killed_run_resumes_with_each_step_once_in_metrics(straight, shakespeare, tmp_path):
+    # kill -9 a few steps after its checkpoint at 3 (and leave a line cut short): the resume redoes those steps,
+    # and metrics.jsonl ends with each step once, as the straight run's; the dead run's lock is taken over
+    out = tmp_path / 'out'
+    proc = start([*TINY, f'--data_dir={shakespeare}', f'--out_dir={out}', '--max_iters=100000'])
+    deadline = time.time() + 120
+    while not (out / 'metrics.jsonl').exists() or '"iter": 4, "loss"' not in (out / 'metrics.jsonl').read_text():
+        assert proc.poll() is None and time.time() < deadline
+        time.sleep(0.05)
+    proc.kill()
+    proc.communicate()
+    assert (out / 'train.lock').exists()
+    with open(out / 'metrics.jsonl', 'a') as f:
+        f.write('{"iter": 5, "lo')
+    _, stdout, _ = run([*TINY, f'--data_dir={shakespeare}', f'--out_dir={out}', '--init_from=resume', '--max_iters=6'])
+    assert re.search(r"note: .*train\.lock was left by a run that has ended \(host .*, pid \d+, started .*\); this run "
+                     r"takes it over", stdout), stdout
+    assert '1 unreadable line(s) dropped' in stdout
+    steps_once(out)
+    assert metrics(out) == metrics(straight)
+
+
+def test_a_full_disk_during_a_save_removes_it_and_keeps_the_others(group_of_one, tmp_path, monkeypatch, capsys):
+    # in process, a writer that fails half-way as torch's does on a full disk ("unexpected pos", no errno): one
+    # line naming the folder, the free space and the size; the partial save removed; the checkpoint before intact
+    config = MPTConfig(vocab_size=65, d_model=32, n_heads=4, n_layers=2, max_seq_len=16, attn_impl='torch')
+    model = train.setup_model(config, group_of_one, dtype='float32')
+    exp_avgs = train.lion_state(model)
+    out = tmp_path / 'out'
+    out.mkdir()
+    info = lambda step: dict(iter_num=step)
+    train.save_checkpoint(str(out), model, exp_avgs, info(1), keep=3)
+    before = files_of(out)
+    real_save = train.dcp.save
+    usage = collections.namedtuple('usage', 'total used free')
+
+    def full_disk_save(state, checkpoint_id):
+        real_save(state, checkpoint_id=checkpoint_id)
+        shard = Path(checkpoint_id) / '__0_0.distcp'
+        shard.write_bytes(shard.read_bytes()[:1000])
+        monkeypatch.setattr(train.shutil, 'disk_usage', lambda path: usage(10 ** 9, 10 ** 9, 4096))
+        error = RuntimeError('[enforce fail at inline_container.cc:672] . unexpected pos 704 vs 598')
+        raise train.dcp.CheckpointException('write', {0: (error, None)})
+    monkeypatch.setattr(train.dcp, 'save', full_disk_save)
+    with pytest.raises(SystemExit) as e:
+        train.save_checkpoint(str(out), model, exp_avgs, info(2), keep=3)
+    stderr = capsys.readouterr().err
+    assert e.value.code == 1 and stderr.count('error:') == 1, stderr
+    assert re.fullmatch(rf"error: disk full while writing checkpoint ckpt-000002: {re.escape(str(out))} has 4\.1 kB "
+                        rf"free with the partial save removed, and it needs more than [\d.]+ kB; "
+                        rf"{re.escape(str(out / 'ckpt-000001'))} and the checkpoints before it are intact: free some "
+                        rf"space, then continue with --init_from=resume\n", stderr), stderr
+    assert sorted(p.name for p in out.iterdir()) == ['ckpt-000001'] and files_of(out) == before
+    # ckpt.pt likewise (written through a file object, a full disk is an OSError there), and it carries the CRC
+    # of its tensors
+    monkeypatch.undo()
+    train.save_for_sampling(str(out / 'ckpt.pt'), model, dict(iter_num=1))
+    good = (out / 'ckpt.pt').read_bytes()
+    saved = torch.load(out / 'ckpt.pt')
+    assert saved['crc32'] == checkpoints.state_crc(saved['model']) != checkpoints.state_crc(
+        {k: v + (k == 'transformer.wte.weight') for k, v in saved['model'].items()})
+
+    def full_disk_torch_save(obj, f):
+        f.write(b'x' * 1000)
+        raise OSError(errno.ENOSPC, 'No space left on device')
+    monkeypatch.setattr(train.torch, 'save', full_disk_torch_save)
+    with pytest.raises(SystemExit):
+        train.save_for_sampling(str(out / 'ckpt.pt'), model, dict(iter_num=2))
+    stderr = capsys.readouterr().err
+    assert re.fullmatch(rf"error: disk full while writing {re.escape(str(out / 'ckpt.pt'))}: .* has [\d.]+ [kMGT]B "
+                        rf"free with the partial save removed, and it needs more than [\d.]+ [kMGT]B; .*ckpt-000001 "
+                        rf"and the checkpoints before it are intact: free some space, then continue with "
+                        rf"--init_from=resume\n",
+                        stderr), stderr
+    assert sorted(p.name for p in out.iterdir()) == ['ckpt-000001', 'ckpt.pt']
+    assert (out / 'ckpt.pt').read_bytes() == good
+
+
+@pytest.fixture
+def tmpfs(tmp_path):
+    """Mount small tmpfs filesystems (size in kB) under tmp_path: a real full disk. Needs root (CI may not be)."""
+    mounted = []
+
+    def mount(name, kb):
+        path = tmp_path / name
+        path.mkdir()
+        r = subprocess.run(['mount', '-t', 'tmpfs', '-o', f'size={kb}k', 'tmpfs', str(path)], capture_output=True)
+        if r.returncode:
+            pytest.skip(f"cannot mount a tmpfs here: {r.stderr.decode().strip()}")
+        mounted.append(path)
+        return path
+    yield mount
+    for path in mounted:
+        subprocess.run(['umount', str(path)])
+
+
+def test_a_full_disk_is_one_line_and_loses_nothing(straight, shakespeare, tmpfs):
+    # a checkpoint of this model holds 214.5 kB of tensors and takes 270 kB. 'during': 236 kB, room for the
+    # tensors but not the checkpoint, so its first save fails half-way; 'before': 600 kB, where ckpt-000003 and
+    # ckpt.pt fit and ckpt-000006 cannot, as ckpt-000003's size says before anything is written
+    during, before = tmpfs('during', 236), tmpfs('before', 600)
+    args = [*TINY, f'--data_dir={shakespeare}', '--max_iters=6']
+    procs = [start([*args, f'--out_dir={d / "out"}']) for d in (during, before)]
+    (rc1, _, err1), (rc2, _, err2) = [finish(p, expect_ok=False) for p in procs]
+    assert rc1 == 1 and 'Traceback' not in err1 and err1.count('error:') == 1, err1
+    assert re.search(rf"error: disk full while writing checkpoint ckpt-000003: {re.escape(str(during / 'out'))} has "
+                     rf"2\d\d\.\d kB free with the partial save removed, and it needs more than 2\d\d\.\d kB; there "
+                     rf"is no earlier checkpoint: free some space, then start the run again\n", err1), err1
+    assert sorted(p.name for p in (during / 'out').iterdir()) == ['metrics.jsonl']  # the partial save is gone
+    assert rc2 == 1 and 'Traceback' not in err2 and err2.count('error:') == 1, err2
+    assert re.search(rf"error: disk full: {re.escape(str(before / 'out'))} has 2\d\d\.\d kB free, and checkpoint "
+                     rf"ckpt-000006 needs about 270\.\d kB: nothing was written, {re.escape(str(before / 'out'))}/"
+                     rf"ckpt-000003 and the checkpoints before it are intact; free some space, then continue with "
+                     rf"--init_from=resume\n", err2), err2
+    assert sorted(p.name for p in (before / 'out').iterdir()) == ['ckpt-000003', 'ckpt.pt', 'metrics.jsonl']
+    assert checkpoints.verify(before / 'out' / 'ckpt-000003') == (None, True)
+    shard = 'ckpt-000003/__0_0.distcp'
+    assert files_of(before / 'out', shard) == files_of(straight, shard)  # the straight run's very weights
+    # with room again the run goes on, as if nothing had happened
+    subprocess.run(['mount', '-o', 'remount,size=2m', str(before)], check=True)
+    run([*args, f'--out_dir={before / "out"}', '--init_from=resume'])
+    steps_once(before / 'out')
+    assert metrics(before / 'out') == metrics(straight)
+
+
+def test_ctrl_c_saves_as_sigterm_does_and_a_second_aborts_at_once(shakespeare, tmp_path):
+    out = tmp_path / 'out'
+    args = [*TINY, f'--data_dir={shakespeare}', f'--out_dir={out}', '--max_iters=100000', '--eval_interval=100000',
+            '--batch_size=16']  # steps of ~0.3 s: the second Ctrl-C below comes while the first is honoured
+
+    def started(extra=()):
+        """train.py once it has logged two steps, stdout to a file (a pipe nobody reads would fill)."""
+        rows = (out / 'metrics.jsonl').read_text().count('"loss"') if (out / 'metrics.jsonl').exists() else 0
+        with open(tmp_path / 'stdout', 'w') as stdout:
+            proc = subprocess.Popen([sys.executable, str(ROOT / 'train.py'), *args, *extra], text=True, stdout=stdout,
+                                    env={**os.environ, 'OMP_NUM_THREADS': '1'}, stderr=subprocess.PIPE)
+        deadline = time.time() + 120
+        while not (out / 'metrics.jsonl').exists() or (out / 'metrics.jsonl').read_text().count('"loss"') < rows + 2:
+            assert proc.poll() is None and time.time() < deadline
+            time.sleep(0.05)
+        return proc
+
+    proc = started()
+    proc.send_signal(signal.SIGINT)
+    _, stderr = proc.communicate(timeout=120)
+    stdout = (tmp_path / 'stdout').read_text()
+    assert proc.returncode == 0 and 'Traceback' not in stderr and 'KeyboardInterrupt' not in stderr, stderr
+    assert 'Ctrl-C: finishing this step, then saving a checkpoint (Ctrl-C again aborts at once' in stderr
+    [saved] = train.checkpoint_dirs(out)
+    assert re.search(rf"Ctrl-C: saved {re.escape(saved)}; continue with --init_from=resume", stdout), stdout
+    assert checkpoints.verify(saved) == (None, True) and not (out / 'train.lock').exists()
+    before = files_of(out, 'ckpt-??????/*')
+    # resumed, and a second Ctrl-C while the first is being honoured: the process ends at once (killed by SIGINT,
+    # nothing saved), and the checkpoint before stays as it was
+    proc = started(['--init_from=resume'])
+    proc.send_signal(signal.SIGINT)
+    for line in proc.stderr:
+        if 'Ctrl-C again aborts' in line:
+            break
+    proc.send_signal(signal.SIGSTOP)  # held still, the second Ctrl-C waits for it to move again: no race
+    proc.send_signal(signal.SIGINT)
+    proc.send_signal(signal.SIGCONT)
+    proc.communicate(timeout=60)
+    assert proc.returncode == -signal.SIGINT
+    assert files_of(out, 'ckpt-??????/*') == before and train.checkpoint_dirs(out) == [saved]
 
 
 # ---- other inputs -------------------------------------------------------------------------------------
@@ -707,6 +1142,8 @@ def lora_bad(kind, released_mpt, released_sft, lora_runs, d):
             info = json.loads((Path(ckpt) / 'train.json').read_text())
             info['base']['path'] = str(d / 'base')
             (Path(ckpt) / 'train.json').write_text(json.dumps(info))
+            files = checkpoints.read_manifest(ckpt)  # re-signed: a train.json changed by hand is damage otherwise
+            checkpoints.write_manifest(ckpt, {**files, 'train.json': checkpoints.file_crc(Path(ckpt) / 'train.json')})
         (d / 'base' / 'model.safetensors').write_bytes((d / 'base' / 'model.safetensors').read_bytes() + b'\0')
         return [*common, '--init_from=resume', '--max_iters=8'], {}
     raise ValueError(kind)
