@@ -707,7 +707,9 @@ def peak_flops_per_device(device=None):
 # Kernels: _attn_fwd (one program per (batch, head, query block)); the backward runs _bwd_preprocess
 # (delta = rowsum(dO * O)), then _attn_bwd_dkdv, one program per (batch, kv head, key block) walking
 # query tiles, which also accumulates dQ with fp32 atomics (5 GEMMs, as FlashAttention-2/3); with
-# deterministic=True it leaves dQ to _attn_bwd_dq instead (7 GEMMs, a fixed summation order).
+# deterministic=True it leaves dQ to _attn_bwd_dq instead (7 GEMMs, a fixed summation order). The forward
+# and dK/dV kernels also come software-pipelined for sm_90 (PIPELINE, see "Variants" below), as extra
+# autotune configs. `python bench.py --mode=sass` shows what each config compiles to, without a GPU.
 # Grids are 1-D (CUDA caps grid axes 1 and 2 at 65,535; axis 0 takes 2^31 - 1 programs), and every
 # block's offset from its tensor's base is computed in int64 (see _tile).
 
@@ -728,11 +730,12 @@ _MAX_ROW_STRIDE = 2 ** 24
 
 # Autotuning, keyed on head dim, causal, a power-of-two bucket of Tq (not Tk: while decoding with a KV
 # cache Tk grows by one each step and would retune at every power of two), and the kernel variant.
-# Entries are (config, archs, largest padded head dim BLOCK_D, decode, seq): sm_80 (mma.sync) holds the
+# Entries are (config, archs, largest padded head dim BLOCK_D, decode, only): sm_80 (mma.sync) holds the
 # invariant dot operand in registers while sm_90 (wgmma) reads it from shared memory, so the register
 # budget differs per arch. decode=True entries serve only Tq <= 16 (one new token per step: a 64-row
 # tile, the smallest wgmma M, is mostly padding but decode is bound by reading K/V, not by the MMAs),
-# False only longer Tq, None both; likewise seq=True/False for the kernels with/without sequence ids.
+# False only longer Tq, None both; `only` names launch constants an entry requires, e.g. HAS_SEQ=True
+# (with sequence ids) or TMA=True (not the pointer fallback).
 # tests/test_attention.py compiles every entry with the Triton the GPU machines run and the installed
 # one and fails on register spills, ptxas' "wgmma serialized" advisory, shared memory over the limit,
 # sm_90 kernels without wgmma, sm_90 wgmma with N < 64, and an sm_90 forward without TMA loads.
@@ -744,11 +747,11 @@ DQ_KEY = ["HEAD_DIM", "CAUSAL", "HAS_SEQ", "tq_bucket"]
 DECODE_MAX_TQ = 16
 
 
-def _tune(block_m, block_n, num_warps, num_stages, archs=(80, 90), max_block_d=128, decode=None, seq=None,
-          pre_hook=None):
-    config = triton.Config({"BLOCK_M": block_m, "BLOCK_N": block_n}, num_warps=num_warps, num_stages=num_stages,
-                           pre_hook=pre_hook)
-    return config, archs, max_block_d, decode, seq
+def _tune(block_m, block_n, num_warps, num_stages, archs=(80, 90), max_block_d=128, decode=None, only=None,
+          pre_hook=None, **variant):
+    config = triton.Config({"BLOCK_M": block_m, "BLOCK_N": block_n, **variant}, num_warps=num_warps,
+                           num_stages=num_stages, pre_hook=pre_hook)
+    return config, archs, max_block_d, decode, only or {}
 
 
 def _set_block_shapes(nargs):
@@ -770,27 +773,47 @@ def _dkdv_pre_hook(nargs):
             if isinstance(nargs[name], TensorDescriptor):
                 rows = nargs["BLOCK_M"] if name in ("Q", "DO", "DQ") else nargs["BLOCK_N"]
                 nargs[name].block_shape = [1, 1, rows, nargs["BLOCK_D"]]
+        nargs["LSE"].block_shape = nargs["DELTA"].block_shape = [1, 1, nargs["BLOCK_M"]]
 
 
-if _INTERPRET:
-    FWD_TUNING = [_tune(32, 16, 4, 1, pre_hook=_set_block_shapes)]
-    DKDV_TUNING, DQ_TUNING = [_tune(16, 32, 4, 1, pre_hook=_dkdv_pre_hook)], [_tune(32, 16, 4, 1)]
+# Variants: the same math scheduled differently. Each table below lists the first form and the newer ones
+# as separate configs, and on a GPU the autotuner keeps whichever is fastest there (deterministic=True runs
+# a table's first entry). PIPELINE: the forward overlaps the softmax of one key block with q k^T of the
+# next (_fwd_pipelined); the dK/dV kernel holds K and V for the whole loop and needs two wgmma waits per
+# query tile (_dkdv_pipelined). They are built for the sm_90 TMA path at head dims up to 128 without
+# sequence ids (with those, or on the pointer fallback, they spill) and, for dK/dV, with fused dQ.
+FWD_VARIANTS = [dict(PIPELINE=False), dict(PIPELINE=True)]
+DKDV_VARIANTS = [dict(PIPELINE=False), dict(PIPELINE=True)]
+_PIPELINED = dict(HAS_SEQ=False, TMA=True)  # where the pipelined variants serve
+
+if _INTERPRET:  # the tests run each variant in turn (tests/test_attention.py's `variant` fixture)
+    FWD_TUNING = [_tune(32, 16, 4, 1, pre_hook=_set_block_shapes, **FWD_VARIANTS[0])]
+    DKDV_TUNING = [_tune(16, 32, 4, 1, pre_hook=_dkdv_pre_hook, **DKDV_VARIANTS[0])]
+    DQ_TUNING = [_tune(32, 16, 4, 1)]
 else:  # BLOCK_M x BLOCK_N = queries x keys in every kernel
-    _fwd = functools.partial(_tune, pre_hook=_set_block_shapes)
-    _bwd = functools.partial(_tune, pre_hook=_dkdv_pre_hook)
+    _fwd = functools.partial(_tune, pre_hook=_set_block_shapes, PIPELINE=False)
+    _bwd = functools.partial(_tune, pre_hook=_dkdv_pre_hook, **DKDV_VARIANTS[0])
     # decode (Tq <= 16): sm_90 a 64-row tile with 128 keys per step, sm_80 the 64x64 tile (smaller ones spill
-    # with Triton 3.6 at D = 112)
-    FWD_TUNING = [_fwd(128, 128, 8, 3, archs=(90,), decode=False), _fwd(128, 64, 8, 3, archs=(90,), decode=False),
-                  _fwd(64, 128, 4, 3, archs=(90,), decode=True),
+    # with Triton 3.6 at D = 112). sm_90's pointer fallback (head dims not a multiple of 8, misaligned views)
+    # takes the tiles that do not spill there: 128x64, and 64x64 for decode.
+    _tma = dict(TMA=True)
+    FWD_TUNING = [_fwd(128, 128, 8, 3, archs=(90,), decode=False, only=_tma),
+                  _fwd(128, 64, 8, 3, archs=(90,), decode=False),
+                  _fwd(64, 128, 4, 3, archs=(90,), decode=True, only=_tma),
+                  _fwd(64, 64, 4, 3, archs=(90,), decode=True, only=dict(TMA=False)),
                   _fwd(128, 64, 8, 2, archs=(80,), max_block_d=64, decode=False),
-                  _fwd(64, 64, 4, 3, archs=(80,), seq=False), _fwd(64, 32, 4, 3, archs=(80,), seq=True)]
-    # sm_90 at D > 64: K and V are re-read every iteration (see _dkdv_inner) and 2 stages of them overflow
-    # shared memory, hence 1 stage. With Triton 3.6 the fused-dQ variant spills 64 bytes at D = 128 (24
-    # with sequence ids; Triton 3.9: 16 with sequence ids, else none): tests/test_attention.py allows
-    # exactly these. No spill-free tile with N >= 64 was found there.
+                  _fwd(64, 64, 4, 3, archs=(80,), only=dict(HAS_SEQ=False)),
+                  _fwd(64, 32, 4, 3, archs=(80,), only=dict(HAS_SEQ=True)),
+                  # 2 stages: the look-ahead's K tile is a third in flight (3 overflow shared memory)
+                  _fwd(128, 128, 8, 2, archs=(90,), decode=False, only=_PIPELINED, **FWD_VARIANTS[1])]
+    # sm_90 at D > 64, the first form: K and V are re-read every iteration (see _dkdv_inner) and 2 stages of
+    # them overflow shared memory, hence 1 stage. With Triton 3.6 it spills 36-40 bytes at D = 128 (the
+    # pipelined variant, last, does not); tests/test_attention.py names every spill it allows.
     DKDV_TUNING = [_bwd(64, 128, 8, 1, archs=(90,)), _bwd(64, 64, 4, 2, archs=(90,), max_block_d=64),
-                   _bwd(32, 64, 8, 2, archs=(80,)), _bwd(32, 128, 8, 2, archs=(80,), max_block_d=64)]
-    DQ_TUNING = [_tune(128, 64, 8, 2, archs=(90,), seq=False), _tune(128, 64, 8, 1, archs=(90,), seq=True),
+                   _bwd(32, 64, 8, 2, archs=(80,)), _bwd(32, 128, 8, 2, archs=(80,), max_block_d=64),
+                   _bwd(64, 128, 8, 2, archs=(90,), only=dict(_PIPELINED, FUSE_DQ=True), **DKDV_VARIANTS[1])]
+    DQ_TUNING = [_tune(128, 64, 8, 2, archs=(90,), only=dict(HAS_SEQ=False)),
+                 _tune(128, 64, 8, 1, archs=(90,), only=dict(HAS_SEQ=True)),
                  _tune(64, 64, 4, 2, archs=(90,), max_block_d=64),
                  _tune(128, 32, 8, 2, archs=(80,)), _tune(128, 64, 8, 3, max_block_d=64)]
 
@@ -804,11 +827,11 @@ def _arch(device):
 
 def _autotune(tuning, key, **kwargs):
     def prune(configs, named_args, **meta):
-        arch = _arch(named_args["LSE"].device)
+        arch = _arch(named_args["DOC_START"].device)
         decode = named_args["tq_bucket"] <= DECODE_MAX_TQ
-        return [c for c, (_, archs, max_d, dec, seq) in zip(configs, tuning)
+        return [c for c, (_, archs, max_d, dec, only) in zip(configs, tuning)
                 if arch in archs and meta["BLOCK_D"] <= max_d and dec in (None, decode)
-                and seq in (None, meta["HAS_SEQ"])]
+                and all(meta[k] == v for k, v in only.items())]
     return triton.autotune([c for c, *_ in tuning], key=key, prune_configs_by={"early_config_prune": prune}, **kwargs)
 
 
@@ -817,8 +840,11 @@ def _autotune(tuning, key, **kwargs):
 #     s = qk*scale2 + kb[j],  kb[j] = slope2*(j - c),  c = a per-program constant near the diagonal,
 # i.e. s = true score + slope2*(i_abs - c): one FMA per score, and small magnitudes near the diagonal
 # (where the softmax mass is) so fp32 keeps its precision at long T. The LSE crosses between programs in
-# the true frame: the forward stores lse - slope2*(i_abs - c), and each backward program adds back
-# slope2*(i_abs - c') for its own constant c'. These are BLOCK_M ops per program, not per score.
+# frames of LSE_FRAME rows: row i's is stored as true lse + slope2*(i_abs - c_i), c_i = Tk - Tq + (i rounded
+# down to a multiple of LSE_FRAME). Every kernel's row block lies inside one such frame (BLOCK_M divides
+# LSE_FRAME), so moving a block's LSE between its frame and a program's is one number per block (the
+# forward adds slope2*(c - c_i); a backward program with constant c' adds slope2*(c_i - c')).
+LSE_FRAME = tl.constexpr(128)
 
 
 @triton.jit
@@ -834,13 +860,23 @@ def _tile(X, start, n_rows, stride, BLOCK: tl.constexpr, BLOCK_D: tl.constexpr, 
 
 
 @triton.jit
-def _block_ids(n_blocks, REVERSE: tl.constexpr):
-    # The 1-D grid holds (batch x head) x blocks, blocks of one head adjacent so that the programs running
-    # together share that head's K/V in L2. REVERSE: later query blocks (more keys, causal) start first.
+def _block_ids(n_blocks, n_bh, group, LONGEST: tl.constexpr):
+    # The 1-D grid holds (batch x head) x blocks. By default the blocks of one head are adjacent, so that
+    # the programs running together share that head's K/V in L2. With a causal mask the programs' lengths
+    # differ (a query block's keys, a key block's queries), and LONGEST launches the longest ones first,
+    # across heads and batch, so that the last wave holds short programs: 'last' (query blocks: the last
+    # one sees the most keys) or 'first' (key blocks). It does so within groups of `group` (batch x head)
+    # rows, which the host sizes so that a group's K/V fit in L2 (FlashAttention-3's LPT schedule).
     pid = tl.program_id(0)
-    bh, blk = pid // n_blocks, pid % n_blocks
-    if REVERSE:
-        blk = n_blocks - 1 - blk
+    if LONGEST == "":
+        bh, blk = pid // n_blocks, pid % n_blocks
+    else:
+        g = pid // (group * n_blocks)
+        rows = tl.minimum(group, n_bh - g * group)  # the last group may be smaller
+        r = pid - g * group * n_blocks
+        bh, blk = g * group + r % rows, r // rows
+        if LONGEST == "last":
+            blk = n_blocks - 1 - blk
     return bh, blk
 
 
@@ -886,37 +922,109 @@ def _key_blocks(first_key, row_end, start_m, off_shift, Tk, BLOCK_M: tl.constexp
 
 
 @triton.jit
-def _fwd_inner(acc, l_i, m_i, q, K, V, b, hk, stride_kn, stride_vn, lo, hi, Tk, first_key, row_end, c, qk_scale,
-               slope2, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr, MASKED: tl.constexpr,
-               HAS_ALIBI: tl.constexpr, HAS_SEQ: tl.constexpr, DOT_PREC: tl.constexpr, TMA: tl.constexpr):
-    for start_n in range(lo, hi, BLOCK_N):
-        # TMA (sm_90): the descriptor zero-fills rows past Tk and columns past HEAD_DIM, no mask needed
-        if TMA:
-            k = K.load([b, hk, start_n, 0]).reshape(BLOCK_N, BLOCK_D)
-        else:
-            k_ptrs, kv_mask = _tile(K, start_n, Tk, stride_kn, BLOCK_N, BLOCK_D, HEAD_DIM)
-            k = tl.load(k_ptrs, mask=kv_mask, other=0.0)  # (BLOCK_N, BLOCK_D)
-        s = tl.dot(q, tl.trans(k), input_precision=DOT_PREC) * qk_scale  # (BLOCK_M, BLOCK_N), log2 units
+def _rows(X, b, h, start, stride_h, stride_row, n_rows, ROWS: tl.constexpr, BLOCK_D: tl.constexpr,
+          HEAD_DIM: tl.constexpr, TMA: tl.constexpr):
+    # rows [start, start + ROWS) of head h: by TMA (sm_90; X a descriptor over (B, H, T, D), which zero-fills
+    # rows past the end and columns past HEAD_DIM), or through pointers (X at batch b's slice), masked
+    if TMA:
+        x = X.load([b, h, start, 0]).reshape(ROWS, BLOCK_D)
+    else:
+        ptrs, mask = _tile(X + h.to(tl.int64) * stride_h, start, n_rows, stride_row, ROWS, BLOCK_D, HEAD_DIM)
+        x = tl.load(ptrs, mask=mask, other=0.0)
+    return x  # (ROWS, BLOCK_D)
+
+
+@triton.jit
+def _row_stat(X, b, h, start_m, stride_lb, stride_lh, Tq, fill, BLOCK_M: tl.constexpr, TMA: tl.constexpr):
+    # LSE or delta of query rows [start_m, start_m + BLOCK_M) of head h: by TMA (X a descriptor over the
+    # (B, H, Tq) statistics; rows past Tq read as 0, see _attn_backward), or through pointers, `fill` past Tq
+    if TMA:
+        x = X.load([b, h, start_m]).reshape(BLOCK_M)
+    else:
+        offs_m = start_m + tl.arange(0, BLOCK_M)
+        x = tl.load(X + b.to(tl.int64) * stride_lb + h.to(tl.int64) * stride_lh + offs_m, mask=offs_m < Tq,
+                    other=fill)
+    return x  # (BLOCK_M,)
+
+
+@triton.jit
+def _scores(qk, qk_scale, kb, start_n, first_key, row_end, BLOCK_N: tl.constexpr, MASKED: tl.constexpr,
+            HAS_ALIBI: tl.constexpr, HAS_SEQ: tl.constexpr):
+    # Scores of one key block in the program's ALiBi frame, from qk = q k^T, minus blk (see _softmax_step):
+    # qk * scale + kb[j], one FFMA each; kb = slope2 * (j - start_n) is the same for every block.
+    if HAS_ALIBI:
+        s = qk * qk_scale + kb[None, :]  # (BLOCK_M, BLOCK_N), log2 units
+    else:
+        s = qk * qk_scale
+    if MASKED:  # blocks on the diagonal, a document boundary or the end of the keys only
         offs_n = start_n + tl.arange(0, BLOCK_N)
-        if HAS_ALIBI:
-            s += (slope2 * (offs_n - c).to(tl.float32))[None, :]  # shifted frame, see "ALiBi frames"
-        if MASKED:  # blocks on the diagonal, a document boundary or the end of the keys only
-            visible = offs_n[None, :] < row_end[:, None]
-            if HAS_SEQ:
-                visible = visible & (offs_n[None, :] >= first_key[:, None])
-            s = tl.where(visible, s, float("-inf"))
-        # online softmax: rescale what we have so far to the new running max
-        m_new = tl.maximum(m_i, tl.max(s, 1))  # (BLOCK_M,)
-        p = tl.exp2(s - m_new[:, None])  # (BLOCK_M, BLOCK_N)
-        alpha = tl.exp2(m_i - m_new)
-        l_i = l_i * alpha + tl.sum(p, 1)
-        if TMA:
-            v = V.load([b, hk, start_n, 0]).reshape(BLOCK_N, BLOCK_D)
-        else:
-            v_ptrs, kv_mask = _tile(V, start_n, Tk, stride_vn, BLOCK_N, BLOCK_D, HEAD_DIM)
-            v = tl.load(v_ptrs, mask=kv_mask, other=0.0)  # (BLOCK_N, BLOCK_D)
-        acc = tl.dot(p.to(v.dtype), v, acc * alpha[:, None], input_precision=DOT_PREC)  # (BLOCK_M, BLOCK_D)
-        m_i = m_new
+        visible = offs_n[None, :] < row_end[:, None]
+        if HAS_SEQ:
+            visible = visible & (offs_n[None, :] >= first_key[:, None])
+        s = tl.where(visible, s, float("-inf"))
+    return s
+
+
+@triton.jit
+def _softmax_step(s, blk, m_i, l_i, acc):
+    # One key block of the online softmax. The block's ALiBi offset in the program's frame, blk =
+    # slope2 * (start_n - c), is one number per block: it goes into the row max, not into every score.
+    # Returns P (unnormalized), the new running max and sum, and acc rescaled to the new max.
+    m_new = tl.maximum(m_i, tl.max(s, 1) + blk)  # (BLOCK_M,)
+    p = tl.exp2(s - (m_new - blk)[:, None])  # (BLOCK_M, BLOCK_N)
+    alpha = tl.exp2(m_i - m_new)
+    return p, m_new, l_i * alpha + tl.sum(p, 1), acc * alpha[:, None]
+
+
+@triton.jit
+def _fwd_inner(acc, l_i, m_i, q, K, V, b, hk, stride_kn, stride_vn, lo, hi, Tk, first_key, row_end, c, qk_scale,
+               slope2, kb, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr,
+               MASKED: tl.constexpr, HAS_ALIBI: tl.constexpr, HAS_SEQ: tl.constexpr, DOT_PREC: tl.constexpr,
+               TMA: tl.constexpr):
+    # key blocks [lo, hi), one after the other: q k^T, softmax, P v. Without TMA (the pointer tiles take
+    # registers) loop invariants such as kb are recomputed in the loop rather than held.
+    for start_n in tl.range(lo, hi, BLOCK_N, disable_licm=not TMA):
+        k = _rows(K, b, hk, start_n, 0, stride_kn, Tk, BLOCK_N, BLOCK_D, HEAD_DIM, TMA)
+        qk = tl.dot(q, tl.trans(k), input_precision=DOT_PREC)  # (BLOCK_M, BLOCK_N)
+        if not TMA:
+            kb = slope2 * tl.arange(0, BLOCK_N).to(tl.float32)
+        s = _scores(qk, qk_scale, kb, start_n, first_key, row_end, BLOCK_N, MASKED, HAS_ALIBI, HAS_SEQ)
+        p, m_i, l_i, acc = _softmax_step(s, slope2 * (start_n - c).to(tl.float32), m_i, l_i, acc)
+        v = _rows(V, b, hk, start_n, 0, stride_vn, Tk, BLOCK_N, BLOCK_D, HEAD_DIM, TMA)
+        acc = tl.dot(p.to(v.dtype), v, acc, input_precision=DOT_PREC)  # (BLOCK_M, BLOCK_D)
+    return acc, l_i, m_i
+
+
+@triton.jit
+def _fwd_pipelined(acc, l_i, m_i, q, K, V, b, hk, stride_kn, stride_vn, lo, hi, Tk, c, qk_scale, slope2, kb,
+                   HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr, HAS_ALIBI: tl.constexpr,
+                   DOT_PREC: tl.constexpr, TMA: tl.constexpr):
+    # Unmasked key blocks [lo, hi), at least two, software-pipelined as in FlashAttention-3: while the
+    # softmax of block j runs, the tensor cores compute q k^T of block j + 1. An iteration issues P v of
+    # block j - 1 and waits for it (which also completes block j's q k^T, issued an iteration earlier),
+    # turns q k^T into scores (freeing its registers for the next one), issues q k^T of block j + 1, whose
+    # result is only read in the next iteration (so the compiler leaves it in flight), and then runs the
+    # softmax of block j. The first and last blocks are peeled off.
+    k = _rows(K, b, hk, lo, 0, stride_kn, Tk, BLOCK_N, BLOCK_D, HEAD_DIM, TMA)
+    s = _scores(tl.dot(q, tl.trans(k), input_precision=DOT_PREC), qk_scale, kb, lo, 0, 0, BLOCK_N, False,
+                HAS_ALIBI, False)
+    p, m_i, l_i, acc = _softmax_step(s, slope2 * (lo - c).to(tl.float32), m_i, l_i, acc)
+    k = _rows(K, b, hk, lo + BLOCK_N, 0, stride_kn, Tk, BLOCK_N, BLOCK_D, HEAD_DIM, TMA)
+    qk = tl.dot(q, tl.trans(k), input_precision=DOT_PREC)
+    for start_n in range(lo + BLOCK_N, hi - BLOCK_N, BLOCK_N):  # block j = start_n; qk is its q k^T
+        v = _rows(V, b, hk, start_n - BLOCK_N, 0, stride_vn, Tk, BLOCK_N, BLOCK_D, HEAD_DIM, TMA)
+        acc = tl.dot(p.to(v.dtype), v, acc, input_precision=DOT_PREC)  # block j - 1
+        s = _scores(qk, qk_scale, kb, start_n, 0, 0, BLOCK_N, False, HAS_ALIBI, False)
+        k = _rows(K, b, hk, start_n + BLOCK_N, 0, stride_kn, Tk, BLOCK_N, BLOCK_D, HEAD_DIM, TMA)
+        qk = tl.dot(q, tl.trans(k), input_precision=DOT_PREC)  # block j + 1, in flight during:
+        p, m_i, l_i, acc = _softmax_step(s, slope2 * (start_n - c).to(tl.float32), m_i, l_i, acc)
+    last = hi - BLOCK_N
+    v = _rows(V, b, hk, last - BLOCK_N, 0, stride_vn, Tk, BLOCK_N, BLOCK_D, HEAD_DIM, TMA)
+    acc = tl.dot(p.to(v.dtype), v, acc, input_precision=DOT_PREC)
+    s = _scores(qk, qk_scale, kb, last, 0, 0, BLOCK_N, False, HAS_ALIBI, False)
+    p, m_i, l_i, acc = _softmax_step(s, slope2 * (last - c).to(tl.float32), m_i, l_i, acc)
+    v = _rows(V, b, hk, last, 0, stride_vn, Tk, BLOCK_N, BLOCK_D, HEAD_DIM, TMA)
+    acc = tl.dot(p.to(v.dtype), v, acc, input_precision=DOT_PREC)
     return acc, l_i, m_i
 
 
@@ -924,13 +1032,14 @@ def _fwd_inner(acc, l_i, m_i, q, K, V, b, hk, stride_kn, stride_vn, lo, hi, Tk, 
 @triton.jit(do_not_specialize=["Tk"])  # decoding: Tk grows every step, specializing on it would recompile
 def _attn_fwd(Q, K, V, O, LSE, SLOPES, DOC_START, DOC_END, qk_scale,
               stride_qb, stride_qh, stride_qm, stride_kb, stride_kh, stride_kn,
-              stride_vb, stride_vh, stride_vn, stride_ob, stride_oh, stride_om,
-              H, G, Tq, Tk, tq_bucket,
+              stride_vb, stride_vh, stride_vn, stride_ob, stride_oh, stride_om, stride_lb, stride_lh,
+              B, H, G, Tq, Tk, tq_bucket, group,
               HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, CAUSAL: tl.constexpr, HAS_ALIBI: tl.constexpr,
               HAS_SEQ: tl.constexpr, DOT_PREC: tl.constexpr, TMA: tl.constexpr, BLOCK_M: tl.constexpr,
-              BLOCK_N: tl.constexpr):
+              BLOCK_N: tl.constexpr, PIPELINE: tl.constexpr):
     # Q, K, V, O are pointers, or with TMA host-side tensor descriptors over the (B, H, T, D) views
-    bh, pid_m = _block_ids(tl.cdiv(Tq, BLOCK_M), CAUSAL)
+    tl.static_assert(LSE_FRAME % BLOCK_M == 0)
+    bh, pid_m = _block_ids(tl.cdiv(Tq, BLOCK_M), B * H, group, "last" if CAUSAL else "")
     b, h = bh // H, bh % H
     hk = h // G  # GQA: query head h reads kv head h // G
     start_m = pid_m * BLOCK_M
@@ -947,6 +1056,7 @@ def _attn_fwd(Q, K, V, O, LSE, SLOPES, DOC_START, DOC_END, qk_scale,
 
     slope2 = tl.load(SLOPES + h) * 1.4426950408889634 if HAS_ALIBI else 0.0
     c = start_m + off_shift  # frame constant: i_abs of the block's first row
+    kb = slope2 * tl.arange(0, BLOCK_N).to(tl.float32)  # ALiBi's per-key term inside a block, see _softmax_step
     # m_i starts finite (not -inf) so rows with no visible key (causal, Tq > Tk) get exp2(-inf - m) = 0
     # rather than NaN from -inf - (-inf); their l_i stays 0 and they are written as zeros below.
     m_i = tl.zeros([BLOCK_M], dtype=tl.float32) - 1.0e30
@@ -958,13 +1068,20 @@ def _attn_fwd(Q, K, V, O, LSE, SLOPES, DOC_START, DOC_END, qk_scale,
                                         HAS_SEQ)
     if HAS_SEQ:
         acc, l_i, m_i = _fwd_inner(acc, l_i, m_i, q, K, V, b, hk, stride_kn, stride_vn, lo, tl.minimum(mid, hi), Tk,
-                                   first_key, row_end, c, qk_scale, slope2, HEAD_DIM, BLOCK_D, BLOCK_N, True,
+                                   first_key, row_end, c, qk_scale, slope2, kb, HEAD_DIM, BLOCK_D, BLOCK_N, True,
                                    HAS_ALIBI, HAS_SEQ, DOT_PREC, TMA)
-    acc, l_i, m_i = _fwd_inner(acc, l_i, m_i, q, K, V, b, hk, stride_kn, stride_vn, mid, full_end, Tk, first_key,
-                               row_end, c, qk_scale, slope2, HEAD_DIM, BLOCK_D, BLOCK_N, False, HAS_ALIBI, HAS_SEQ,
-                               DOT_PREC, TMA)
+    if PIPELINE:  # two unmasked blocks or more: pipelined; fewer: the masked loop below takes them too
+        if full_end - mid >= 2 * BLOCK_N:
+            acc, l_i, m_i = _fwd_pipelined(acc, l_i, m_i, q, K, V, b, hk, stride_kn, stride_vn, mid, full_end, Tk, c,
+                                           qk_scale, slope2, kb, HEAD_DIM, BLOCK_D, BLOCK_N, HAS_ALIBI, DOT_PREC, TMA)
+        else:
+            full_end = mid
+    else:
+        acc, l_i, m_i = _fwd_inner(acc, l_i, m_i, q, K, V, b, hk, stride_kn, stride_vn, mid, full_end, Tk,
+                                   first_key, row_end, c, qk_scale, slope2, kb, HEAD_DIM, BLOCK_D, BLOCK_N, False,
+                                   HAS_ALIBI, HAS_SEQ, DOT_PREC, TMA)
     acc, l_i, m_i = _fwd_inner(acc, l_i, m_i, q, K, V, b, hk, stride_kn, stride_vn, tl.maximum(full_end, mid), hi,
-                               Tk, first_key, row_end, c, qk_scale, slope2, HEAD_DIM, BLOCK_D, BLOCK_N, True,
+                               Tk, first_key, row_end, c, qk_scale, slope2, kb, HEAD_DIM, BLOCK_D, BLOCK_N, True,
                                HAS_ALIBI, HAS_SEQ, DOT_PREC, TMA)
 
     empty = l_i == 0.0  # fully-masked rows: output 0, LSE +inf (so the backward's exp2(s - lse) is 0)
@@ -976,15 +1093,17 @@ def _attn_fwd(Q, K, V, O, LSE, SLOPES, DOC_START, DOC_END, qk_scale,
         O += b.to(tl.int64) * stride_ob + h.to(tl.int64) * stride_oh
         o_ptrs, o_mask = _tile(O, start_m, Tq, stride_om, BLOCK_M, BLOCK_D, HEAD_DIM)
         tl.store(o_ptrs, o, mask=o_mask)
-    lse = m_i + tl.log2(l_i) - slope2 * (offs_m - start_m).to(tl.float32)  # back to the true frame
-    tl.store(LSE + bh.to(tl.int64) * Tq + offs_m, tl.where(empty, float("inf"), lse), mask=offs_m < Tq)
+    lse = m_i + tl.log2(l_i) + slope2 * (start_m % LSE_FRAME).to(tl.float32)  # to the rows' frame, see above
+    tl.store(LSE + b.to(tl.int64) * stride_lb + h.to(tl.int64) * stride_lh + offs_m, tl.where(empty, float("inf"), lse),
+             mask=offs_m < Tq)
 
 
 @triton.jit
-def _bwd_preprocess(O, DO, DELTA, stride_ob, stride_oh, stride_om, stride_dob, stride_doh, stride_dom, H, Tq,
+def _bwd_preprocess(O, DO, DELTA, stride_ob, stride_oh, stride_om, stride_dob, stride_doh, stride_dom, stride_lb,
+                    stride_lh, H, Tq,
                     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr):
     # delta_i = rowsum(dO_i * O_i) = sum_j P_ij dP_ij, the softmax-backward term shared by every key
-    bh, pid_m = _block_ids(tl.cdiv(Tq, BLOCK_M), False)
+    bh, pid_m = _block_ids(tl.cdiv(Tq, BLOCK_M), 0, 0, "")
     b, h = (bh // H).to(tl.int64), (bh % H).to(tl.int64)
     start_m = pid_m * BLOCK_M
     o_ptrs, mask = _tile(O + b * stride_ob + h * stride_oh, start_m, Tq, stride_om, BLOCK_M, BLOCK_D, HEAD_DIM)
@@ -993,47 +1112,73 @@ def _bwd_preprocess(O, DO, DELTA, stride_ob, stride_oh, stride_om, stride_dob, s
     do = tl.load(do_ptrs, mask=mask, other=0.0)
     delta = tl.sum(o.to(tl.float32) * do.to(tl.float32), 1)  # (BLOCK_M,)
     offs_m = start_m + tl.arange(0, BLOCK_M)
-    tl.store(DELTA + bh.to(tl.int64) * Tq + offs_m, delta, mask=offs_m < Tq)
+    tl.store(DELTA + b * stride_lb + h * stride_lh + offs_m, delta, mask=offs_m < Tq)
+
+
+@triton.jit
+def _next_tile(h, start_m, lo, hi_m, BLOCK_M: tl.constexpr):
+    # the query tile after (h, start_m) in the loops below: the next block of rows [lo, hi_m), else the next head's
+    wrap = start_m + BLOCK_M >= hi_m
+    return tl.where(wrap, h + 1, h), tl.where(wrap, lo, start_m + BLOCK_M)
+
+
+@triton.jit
+def _dq_reduce(DQ, dq, b, h, start_m, stride_dqh, stride_dqm, Tq, BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr,
+               HEAD_DIM: tl.constexpr, DQ_TMA: tl.constexpr):
+    # one key block's share of dQ = scale * dS K, rows [start_m, start_m + BLOCK_M) of head h, summed into the
+    # fp32 DQ over key blocks
+    if DQ_TMA:  # a TMA reduce-add (rows past Tq are clipped): no pointer tile in registers
+        DQ.atomic_add([b, h, start_m, 0], dq.reshape(1, 1, BLOCK_M, BLOCK_D))
+    else:
+        dq_ptrs, dq_mask = _tile(DQ + h.to(tl.int64) * stride_dqh, start_m, Tq, stride_dqm, BLOCK_M, BLOCK_D,
+                                 HEAD_DIM)
+        tl.atomic_add(dq_ptrs, dq, mask=dq_mask, sem="relaxed")
 
 
 @triton.jit
 def _dkdv_inner(dk, dv, k, v, K, V, hk, Q, DO, DQ, LSE, DELTA, SLOPES, DOC_START, DOC_END, b,
-                stride_qh, stride_qm, stride_doh, stride_dom,
+                stride_qh, stride_qm, stride_doh, stride_dom, stride_lb, stride_lh,
                 stride_dqh, stride_dqm, Tq, Tk, h0, n_heads, lo, n_blocks, start_n, off_shift, qk_scale, sm_scale,
                 HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
                 MASKED: tl.constexpr, CAUSAL: tl.constexpr, HAS_ALIBI: tl.constexpr, HAS_SEQ: tl.constexpr,
-                DOT_PREC: tl.constexpr, FUSE_DQ: tl.constexpr, TMA: tl.constexpr, DQ_TMA: tl.constexpr):
+                DOT_PREC: tl.constexpr, FUSE_DQ: tl.constexpr, TMA: tl.constexpr, DQ_TMA: tl.constexpr,
+                PIPELINE: tl.constexpr):
     # Query blocks [lo, lo + n_blocks * BLOCK_M) of query heads h0 .. h0 + n_heads - 1, as one flat loop: a
     # nested loop over heads lets the compiler hoist both stages' invariants above it, costing registers.
     # Works transposed, (keys, queries), so that dV += P^T dO and dK += dS^T Q need no transposes; the
     # score GEMMs K Q^T and V dO^T then have N = BLOCK_M (>= 64 on sm_90, for full-width wgmma).
+    # PIPELINE: k and v come from the caller (held in shared memory), and dQ^T = K^T dS^T is computed
+    # instead of dS K, reading both operands from shared memory (see _dkdv_pipelined).
     offs_n = start_n + tl.arange(0, BLOCK_N)
-    for it in range(0, n_heads * n_blocks):
-        h = h0 + it // n_blocks
-        start_m = lo + (it % n_blocks) * BLOCK_M
+    h, start_m = h0, lo
+    # Loop invariants (smem descriptors, pointer tiles) are recomputed rather than held where K and V are
+    # held: that saves registers there (measured: 344 -> 44 spilled bytes on the sm_90 pointer fallback, Triton
+    # 3.6), but not with sm_80's 32-row tiles (Triton 3.9 then spills 108 bytes at D = 64)
+    for it in tl.range(0, n_heads * n_blocks, disable_licm=PIPELINE or (not TMA and BLOCK_M >= 64)):
         offs_m = start_m + tl.arange(0, BLOCK_M)
         if TMA:  # rows past Tq are zero-filled
-            # K and V tiles again every iteration (from L2, straight into shared memory), rather than held in
-            # registers across the loop: wgmma then reads them from shared memory, and the registers go to
-            # the dK and dV accumulators (2 x BLOCK_N x BLOCK_D fp32), which otherwise spill at D = 128
-            k_it = K.load([b, hk, start_n, 0]).reshape(BLOCK_N, BLOCK_D)
-            v_it = V.load([b, hk, start_n, 0]).reshape(BLOCK_N, BLOCK_D)
-            q = Q.load([b, h, start_m, 0]).reshape(BLOCK_M, BLOCK_D)
-            do = DO.load([b, h, start_m, 0]).reshape(BLOCK_M, BLOCK_D)
+            if PIPELINE:
+                k_it, v_it = k, v
+            else:
+                # K and V tiles again every iteration (from L2, straight into shared memory), rather than held
+                # in registers across the loop: wgmma then reads them from shared memory, and the registers go
+                # to the dK and dV accumulators (2 x BLOCK_N x BLOCK_D fp32), which otherwise spill at D = 128
+                k_it = K.load([b, hk, start_n, 0]).reshape(BLOCK_N, BLOCK_D)
+                v_it = V.load([b, hk, start_n, 0]).reshape(BLOCK_N, BLOCK_D)
         else:
-            q_ptrs, io_mask = _tile(Q + h.to(tl.int64) * stride_qh, start_m, Tq, stride_qm, BLOCK_M, BLOCK_D, HEAD_DIM)
-            do_ptrs, _ = _tile(DO + h.to(tl.int64) * stride_doh, start_m, Tq, stride_dom, BLOCK_M, BLOCK_D, HEAD_DIM)
-            q = tl.load(q_ptrs, mask=io_mask, other=0.0)  # (BLOCK_M, BLOCK_D)
-            do = tl.load(do_ptrs, mask=io_mask, other=0.0)
             k_it, v_it = k, v
-        # rows past Tq get lse = +inf, hence P = 0: no row mask is needed in the math below
-        lse = tl.load(LSE + h.to(tl.int64) * Tq + offs_m, mask=offs_m < Tq, other=float("inf"))  # (BLOCK_M,)
-        delta = tl.load(DELTA + h.to(tl.int64) * Tq + offs_m, mask=offs_m < Tq, other=0.0)
-        s_t = tl.dot(k_it, tl.trans(q), input_precision=DOT_PREC) * qk_scale  # (BLOCK_N, BLOCK_M)
-        if HAS_ALIBI:  # this program's frame is c' = start_n: kb = slope2 * (j - start_n), lse shifted to match
+        q = _rows(Q, b, h, start_m, stride_qh, stride_qm, Tq, BLOCK_M, BLOCK_D, HEAD_DIM, TMA)
+        do = _rows(DO, b, h, start_m, stride_doh, stride_dom, Tq, BLOCK_M, BLOCK_D, HEAD_DIM, TMA)
+        # rows past Tq: P = 0 (lse = +inf), or with TMA Q = dO = 0 there: no row mask is needed below
+        lse = _row_stat(LSE, b, h, start_m, stride_lb, stride_lh, Tq, float("inf"), BLOCK_M, TMA)
+        delta = _row_stat(DELTA, b, h, start_m, stride_lb, stride_lh, Tq, 0.0, BLOCK_M, TMA)
+        s_t = tl.dot(k_it, tl.trans(q), input_precision=DOT_PREC)  # (BLOCK_N, BLOCK_M)
+        if HAS_ALIBI:  # this program's frame is c' = start_n: kb = slope2 * (j - start_n), lse moved to match
             slope2 = tl.load(SLOPES + h) * 1.4426950408889634
-            s_t += (slope2 * tl.arange(0, BLOCK_N).to(tl.float32))[:, None]
-            lse += slope2 * (offs_m + off_shift - start_n).to(tl.float32)
+            s_t = s_t * qk_scale + (slope2 * tl.arange(0, BLOCK_N).to(tl.float32))[:, None]
+            lse += slope2 * (start_m // LSE_FRAME * LSE_FRAME + off_shift - start_n).to(tl.float32)
+        else:
+            s_t = s_t * qk_scale
         p_t = tl.exp2(s_t - lse[None, :])
         if MASKED:  # causal diagonal blocks, or (not causal) the last key block when it is ragged
             if HAS_SEQ:  # every block, see _attn_bwd_dkdv
@@ -1049,13 +1194,63 @@ def _dkdv_inner(dk, dv, k, v, K, V, hk, Q, DO, DQ, LSE, DELTA, SLOPES, DOC_START
         ds_t = (p_t * (dp_t - delta[None, :])).to(q.dtype)  # dL/d(score), natural units
         dk = tl.dot(ds_t, q, dk, input_precision=DOT_PREC)  # (BLOCK_N, BLOCK_D)
         if FUSE_DQ:  # this key block's share of dQ = scale * dS K, summed over key blocks by fp32 atomics
-            dq = tl.dot(tl.trans(ds_t), k_it, input_precision=DOT_PREC) * sm_scale  # (BLOCK_M, BLOCK_D)
-            if DQ_TMA:  # a TMA reduce-add (rows past Tq are clipped): no pointer tile in registers
-                DQ.atomic_add([b, h, start_m, 0], dq.reshape(1, 1, BLOCK_M, BLOCK_D))
+            if PIPELINE:
+                dq = tl.trans(tl.dot(tl.trans(k_it), ds_t, input_precision=DOT_PREC))  # (BLOCK_M, BLOCK_D)
             else:
-                dq_ptrs, dq_mask = _tile(DQ + h.to(tl.int64) * stride_dqh, start_m, Tq, stride_dqm, BLOCK_M, BLOCK_D,
-                                         HEAD_DIM)
-                tl.atomic_add(dq_ptrs, dq, mask=dq_mask, sem="relaxed")
+                dq = tl.dot(tl.trans(ds_t), k_it, input_precision=DOT_PREC)
+            _dq_reduce(DQ, dq * sm_scale, b, h, start_m, stride_dqh, stride_dqm, Tq, BLOCK_M, BLOCK_D, HEAD_DIM,
+                       DQ_TMA)
+        h, start_m = _next_tile(h, start_m, lo, lo + n_blocks * BLOCK_M, BLOCK_M)
+    return dk, dv
+
+
+@triton.jit
+def _dkdv_pipelined(dk, dv, k, v, Q, DO, DQ, LSE, DELTA, SLOPES, b, stride_qh, stride_qm, stride_doh, stride_dom,
+                    stride_lb, stride_lh, stride_dqh, stride_dqm, Tq, h0, n_heads, lo, n_blocks, start_n, off_shift,
+                    qk_scale, sm_scale, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr,
+                    BLOCK_N: tl.constexpr, HAS_ALIBI: tl.constexpr, DOT_PREC: tl.constexpr, FUSE_DQ: tl.constexpr,
+                    TMA: tl.constexpr, DQ_TMA: tl.constexpr):
+    # The unmasked query tiles of _dkdv_inner, for two wgmma waits per tile. K and V are loaded once by the
+    # caller (the compiler keeps them in shared memory, where wgmma reads them), the next tiles' Q, dO, LSE
+    # and delta are in flight (num_stages = 2), and the GEMMs go: K Q^T (waited on), dV += P^T dO (an
+    # accumulator chain, not waited on), the NEXT tile's dP^T = V dO^T (read only in the next iteration, so
+    # not waited on either), dK += dS^T Q (chain) and dQ^T = K^T dS^T, whose wait, the second, covers them
+    # all. dQ^T rather than dS K: both operands then come from shared memory, which saves the registers of
+    # a transposed dS (the in-flight dP^T needs them). The first tile's dP^T is computed before the loop;
+    # the last iteration's look-ahead repeats its own tile (one GEMM of waste per program). The compiler
+    # defers the dQ reduce-add's wait until its shared-memory buffer is written again. Loop invariants are
+    # recomputed rather than hoisted (disable_licm): held across the loop, they cost registers.
+    n = n_heads * n_blocks
+    hi_m = lo + n_blocks * BLOCK_M
+    do = _rows(DO, b, h0, lo, stride_doh, stride_dom, Tq, BLOCK_M, BLOCK_D, HEAD_DIM, TMA)
+    dp_t = tl.dot(v, tl.trans(do), input_precision=DOT_PREC)  # (BLOCK_N, BLOCK_M), the first tile's
+    h, start_m = h0, lo
+    for it in tl.range(0, n, disable_licm=True):
+        h_n, m_n = _next_tile(h, start_m, lo, hi_m, BLOCK_M)
+        if it == n - 1:  # no next tile: look ahead at this one again
+            h_n, m_n = h, start_m
+        q = _rows(Q, b, h, start_m, stride_qh, stride_qm, Tq, BLOCK_M, BLOCK_D, HEAD_DIM, TMA)
+        do = _rows(DO, b, h, start_m, stride_doh, stride_dom, Tq, BLOCK_M, BLOCK_D, HEAD_DIM, TMA)
+        lse = _row_stat(LSE, b, h, start_m, stride_lb, stride_lh, Tq, float("inf"), BLOCK_M, TMA)  # as _dkdv_inner
+        delta = _row_stat(DELTA, b, h, start_m, stride_lb, stride_lh, Tq, 0.0, BLOCK_M, TMA)
+        s_t = tl.dot(k, tl.trans(q), input_precision=DOT_PREC)  # (BLOCK_N, BLOCK_M)
+        if HAS_ALIBI:
+            slope2 = tl.load(SLOPES + h) * 1.4426950408889634
+            s_t = s_t * qk_scale + (slope2 * tl.arange(0, BLOCK_N).to(tl.float32))[:, None]
+            lse += slope2 * (start_m // LSE_FRAME * LSE_FRAME + off_shift - start_n).to(tl.float32)
+        else:
+            s_t = s_t * qk_scale
+        p_t = tl.exp2(s_t - lse[None, :])
+        ds_t = (p_t * (dp_t - delta[None, :])).to(q.dtype)  # dL/d(score), natural units
+        dv = tl.dot(p_t.to(do.dtype), do, dv, input_precision=DOT_PREC)  # (BLOCK_N, BLOCK_D)
+        do_n = _rows(DO, b, h_n, m_n, stride_doh, stride_dom, Tq, BLOCK_M, BLOCK_D, HEAD_DIM, TMA)
+        dp_t = tl.dot(v, tl.trans(do_n), input_precision=DOT_PREC)  # the next tile's
+        dk = tl.dot(ds_t, q, dk, input_precision=DOT_PREC)  # (BLOCK_N, BLOCK_D)
+        if FUSE_DQ:
+            dq = tl.trans(tl.dot(tl.trans(k), ds_t, input_precision=DOT_PREC))  # (BLOCK_M, BLOCK_D)
+            _dq_reduce(DQ, dq * sm_scale, b, h, start_m, stride_dqh, stride_dqm, Tq, BLOCK_M, BLOCK_D, HEAD_DIM,
+                       DQ_TMA)
+        h, start_m = h_n, m_n
     return dk, dv
 
 
@@ -1063,28 +1258,29 @@ def _dkdv_inner(dk, dv, k, v, K, V, hk, Q, DO, DQ, LSE, DELTA, SLOPES, DOC_START
 @triton.jit
 def _attn_bwd_dkdv(Q, K, V, DO, LSE, DELTA, DK, DV, DQ, SLOPES, DOC_START, DOC_END, qk_scale, sm_scale,
                    stride_qb, stride_qh, stride_qm, stride_kb, stride_kh, stride_kn, stride_vb, stride_vh, stride_vn,
-                   stride_dob, stride_doh, stride_dom, stride_dkb, stride_dkh, stride_dkn,
-                   stride_dqb, stride_dqh, stride_dqm, H, G, Tq, Tk, tq_bucket,
+                   stride_dob, stride_doh, stride_dom, stride_lb, stride_lh, stride_dkb, stride_dkh, stride_dkn,
+                   stride_dqb, stride_dqh, stride_dqm, B, H, G, Tq, Tk, tq_bucket, group,
                    HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, CAUSAL: tl.constexpr, HAS_ALIBI: tl.constexpr,
                    HAS_SEQ: tl.constexpr, DOT_PREC: tl.constexpr, FUSE_DQ: tl.constexpr, TMA: tl.constexpr,
-                   DQ_TMA: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+                   DQ_TMA: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, PIPELINE: tl.constexpr):
     # One program per (batch, kv head, key block), covering the G query heads that share the kv head:
     # every dK/dV row has a single owner, so GQA needs no atomics for them. DK and DV share strides.
     # With TMA (sm_90) the tensors are host-side descriptors: no pointer tiles to hold in registers.
-    bhk, pid_n = _block_ids(tl.cdiv(Tk, BLOCK_N), False)
+    tl.static_assert(LSE_FRAME % BLOCK_M == 0)
+    bhk, pid_n = _block_ids(tl.cdiv(Tk, BLOCK_N), B * (H // G), group, "first" if CAUSAL else "")
     b, hk = bhk // (H // G), bhk % (H // G)
     start_n = pid_n * BLOCK_N
     off_shift = Tk - Tq
-    k, v = 0, 0  # with TMA, loaded inside the loop (_dkdv_inner)
+    b64, hk64 = b.to(tl.int64), hk.to(tl.int64)
+    k, v = 0, 0  # with TMA and not PIPELINE, loaded inside the loop (_dkdv_inner)
     if not TMA:
-        b64, hk64 = b.to(tl.int64), hk.to(tl.int64)
-        k_ptrs, kv_mask = _tile(K + b64 * stride_kb + hk64 * stride_kh, start_n, Tk, stride_kn, BLOCK_N, BLOCK_D,
-                                HEAD_DIM)
-        v_ptrs, _ = _tile(V + b64 * stride_vb + hk64 * stride_vh, start_n, Tk, stride_vn, BLOCK_N, BLOCK_D, HEAD_DIM)
-        k = tl.load(k_ptrs, mask=kv_mask, other=0.0)  # (BLOCK_N, BLOCK_D)
-        v = tl.load(v_ptrs, mask=kv_mask, other=0.0)
+        K += b64 * stride_kb
+        V += b64 * stride_vb
         Q += b64 * stride_qb
         DO += b64 * stride_dob
+    if PIPELINE or not TMA:  # (BLOCK_N, BLOCK_D) each, for the whole program
+        k = _rows(K, b, hk, start_n, stride_kh, stride_kn, Tk, BLOCK_N, BLOCK_D, HEAD_DIM, TMA)
+        v = _rows(V, b, hk, start_n, stride_vh, stride_vn, Tk, BLOCK_N, BLOCK_D, HEAD_DIM, TMA)
     if not DQ_TMA:
         DQ += b.to(tl.int64) * stride_dqb
     dk = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
@@ -1109,27 +1305,33 @@ def _attn_bwd_dkdv(Q, K, V, DO, LSE, DELTA, DK, DV, DQ, SLOPES, DOC_START, DOC_E
             lo = tl.maximum(tl.load(DOC_START + start_n) - off_shift, 0) // BLOCK_M * BLOCK_M
         mid = tl.cdiv(tl.minimum(tl.maximum(rows_end, 0), Tq), BLOCK_M) * BLOCK_M
         n_full = 0
-    LSE += b.to(tl.int64) * H * Tq
-    DELTA += b.to(tl.int64) * H * Tq
+    # the unmasked blocks first: with the masked ones first, ptxas (Triton 3.6) spills more (40-56 bytes)
+    n_rest = n_full * tl.cdiv(tl.maximum(Tq - mid, 0), BLOCK_M)  # unmasked query blocks, per head
+    if PIPELINE:
+        if n_rest > 0:
+            dk, dv = _dkdv_pipelined(dk, dv, k, v, Q, DO, DQ, LSE, DELTA, SLOPES, b, stride_qh, stride_qm,
+                                     stride_doh, stride_dom, stride_lb, stride_lh, stride_dqh, stride_dqm, Tq, hk * G,
+                                     G, mid, n_rest, start_n, off_shift, qk_scale, sm_scale, HEAD_DIM, BLOCK_D,
+                                     BLOCK_M, BLOCK_N, HAS_ALIBI, DOT_PREC, FUSE_DQ, TMA, DQ_TMA)
+    else:
+        dk, dv = _dkdv_inner(dk, dv, k, v, K, V, hk, Q, DO, DQ, LSE, DELTA, SLOPES, DOC_START, DOC_END, b,
+                             stride_qh, stride_qm, stride_doh, stride_dom, stride_lb, stride_lh, stride_dqh,
+                             stride_dqm, Tq, Tk, hk * G, G, mid, n_rest, start_n, off_shift, qk_scale, sm_scale,
+                             HEAD_DIM, BLOCK_D, BLOCK_M, BLOCK_N, False, CAUSAL, HAS_ALIBI, HAS_SEQ, DOT_PREC,
+                             FUSE_DQ, TMA, DQ_TMA, False)
     dk, dv = _dkdv_inner(dk, dv, k, v, K, V, hk, Q, DO, DQ, LSE, DELTA, SLOPES, DOC_START, DOC_END, b,
-                         stride_qh, stride_qm, stride_doh, stride_dom,
+                         stride_qh, stride_qm, stride_doh, stride_dom, stride_lb, stride_lh,
                          stride_dqh, stride_dqm, Tq, Tk, hk * G, G, lo, (mid - lo) // BLOCK_M, start_n, off_shift,
                          qk_scale, sm_scale, HEAD_DIM, BLOCK_D, BLOCK_M, BLOCK_N, True, CAUSAL, HAS_ALIBI, HAS_SEQ,
-                         DOT_PREC, FUSE_DQ, TMA, DQ_TMA)
-    dk, dv = _dkdv_inner(dk, dv, k, v, K, V, hk, Q, DO, DQ, LSE, DELTA, SLOPES, DOC_START, DOC_END, b,
-                         stride_qh, stride_qm, stride_doh, stride_dom,
-                         stride_dqh, stride_dqm, Tq, Tk, hk * G, G, mid,
-                         n_full * tl.cdiv(tl.maximum(Tq - mid, 0), BLOCK_M), start_n, off_shift, qk_scale, sm_scale,
-                         HEAD_DIM, BLOCK_D, BLOCK_M, BLOCK_N, False, CAUSAL, HAS_ALIBI, HAS_SEQ, DOT_PREC, FUSE_DQ,
-                         TMA, DQ_TMA)
+                         DOT_PREC, FUSE_DQ, TMA, DQ_TMA, PIPELINE)
     if TMA:  # rows past Tk are clipped
         dk = (dk * sm_scale).to(DK.dtype)  # d(score)/dk = scale * q
         dv = dv.to(DV.dtype)
         DK.store([b, hk, start_n, 0], dk.reshape(1, 1, BLOCK_N, BLOCK_D))
         DV.store([b, hk, start_n, 0], dv.reshape(1, 1, BLOCK_N, BLOCK_D))
     else:
-        dk_ptrs, _ = _tile(DK + b64 * stride_dkb + hk64 * stride_dkh, start_n, Tk, stride_dkn, BLOCK_N, BLOCK_D,
-                           HEAD_DIM)
+        dk_ptrs, kv_mask = _tile(DK + b64 * stride_dkb + hk64 * stride_dkh, start_n, Tk, stride_dkn, BLOCK_N,
+                                 BLOCK_D, HEAD_DIM)
         dv_ptrs, _ = _tile(DV + b64 * stride_dkb + hk64 * stride_dkh, start_n, Tk, stride_dkn, BLOCK_N, BLOCK_D,
                            HEAD_DIM)
         tl.store(dk_ptrs, (dk * sm_scale).to(k.dtype), mask=kv_mask)  # d(score)/dk = scale * q
@@ -1165,13 +1367,14 @@ def _dq_inner(dq, q, do, lse, delta, K, V, stride_kn, stride_vn, lo, hi, Tk, fir
 @triton.jit
 def _attn_bwd_dq(Q, K, V, DO, LSE, DELTA, DQ, SLOPES, DOC_START, DOC_END, qk_scale, sm_scale,
                  stride_qb, stride_qh, stride_qm, stride_kb, stride_kh, stride_kn, stride_vb, stride_vh, stride_vn,
-                 stride_dob, stride_doh, stride_dom, stride_dqb, stride_dqh, stride_dqm,
-                 H, G, Tq, Tk, tq_bucket,
+                 stride_dob, stride_doh, stride_dom, stride_lb, stride_lh, stride_dqb, stride_dqh, stride_dqm,
+                 B, H, G, Tq, Tk, tq_bucket, group,
                  HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, CAUSAL: tl.constexpr, HAS_ALIBI: tl.constexpr,
                  HAS_SEQ: tl.constexpr, DOT_PREC: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
     # deterministic=True only: one program per (batch, query head, query block), walking the same key
     # blocks as the forward, so each dQ element is summed in one fixed order
-    bh, pid_m = _block_ids(tl.cdiv(Tq, BLOCK_M), CAUSAL)
+    tl.static_assert(LSE_FRAME % BLOCK_M == 0)
+    bh, pid_m = _block_ids(tl.cdiv(Tq, BLOCK_M), B * H, group, "last" if CAUSAL else "")
     b, h = (bh // H).to(tl.int64), (bh % H).to(tl.int64)
     start_m = pid_m * BLOCK_M
     off_shift = Tk - Tq
@@ -1180,11 +1383,11 @@ def _attn_bwd_dq(Q, K, V, DO, LSE, DELTA, DQ, SLOPES, DOC_START, DOC_END, qk_sca
     do_ptrs, _ = _tile(DO + b * stride_dob + h * stride_doh, start_m, Tq, stride_dom, BLOCK_M, BLOCK_D, HEAD_DIM)
     q = tl.load(q_ptrs, mask=io_mask, other=0.0)  # (BLOCK_M, BLOCK_D)
     do = tl.load(do_ptrs, mask=io_mask, other=0.0)
-    lse = tl.load(LSE + bh.to(tl.int64) * Tq + offs_m, mask=offs_m < Tq, other=float("inf"))  # (BLOCK_M,)
-    delta = tl.load(DELTA + bh.to(tl.int64) * Tq + offs_m, mask=offs_m < Tq, other=0.0)
+    lse = _row_stat(LSE, b, h, start_m, stride_lb, stride_lh, Tq, float("inf"), BLOCK_M, False)  # (BLOCK_M,)
+    delta = _row_stat(DELTA, b, h, start_m, stride_lb, stride_lh, Tq, 0.0, BLOCK_M, False)
     slope2 = tl.load(SLOPES + h) * 1.4426950408889634 if HAS_ALIBI else 0.0
     c = start_m + off_shift  # same frame as the forward program for this block
-    lse += slope2 * (offs_m - start_m).to(tl.float32)
+    lse += slope2 * (start_m // LSE_FRAME * LSE_FRAME - start_m).to(tl.float32)  # from the rows' frame
     K += b * stride_kb + (h // G) * stride_kh
     V += b * stride_vb + (h // G) * stride_vh
     dq = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
@@ -1289,14 +1492,15 @@ def _attn_forward(q, k, v, slopes, causal, sm_scale, sequence_id=None, determini
     B, H, Tq, D = q.shape
     H_kv, Tk = k.shape[1], k.shape[2]
     o = _empty_bhtd(B, H, Tq, D, q)
-    lse = torch.empty(B, H, Tq, device=q.device, dtype=torch.float32)  # base-2, true ALiBi frame
+    lse = _stats_empty(B, H, Tq, q)  # base-2, true ALiBi frame
     meta = _meta(D, causal, slopes, q.dtype, sequence_id)
     tma = _use_tma(q, k, v, o)
     tiles = [_descriptor(x, meta["BLOCK_D"]) for x in (q, k, v, o)] if tma else [q, k, v, o]
     grid = lambda META: (triton.cdiv(Tq, META["BLOCK_M"]) * B * H,)
     _launch(_attn_fwd, grid, *tiles, lse, slopes if slopes is not None else q, *_doc_bounds(sequence_id, lse),
-            sm_scale * LOG2E, *q.stride()[:3], *k.stride()[:3], *v.stride()[:3], *o.stride()[:3],
-            H, H // H_kv, Tq, Tk, _bucket(Tq), fixed=deterministic, TMA=tma, **meta)
+            sm_scale * LOG2E, *q.stride()[:3], *k.stride()[:3], *v.stride()[:3], *o.stride()[:3], *lse.stride()[:2],
+            B, H, H // H_kv, Tq, Tk, _bucket(Tq), _lpt_group(q, 2 * Tk * D // (H // H_kv)), fixed=deterministic,
+            TMA=tma, **meta)
     return o, lse
 
 
@@ -1304,17 +1508,18 @@ def _attn_backward(do, q, k, v, o, lse, slopes, causal, sm_scale, deterministic,
     B, H, Tq, D = q.shape
     H_kv, Tk = k.shape[1], k.shape[2]
     meta = _meta(D, causal, slopes, q.dtype, sequence_id)
-    delta = torch.empty_like(lse)
+    delta = _stats_empty(B, H, Tq, q)  # lse's strides
     pre_block = 32 if _INTERPRET else 128
-    _bwd_preprocess[(triton.cdiv(Tq, pre_block) * B * H,)](o, do, delta, *o.stride()[:3], *do.stride()[:3], H, Tq,
-                                                           HEAD_DIM=D, BLOCK_D=meta["BLOCK_D"], BLOCK_M=pre_block)
+    _bwd_preprocess[(triton.cdiv(Tq, pre_block) * B * H,)](o, do, delta, *o.stride()[:3], *do.stride()[:3],
+                                                           *delta.stride()[:2], H, Tq, HEAD_DIM=D,
+                                                           BLOCK_D=meta["BLOCK_D"], BLOCK_M=pre_block)
     docs = _doc_bounds(sequence_id, lse)
     dk, dv = _empty_bhtd(B, H_kv, Tk, D, q), _empty_bhtd(B, H_kv, Tk, D, q)
     # dQ: fp32 atomics in the dK/dV kernel (zeroed here), or the separate dQ kernel when deterministic
     dq_acc = lse.new_zeros(1) if deterministic else _empty_bhtd(B, H, Tq, D, lse)  # zeroed by _dkdv_pre_hook
     args = (slopes if slopes is not None else q, *docs, sm_scale * LOG2E, sm_scale,
-            *q.stride()[:3], *k.stride()[:3], *v.stride()[:3], *do.stride()[:3])
-    tail = (H, H // H_kv, Tq, Tk, _bucket(Tq))
+            *q.stride()[:3], *k.stride()[:3], *v.stride()[:3], *do.stride()[:3], *lse.stride()[:2])
+    tail = (B, H, H // H_kv, Tq, Tk, _bucket(Tq))
     dq_strides = (0, 0, 0) if deterministic else dq_acc.stride()[:3]
     tiles = [q, k, v, do, dk, dv]
     tma = _use_tma(*tiles)
@@ -1323,15 +1528,40 @@ def _attn_backward(do, q, k, v, o, lse, slopes, causal, sm_scale, deterministic,
     dq_tma = tma and not deterministic and not _INTERPRET and _use_tma(dq_acc)
     q_, k_, v_, do_, dk_, dv_ = [_descriptor(x, meta["BLOCK_D"]) for x in tiles] if tma else tiles
     dq_ = _descriptor(dq_acc, meta["BLOCK_D"]) if dq_tma else dq_acc
+    # LSE and delta by TMA too, rows past Tq zero-filled: harmless, since Q and dO are zero-filled there
+    # (P stays finite, dS = P (dP - delta) = 0 exactly, and those rows of dQ are never written)
+    lse_, delta_ = [TensorDescriptor(x, list(x.shape), list(x.stride()), [1, 1, 16]) for x in (lse, delta)] \
+        if tma else (lse, delta)
     grid = lambda META: (triton.cdiv(Tk, META["BLOCK_N"]) * B * H_kv,)
-    _launch(_attn_bwd_dkdv, grid, q_, k_, v_, do_, lse, delta, dk_, dv_, dq_, *args, *dk.stride()[:3], *dq_strides,
-            *tail, fixed=deterministic, FUSE_DQ=not deterministic, TMA=tma, DQ_TMA=dq_tma, **meta)
+    _launch(_attn_bwd_dkdv, grid, q_, k_, v_, do_, lse_, delta_, dk_, dv_, dq_, *args, *dk.stride()[:3], *dq_strides,
+            *tail, _lpt_group(q, 2 * Tq * D * (H // H_kv)), fixed=deterministic, FUSE_DQ=not deterministic,
+            TMA=tma, DQ_TMA=dq_tma, **meta)
     if not deterministic:
         return dq_acc.to(q.dtype), dk, dv  # keeps the (B, T, H, D) memory layout
     dq = _empty_bhtd(B, H, Tq, D, q)
     grid = lambda META: (triton.cdiv(Tq, META["BLOCK_M"]) * B * H,)
-    _launch(_attn_bwd_dq, grid, q, k, v, do, lse, delta, dq, *args, *dq.stride()[:3], *tail, fixed=True, **meta)
+    _launch(_attn_bwd_dq, grid, q, k, v, do, lse, delta, dq, *args, *dq.stride()[:3], *tail,
+            _lpt_group(q, 2 * Tk * D // (H // H_kv)), fixed=True, **meta)
     return dq, dk, dv
+
+
+def _lpt_group(x, row_elements):
+    # (batch x head) rows per group of the causal longest-first schedule (_block_ids): as many as keep the
+    # tensors the programs of a row share (row_elements elements of x's dtype) in half the L2 cache
+    if not x.is_cuda:
+        return 3  # the interpreter: odd, so that the tests' few heads also make a smaller last group
+    return max(1, _l2_bytes(x.device) // 2 // (row_elements * x.element_size()))
+
+
+@functools.lru_cache
+def _l2_bytes(device):
+    return torch.cuda.get_device_properties(device).L2_cache_size
+
+
+def _stats_empty(B, H, T, like):
+    # (B, H, T) fp32 per-row statistics (LSE, delta), rows padded to a multiple of 4 elements: 16-byte
+    # strides, as TMA descriptors over them need
+    return like.new_empty(B, H, (T + 3) // 4 * 4, dtype=torch.float32)[:, :, :T]
 
 
 def _empty_bhtd(B, H, T, D, like):
@@ -1368,7 +1598,7 @@ def _flash_fwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, slopes: Option
 @_flash_fwd.register_fake
 def _(q, k, v, slopes, causal, sm_scale, deterministic, sequence_id):
     B, H, Tq, D = q.shape
-    return _empty_bhtd(B, H, Tq, D, q), q.new_empty(B, H, Tq, dtype=torch.float32)
+    return _empty_bhtd(B, H, Tq, D, q), _stats_empty(B, H, Tq, q)
 
 
 @torch.library.custom_op("mpt::flash_attn_alibi_bwd", mutates_args=())

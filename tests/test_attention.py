@@ -8,18 +8,17 @@ builds every kernel and autotune config for sm_80 and sm_90 without any GPU.
 import json
 import math
 import os
-import re
 import shutil
 import subprocess
 import sys
 import tempfile
-import time
 from pathlib import Path
 
 import pytest
 import torch
 
 import triton
+import triton.language as tl
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import model as fa  # noqa: E402  (tests/conftest.py imported it first, with TRITON_INTERPRET=1 on a CPU)
@@ -195,13 +194,58 @@ _id = lambda c: "B{}-H{}-Hkv{}-Tq{}-Tk{}-D{}-{}-{}-{}".format(
     *c[:6], "causal" if c[6] else "full", "alibi" if c[7] else "noalibi", c[8])
 
 
+# The kernels' variants: the same math scheduled differently (model.py's FWD_VARIANTS, DKDV_VARIANTS), all
+# in the autotune tables, so that on a GPU any of them may run. The tests below run with each one forced in
+# turn: variant i of every kernel (its last one where a kernel has fewer). The interpreter runs the same
+# Triton code sequentially, so what it checks is the math and the control flow of each variant (prologues,
+# peeled iterations, look-ahead tiles, which blocks are visited), not the asynchronous schedule on a GPU.
+# On the CPU a variant past the first runs only where a GPU's autotuner may pick it (model.py's _PIPELINED:
+# the sm_90 TMA path, without sequence ids): on the descriptor path, and not with sequence ids.
+VARIANT_KERNELS = [("_attn_fwd", "FWD_TUNING", "FWD_VARIANTS"), ("_attn_bwd_dkdv", "DKDV_TUNING", "DKDV_VARIANTS")]
+N_VARIANTS = max(len(getattr(fa, variants)) for _, _, variants in VARIANT_KERNELS)
+
+
+@pytest.fixture(params=range(N_VARIANTS), ids=lambda i: f"variant{i}")
+def variant(request, monkeypatch):
+    saved = []
+    for kernel_name, table_name, variants_name in VARIANT_KERNELS:
+        kernel, table, variants = getattr(fa, kernel_name), getattr(fa, table_name), getattr(fa, variants_name)
+        want = variants[min(request.param, len(variants) - 1)]
+        is_wanted = lambda config, want=want: all(config.kwargs.get(k) == v for k, v in want.items())
+        monkeypatch.setattr(kernel, "cache", {})
+        if DEVICE == "cuda":  # the wanted variant's configs wherever they serve (a GPU's table lists them all)
+            prune = kernel.early_config_prune
+            monkeypatch.setattr(kernel, "early_config_prune", lambda configs, nargs, prune=prune, is_wanted=is_wanted,
+                                **meta: [c for c in prune(configs, nargs, **meta) if is_wanted(c)]
+                                or prune(configs, nargs, **meta))
+            continue
+        # the interpreter's table lists the first variant only: the same tile with the wanted one's switches
+        config, *rest = table[0]
+        entry = (triton.Config({**config.kwargs, **want}, num_warps=config.num_warps, num_stages=config.num_stages,
+                               pre_hook=config.pre_hook), *rest)
+        saved.append((table, list(table)))
+        table[:] = [entry]  # the autotuner's pruning reads this list alongside kernel.configs
+        monkeypatch.setattr(kernel, "configs", [entry[0]])
+    yield request.param
+    for table, entries in saved:
+        table[:] = entries
+
+
+def variant_path(variant, monkeypatch):
+    # under the interpreter, variants past the first run on the path they serve: descriptors (sm_90's TMA)
+    if variant and DEVICE == "cpu":
+        monkeypatch.setattr(fa, "INTERPRET_TMA", True)
+
+
 @pytest.mark.parametrize("case", CASES, ids=_id)
-def test_attention_matches_reference(case):
+def test_attention_matches_reference(case, variant, monkeypatch):
+    variant_path(variant, monkeypatch)
     check_attention(*case, dtype=DTYPE)
 
 
 @pytest.mark.parametrize("case", FP16_CASES, ids=_id)
-def test_attention_fp16(case):
+def test_attention_fp16(case, variant, monkeypatch):
+    variant_path(variant, monkeypatch)
     check_attention(*case, dtype=torch.float16)
 
 
@@ -212,9 +256,11 @@ TMA_CASES = [CASES[i] for i in (1, 2, 4, 5, 6, 7, 9, 12)]
 
 
 @pytest.mark.parametrize("case", TMA_CASES, ids=_id)
-def test_attention_tma(case, monkeypatch):
+def test_attention_tma(case, monkeypatch, variant):
     if DEVICE != "cpu":
         pytest.skip("on a GPU the architecture picks the path (sm_90: TMA)")
+    if variant:
+        pytest.skip("test_attention_matches_reference runs the other variants on this path, every case")
     made = []
     monkeypatch.setattr(fa, "INTERPRET_TMA", True)
     monkeypatch.setattr(fa, "_descriptor", lambda x, d, make=fa._descriptor: made.append(x.shape) or make(x, d))
@@ -242,7 +288,8 @@ def test_deterministic_runs_fixed_tiles_not_the_autotuners_pick(monkeypatch):
     tables = ((fa._attn_fwd, fa.FWD_TUNING), (fa._attn_bwd_dkdv, fa.DKDV_TUNING), (fa._attn_bwd_dq, fa.DQ_TUNING))
     for kernel, table in tables:
         config, *rest = table[0]
-        other = triton.Config({"BLOCK_M": 2 * config.kwargs["BLOCK_M"], "BLOCK_N": 2 * config.kwargs["BLOCK_N"]},
+        other = triton.Config({**config.kwargs, "BLOCK_M": 2 * config.kwargs["BLOCK_M"],
+                               "BLOCK_N": 2 * config.kwargs["BLOCK_N"]},
                               num_warps=config.num_warps, num_stages=config.num_stages, pre_hook=config.pre_hook)
         table.append((other, *rest))  # the pruning zips the configs with this list
         monkeypatch.setattr(kernel, "configs", [config, other])
@@ -266,12 +313,14 @@ def _rss_mib():
 
 
 @pytest.mark.parametrize("tma", [False, True], ids=["pointers", "tma"])
-def test_rows_beyond_2_31_elements(tma, monkeypatch):
+def test_rows_beyond_2_31_elements(tma, monkeypatch, variant):
     # q, k, v and dO whose rows lie up to 2.5e9 elements from their base (row stride 2^23, 300 rows, as
     # fused qkv rows are at T > 100k): int32 row offsets would wrap and read the wrong memory (or
     # segfault). The views sit in one 5 GB torch.empty that is never touched beyond the rows used,
     # so it stays virtual: the process' resident memory grows by far less than a GB.
     require_kernels()
+    if DEVICE == "cpu" and variant and not tma:
+        pytest.skip("the other variants serve the TMA path only")
     if DEVICE == "cpu":
         monkeypatch.setattr(fa, "INTERPRET_TMA", tma)
     elif tma:
@@ -342,6 +391,29 @@ def test_grid_takes_more_than_65535_heads(monkeypatch):
         assert grid[0] < 2 ** 31
 
 
+@pytest.mark.parametrize("n_bh,n_blocks,group", [(7, 5, 3), (4, 6, 4), (5, 1, 2), (1, 4, 8)])
+def test_causal_programs_launch_longest_first(n_bh, n_blocks, group):
+    # _block_ids' causal schedule: every (row, block) exactly once, in groups of `group` rows (the last one
+    # smaller), and inside a group the longest programs (query blocks: the last; key blocks: the first) first
+    require_kernels()
+
+    @triton.jit
+    def ids(OUT, n_blocks, n_bh, group, LONGEST: tl.constexpr):
+        bh, blk = fa._block_ids(n_blocks, n_bh, group, LONGEST)
+        tl.store(OUT + 2 * tl.program_id(0) + tl.arange(0, 2), tl.where(tl.arange(0, 2) == 0, bh, blk))
+
+    for longest in ("last", "first"):
+        out = torch.full((n_bh * n_blocks, 2), -1, dtype=torch.int32, device=DEVICE)
+        ids[(n_bh * n_blocks,)](out, n_blocks, n_bh, group, longest)
+        pairs = [tuple(p) for p in out.tolist()]
+        assert sorted(pairs) == [(r, b) for r in range(n_bh) for b in range(n_blocks)]
+        for start in range(0, n_bh * n_blocks, group * n_blocks):
+            chunk = pairs[start:start + group * n_blocks]
+            assert {r for r, _ in chunk} == set(range(start // n_blocks, min(n_bh, start // n_blocks + group)))
+            length = [b + 1 if longest == "last" else n_blocks - b for _, b in chunk]
+            assert length == sorted(length, reverse=True)
+
+
 def _packed_ids(B, T, doc_lengths, gen):
     """(B, T) document ids: row 0 packs doc_lengths (the last one filling the rest), other rows random ones."""
     rows = []
@@ -369,10 +441,12 @@ SEQ_CASES = [
 
 @pytest.mark.parametrize("case", SEQ_CASES, ids=lambda c: _id(c[:9]) + ("-deterministic" if c[9] else "")
                          + ("-tma" if c[10] else ""))
-def test_attention_sequence_id(case, monkeypatch):
+def test_attention_sequence_id(case, monkeypatch, variant):
     *shape, deterministic, tma = case
     if tma and DEVICE != "cpu":
         pytest.skip("on a GPU the architecture picks the path")
+    if variant and DEVICE == "cpu":
+        pytest.skip("the other variants do not serve sequence ids")
     monkeypatch.setattr(fa, "INTERPRET_TMA", tma)
     B, Tk = shape[0], shape[4]
     ids = _packed_ids(B, Tk, [1, 2, 3, 5, 60, 2], torch.Generator().manual_seed(1)).to(DEVICE)
@@ -430,127 +504,42 @@ def test_input_errors():
 
 
 # ---------------------------------------------------------------------------------------------------
-# Ahead-of-time compilation for real GPUs, no GPU needed: every kernel x autotune config is compiled for
-# sm_80 and sm_90 by worker processes started without the interpreter (this file run as a script), with
-# two Tritons: the installed one, and the one the GPU machines run (AOT_TRITON, installed on first use
-# into a cache folder with pip install --target and put first on the workers' PYTHONPATH). Each Triton
-# compiles with its own ptxas; its log (ptxas -v, which Triton runs) gives registers, spills and
-# advisories. Fails on: register spills; ptxas' "wgmma ... serialized" advisory; an sm_90 kernel without
-# wgmma in its SASS (HGMMA); an sm_90 wgmma with N < 64 (a score GEMM too narrow for the tensor cores);
-# an sm_90 forward whose tiles are not loaded with TMA (cp.async.bulk.tensor).
+# Ahead-of-time compilation for real GPUs, no GPU needed: `bench.py --mode=sass --sass_jobs=aot` compiles
+# every kernel x autotune config for sm_80 and sm_90 (the sm_90 pointer fallback too) in worker processes
+# started without the interpreter, with two Tritons: the installed one, and the one the GPU machines run
+# (AOT_TRITON, installed on first use into a cache folder with pip install --target and put first on the
+# workers' PYTHONPATH). Each Triton compiles with its own ptxas; its log (ptxas -v, which Triton runs)
+# gives registers, spills and advisories, and the sm_90 SASS the main loop. Fails on: register spills;
+# ptxas' "wgmma ... serialized" advisory; shared memory over the limit; an sm_90 kernel without wgmma in
+# its SASS (HGMMA); an sm_90 wgmma with N < 64 (a score GEMM too narrow for the tensor cores); an sm_90
+# forward whose tiles are not loaded with TMA (cp.async.bulk.tensor); and pipelined variants whose main
+# loop lost what they are for (PIPELINED_LOOP below).
 
 AOT_ARCHS = (80, 90)
 SMEM_LIMIT = {80: 166912, 90: 232448}
-# The known spills, all in the sm_90 dK/dV kernel with fused dQ at D > 64 (64x128 tiles, 8 warps; no tile
-# with wgmma N >= 64 that avoids them was found): Triton 3.6's ptxas spills 64 bytes (24 with sequence ids),
-# Triton 3.9's 16 bytes with sequence ids only. Any other spill, or a bigger one, fails.
-# (triton major.minor, kernel, config, fused dQ, sequence ids) -> bytes
-ALLOWED_SPILL = {("3.6", "_attn_bwd_dkdv", "64x128 w8 s1", True, False): 64,
-                 ("3.6", "_attn_bwd_dkdv", "64x128 w8 s1", True, True): 24,
-                 ("3.9", "_attn_bwd_dkdv", "64x128 w8 s1", True, True): 16}
+# The known spills, (triton major.minor, kernel, config, path, sequence ids) -> bytes; any other spill, or a
+# bigger one, fails. Why they stay:
+# - sm_90 dK/dV in its first form (K and V re-read every iteration, 1 stage), Triton 3.6: 36-40 bytes; no
+#   tile with wgmma N >= 64 avoids them (the pipelined variant beside it has none).
+# - the sm_90 pointer fallback (head dims not a multiple of 8, misaligned views: rare) holds pointer tiles and
+#   masks in registers beside the accumulators. Its dK/dV tile spills least (44 bytes with 3.6, was 344);
+#   measured with 3.6 at D = 128: 64x64 w4 s1 220 bytes, s2 548; 64x128 w8 s2 424; 128x64 w8 s1 308.
+# - Triton 3.9 (not what the GPU machines run) with the pipelined variants: its loop scheduler issues the
+#   forward's next q k^T after the softmax rather than before it, and its ptxas spills in both; with 3.6
+#   both are spill-free and keep their schedule (_pipelined_loop_problems is checked for AOT_TRITON only).
+ALLOWED_SPILL = {
+    ("3.6", "_attn_bwd_dkdv", "64x128 w8 s1", "tma", False): 40,
+    ("3.6", "_attn_bwd_dkdv", "64x128 w8 s1", "tma", True): 36,
+    ("3.6", "_attn_bwd_dkdv", "64x128 w8 s1", "pointers", False): 44,
+    ("3.9", "_attn_bwd_dkdv", "64x128 w8 s1", "pointers", False): 128,
+    ("3.9", "_attn_bwd_dkdv", "64x64 w4 s2", "pointers", False): 32,
+    ("3.9", "_attn_fwd", "64x64 w4 s3", "pointers", False): 24,
+    ("3.9", "_attn_fwd", "128x128 w8 s2 pipeline", "tma", False): 100,
+    ("3.9", "_attn_bwd_dkdv", "64x128 w8 s2 pipeline", "tma", False): 32,
+}
 AOT_TRITON = os.environ.get("AOT_TRITON", "3.6.0")  # what the H100/H200 machines run (with torch 2.11)
 AOT_CACHE = Path(os.environ.get("AOT_CACHE", Path.home() / ".cache" / "mpt-aot"))
-
-
-def _aot_jobs(full=False):
-    """(kernel, config index, arch, dtype, head dim, causal, variant, sequence ids). variant is TMA for the
-    forward (sm_90 takes descriptors) and FUSE_DQ for dK/dV (True: atomics, the default; False:
-    deterministic). By default each config is built at the largest head dim it serves (bf16, causal, the
-    default variant: the most registers), with sequence ids (packed documents) at that head dim too, and
-    once more in fp16 at a padded head dim (masked loads, not causal, the dK/dV kernel's deterministic
-    variant); AOT_FULL=1 builds D in {64, 80, 112, 128} x dtypes x causal x variants x sequence ids."""
-    jobs = []
-    tables = {"_attn_fwd": fa.FWD_TUNING, "_attn_bwd_dkdv": fa.DKDV_TUNING, "_attn_bwd_dq": fa.DQ_TUNING}
-    for name, tuning in tables.items():
-        for idx, (_, archs, max_block_d, _decode, only_seq) in enumerate(tuning):
-            dims = [d for d in (64, 80, 112, 128) if triton.next_power_of_2(d) <= max_block_d]
-            for cap in archs:
-                default = cap >= 90 if name == "_attn_fwd" else True
-                variants = {"_attn_fwd": [default], "_attn_bwd_dkdv": [True, False]}.get(name, [None])
-                seqs = [False, True] if only_seq is None else [only_seq]
-                if full:
-                    jobs += [(name, idx, cap, dt, d, c, var, seq) for dt in ("fp16", "bf16") for d in dims
-                             for c in (True, False) for var in variants for seq in seqs]
-                else:
-                    jobs += [(name, idx, cap, "bf16", dims[-1], True, variants[0], seq) for seq in seqs]
-                    jobs += [(name, idx, cap, "fp16", dims[-2:][0], False, variants[-1], seqs[0])]
-    jobs += [("_bwd_preprocess", None, cap, "bf16", 128, True, None, False) for cap in AOT_ARCHS]
-    only = os.environ.get("AOT_ONLY")  # e.g. AOT_ONLY=_attn_bwd_dkdv while tuning one kernel's table
-    return [job for job in jobs if job[0] == only] if only else jobs
-
-
-def _aot_compile(job):
-    """Runs in the worker: compile one job with this process' Triton; report its ptxas log's registers,
-    spills and "serialized" advisories, shared memory, the sm_90 SASS's HGMMA, wgmma N sizes, TMA loads."""
-    import contextlib
-    import io
-
-    from triton.backends.compiler import GPUTarget
-    from triton.compiler import ASTSource
-
-    name, idx, cap, dt, head_dim, causal, variant, seq = job
-    meta = fa._meta(head_dim, causal, slopes=True, dtype=None, sequence_id=True if seq else None)
-    if name == "_bwd_preprocess":  # launched as in _attn_backward, with Triton's default warps/stages
-        fn, options = fa._bwd_preprocess, dict(num_warps=4, num_stages=3)
-        meta = dict(HEAD_DIM=head_dim, BLOCK_D=meta["BLOCK_D"], BLOCK_M=128)
-        config = "128 rows, 4 warps"
-    else:
-        cfg = getattr(fa, name).configs[idx]
-        fn, options = getattr(fa, name).fn, dict(num_warps=cfg.num_warps, num_stages=cfg.num_stages)
-        meta.update(cfg.kwargs)
-        config = "{BLOCK_M}x{BLOCK_N} w{w} s{s}".format(**cfg.kwargs, w=cfg.num_warps, s=cfg.num_stages)
-        if name == "_attn_fwd":
-            meta["TMA"] = variant
-        if name == "_attn_bwd_dkdv":
-            meta["FUSE_DQ"], meta["TMA"] = variant, cap >= 90
-            meta["DQ_TMA"] = variant and cap >= 90
-    signature, attrs = {}, {}
-    for i, p in enumerate(fn.params):
-        if p.is_constexpr:
-            signature[p.name] = "constexpr"
-        elif p.name in ("Q", "K", "V", "O", "DO", "DK", "DV") and meta.get("TMA") or (
-                p.name == "DQ" and meta.get("DQ_TMA")):  # host-side descriptors
-            rows = meta["BLOCK_N"] if p.name in ("K", "V", "DK", "DV") else meta["BLOCK_M"]
-            signature[p.name] = f"tensordesc<{'fp32' if p.name == 'DQ' else dt}[1,1,{rows},{meta['BLOCK_D']}]>"
-        elif p.name in ("LSE", "DELTA", "SLOPES") or (p.name == "DQ" and name == "_attn_bwd_dkdv"):
-            signature[p.name], attrs[(i,)] = "*fp32", [["tt.divisibility", 16]]
-        elif p.name in ("DOC_START", "DOC_END"):
-            signature[p.name], attrs[(i,)] = "*i32", [["tt.divisibility", 16]]
-        elif p.name in ("Q", "K", "V", "O", "DO", "DQ", "DK", "DV"):
-            signature[p.name] = "*" + dt
-            attrs[(i,)] = [["tt.divisibility", 16]]
-        elif p.name in ("qk_scale", "sm_scale"):
-            signature[p.name] = "fp32"
-        else:
-            signature[p.name] = "i32"
-            if p.name.startswith("stride_"):  # as the JIT specializes them for the model's layouts
-                attrs[(i,)] = [["tt.divisibility", 16]]
-    for key in [k for k, v in signature.items() if v == "constexpr" and k not in meta]:
-        del signature[key]  # a constexpr this kernel version does not have
-    start = time.time()
-    triton.knobs.nvidia.dump_ptxas_log = True  # Triton runs ptxas -v; print its log (captured here)
-    log = io.StringIO()
-    with contextlib.redirect_stdout(log):
-        compiled = triton.compile(ASTSource(fn, signature, meta, attrs), target=GPUTarget("cuda", cap, 32),
-                                  options=options)
-    log = log.getvalue()
-    ptx = compiled.asm["ptx"]
-    sass = ""
-    if cap >= 90:
-        with tempfile.TemporaryDirectory() as tmp:
-            cubin = os.path.join(tmp, "k.cubin")
-            with open(cubin, "wb") as f:
-                f.write(compiled.asm["cubin"])
-            sass = subprocess.run([triton.knobs.nvidia.cuobjdump.path, "-sass", cubin], capture_output=True,
-                                  text=True, check=True).stdout
-    spills = [int(n) for n in re.findall(r"(\d+) bytes spill (?:stores|loads)", log)]
-    return dict(job=list(job), config=config, triton=triton.__version__,
-                regs=int(re.search(r"Used (\d+) registers", log).group(1)), spill=max(spills, default=0),
-                serialized=[line.strip() for line in log.splitlines() if "serialized" in line],
-                smem=compiled.metadata.shared, hgmma="HGMMA" in sass,
-                wgmma_n=sorted({int(n) for n in re.findall(r"wgmma\.mma_async\.sync\.aligned\.m64n(\d+)k", ptx)}),
-                tma_loads=len(re.findall(r"cp\.async\.bulk\.tensor", ptx)),
-                cp_async=len(re.findall(r"cp\.async\.c[ag]\.", ptx)), seconds=round(time.time() - start, 1))
+ROOT = Path(__file__).resolve().parents[1]
 
 
 def _aot_triton_path():
@@ -571,79 +560,76 @@ def _aot_triton_path():
     return target
 
 
-def test_aot_compile():
-    full = "1" if os.environ.get("AOT_FULL") == "1" else "0"
-    tritons = [None, _aot_triton_path()] if AOT_TRITON != triton.__version__ else [None]
-    n_workers = max(1, min(os.cpu_count() or 1, 8) // len(tritons))
-    start = time.time()
-    workers = []
-    for path in tritons:
-        # always compile: a cached kernel would skip ptxas, whose log is what this test reads
-        env = dict(os.environ, TRITON_INTERPRET="0", TRITON_DEFAULT_FP_FUSION="1", TRITON_ALWAYS_COMPILE="1")
-        if path is not None:
-            env["PYTHONPATH"] = os.pathsep.join([str(path), *filter(None, [env.get("PYTHONPATH")])])
-        workers += [subprocess.Popen([sys.executable, __file__, "--aot", str(i), str(n_workers), full], env=env,
-                                     stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-                    for i in range(n_workers)]
-    results, n_jobs = [], {}
-    for w in workers:
-        out, err = w.communicate()
-        assert w.returncode == 0, f"AOT worker failed:\n{err[-4000:]}"
-        lines = [json.loads(line) for line in out.splitlines() if line.startswith("{")]
-        n_jobs.update({r["triton"]: r["n_jobs"] for r in lines if "n_jobs" in r})
-        results += [r for r in lines if "job" in r]
-    versions = sorted(n_jobs)
-    assert len(versions) == len(tritons) and AOT_TRITON in versions, versions
-    assert len(results) == sum(n_jobs.values())
-    print(f"\n{'kernel':15s} {'config':15s} {'arch':5s} {'dtype':5s} {'D':>3s} {'causal':6s} {'variant':7s} "
-          f"{'seq':5s} {'triton':7s} {'regs':>4s} {'smem':>6s} {'spill':>5s} wgmma-N  tma  seconds")
-    for r in sorted(results, key=lambda r: (r["job"][:3], r["triton"], r["job"][3:5], r["job"][7])):
-        name, _, cap, dt, d, causal, variant, seq = r["job"]
-        print(f"{name:15s} {r['config']:15s} sm_{cap} {dt:5s} {d:3d} {str(causal):6s} {str(variant):7s} {str(seq):5s} "
-              f"{r['triton']:7s} {r['regs']:4d} {r['smem']:6d} {r['spill']:5d} "
-              f"{','.join(map(str, r['wgmma_n'])) or '-':8s} {r['tma_loads']:3d}  {r['seconds']}"
-              + ("  SERIALIZED" if r["serialized"] else ""))
-    print(f"{len(results)} compiles in {time.time() - start:.0f}s with {len(workers)} workers")
-    sm90 = [r for r in results if r["job"][2] >= 90 and r["job"][0] != "_bwd_preprocess"]
+def _pipelined_loop_problems(r):
+    """What a pipelined variant's main loop (sm_90, TMA, D = 128) must keep, as problems found: the forward
+    issues every exp2 with q k^T of the next block in flight and waits for wgmma once per iteration; the
+    dK/dV kernel's loop waits at most twice, loads only Q, dO (and the next tile's dO), LSE and delta (K and
+    V once, before the loop) and does not touch local memory."""
+    job, loop = r["job"], r.get("loop")
+    if "pipeline" not in r["label"] or job["arch"] < 90 or job["head_dim"] != 128 or r["triton"] != AOT_TRITON:
+        return []
+    if job["kernel"] == "_attn_fwd":
+        wrong = {"ex2_in_flight": loop["ex2_in_flight"] != loop["ex2"], "waits": loop["waits"] > 1}
+    else:
+        wrong = {"waits": loop["waits"] > 2, "tma_loads": loop["tma_loads"] > 5, "spill": loop["spill"] > 0}
+    return [what for what, bad in wrong.items() if bad]
+
+
+def test_aot_compile(tmp_path):
+    folder = _aot_triton_path()
+    # the checks that need the GPU tables (no interpreter), meanwhile in another process
+    checks = subprocess.Popen([sys.executable, __file__, "--aot-checks"], env=dict(os.environ, TRITON_INTERPRET="0"),
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    out = tmp_path / "sass.json"
+    jobs = "full" if os.environ.get("AOT_FULL") == "1" else "aot"
+    r = subprocess.run([sys.executable, str(ROOT / "bench.py"), "--mode=sass", f"--sass_jobs={jobs}",
+                        f"--sass_triton={folder or ''}", f"--json={out}"], cwd=ROOT, capture_output=True, text=True)
+    assert r.returncode == 0, f"bench.py --mode=sass failed:\n{r.stderr[-4000:]}"
+    print(r.stdout)
+    results = json.loads(out.read_text())["rows"]
+    versions = sorted({r["triton"] for r in results})
+    assert len(versions) == (2 if folder else 1) and AOT_TRITON in versions, versions
+    sm90 = [r for r in results if r["job"]["arch"] >= 90 and r["kernel"] != "_bwd_preprocess"]
+    allowed = lambda r: ALLOWED_SPILL.get((r["triton"].rsplit(".", 1)[0], r["kernel"], r["label"], r["path"], r["seq"]),
+                                          0)
     failures = {
-        "register spills": [r for r in results if r["spill"] > ALLOWED_SPILL.get(
-            (r["triton"].rsplit(".", 1)[0], r["job"][0], r["config"], r["job"][6], r["job"][7]), 0)],
-        "shared memory over the arch's limit": [r for r in results if r["smem"] > SMEM_LIMIT[r["job"][2]]],
+        "register spills": [r for r in results if r["spill"] > allowed(r)],
+        "shared memory over the arch's limit": [r for r in results if r["smem"] > SMEM_LIMIT[r["job"]["arch"]]],
         "ptxas: wgmma serialized": [r for r in results if r["serialized"]],
         "sm_90 kernel without wgmma (HGMMA)": [r for r in sm90 if not r["hgmma"]],
         "sm_90 wgmma with N < 64": [r for r in sm90 if min(r["wgmma_n"], default=0) < 64],
-        "sm_90 forward without TMA loads": [r for r in sm90 if r["job"][0] == "_attn_fwd"
+        "sm_90 forward without TMA loads": [r for r in sm90 if r["kernel"] == "_attn_fwd" and r["job"]["tma"]
                                             and (r["tma_loads"] == 0 or r["cp_async"])],
+        "pipelined variant's main loop": [r for r in sm90 if _pipelined_loop_problems(r)],
     }
-    problems = {what: [(r["triton"], r["job"], r["config"]) for r in rs] for what, rs in failures.items() if rs}
+    problems = {what: [(r["triton"], r["job"], r["label"], _pipelined_loop_problems(r) or r["spill"]) for r in rs]
+                for what, rs in failures.items() if rs}
     assert not problems, "\n".join(f"{what}: {rs}" for what, rs in problems.items())
+    _, err = checks.communicate()
+    assert checks.returncode == 0, f"--aot-checks failed:\n{err[-4000:]}"
 
 
-def _aot_worker(index, n_workers, full):
+def _aot_checks():
     assert not fa._INTERPRET  # the autotune tables differ under the interpreter
-    jobs = _aot_jobs(full)
-    print(json.dumps({"n_jobs": len(jobs), "triton": triton.__version__}), flush=True)
-    for job in jobs[index::n_workers]:
-        print(json.dumps(_aot_compile(job)), flush=True)
     # the autotuner's pruning (which only runs on a GPU) leaves each kernel a config for every arch, head
     # dim and Tq (decode or not)
-    if index == 0:
-        for kernel in (fa._attn_fwd, fa._attn_bwd_dkdv, fa._attn_bwd_dq):
-            for cap in AOT_ARCHS:
-                fa._arch = lambda device, cap=cap: cap
-                for block_d in (16, 32, 64, 128):
-                    for tq_bucket in (1, 16, 32, 4096):
-                        for seq in (False, True):
-                            args = {"LSE": torch.empty(0), "tq_bucket": tq_bucket}
-                            assert kernel.early_config_prune(kernel.configs, args, BLOCK_D=block_d, HAS_SEQ=seq), \
-                                (kernel.fn.__name__, cap, block_d, tq_bucket, seq)
+    import itertools
+    for kernel in (fa._attn_fwd, fa._attn_bwd_dkdv, fa._attn_bwd_dq):
+        for cap in AOT_ARCHS:
+            fa._arch = lambda device, cap=cap: cap
+            for block_d, tq_bucket, seq, tma, fuse_dq in itertools.product((16, 32, 64, 128), (1, 16, 32, 4096),
+                                                                           (False, True), (False, cap >= 90),
+                                                                           (True, False)):
+                args = {"DOC_START": torch.empty(0), "tq_bucket": tq_bucket}
+                meta = dict(BLOCK_D=block_d, HAS_SEQ=seq, TMA=tma, FUSE_DQ=fuse_dq)
+                assert kernel.early_config_prune(kernel.configs, args, **meta), (kernel.fn.__name__, cap, meta)
     # without the interpreter the module must refuse CPU tensors with a useful message
     with pytest.raises(ValueError, match="attn_impl='torch'"):
         fa.flash_attn_alibi(*(torch.zeros(1, 1, 4, 16) for _ in range(3)))
 
 
-if __name__ == "__main__" and sys.argv[1:2] == ["--aot"]:
-    _aot_worker(int(sys.argv[2]), int(sys.argv[3]), sys.argv[4] == "1")
+if __name__ == "__main__" and sys.argv[1:2] == ["--aot-checks"]:
+    _aot_checks()
 
 
 @pytest.mark.parametrize("kv_n_heads,deterministic", [(None, False), (3, False), (3, True)])
@@ -738,11 +724,13 @@ def test_decoding_does_not_retune(monkeypatch):
 
 
 @pytest.mark.filterwarnings("ignore:All-NaN slice")  # the first document's rows, under the interpreter
-def test_sequence_id_skips_earlier_documents():
+def test_sequence_id_skips_earlier_documents(variant):
     # Two documents, 128 and 64 tokens (block-aligned for every tile size). The first one's keys and values
     # are NaN: the second document's outputs and gradients can only be finite (and right) if no block of the
     # first document is ever loaded for it, i.e. its key blocks are skipped, not merely masked.
     require_kernels()
+    if variant and DEVICE == "cpu":
+        pytest.skip("the other variants do not serve sequence ids")
     B, H, D, T, split = 1, 2, 32, 192, 128
     gen = torch.Generator().manual_seed(0)
     q, k, v = (torch.randn(B, H, T, D, generator=gen).to(DEVICE, DTYPE) for _ in range(3))

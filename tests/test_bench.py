@@ -57,3 +57,43 @@ def test_sample_mode_matches_transformers_greedy(tmp_path):
 def test_unknown_mode_is_a_clear_error(tmp_path):
     r = subprocess.run([sys.executable, "bench.py", "--mode=speed"], cwd=ROOT, capture_output=True, text=True)
     assert r.returncode != 0 and "unknown mode='speed'" in r.stderr and "Traceback" not in r.stderr
+
+
+# two wgmma loops as cuobjdump prints them: the main one (q k^T of the next block issued before the exp2s,
+# an mbarrier wait whose retry lives out of line) and a masked one (FSEL) with a spill reload
+SASS_LISTING = """
+        /*0000*/                   MOV R1, c[0x0][0x28] ;
+        /*0100*/                   SYNCS.PHASECHK.TRANS64.TRYWAIT P0, [UR4], R2 ;
+        /*0110*/              @!P0 BRA 0x400 ;
+        /*0120*/                   WARPGROUP.ARRIVE ;
+        /*0130*/                   HGMMA.64x128x16.F32.BF16 R24, R152, gdesc[UR8].tnspB, R24 ;
+        /*0140*/                   HGMMA.64x128x16.F32.BF16 R24, R156, gdesc[UR12].tnspB, R24, gsb0 ;
+        /*0150*/                   WARPGROUP.DEPBAR.LE gsb0, 0x0 ;
+        /*0160*/                   HGMMA.64x64x16.F32.BF16 R88, gdesc[UR16], RZ, !UPT, gsb0 ;
+        /*0170*/                   MUFU.EX2 R3, R4 ;
+        /*0180*/                   MUFU.EX2 R5, R6 ;
+        /*0190*/                   BAR.SYNC.DEFER_BLOCKING 0x0 ;
+        /*01a0*/               @P3 UTMALDG.4D [UR20], [UR22] ;
+        /*01b0*/                   NOP ;
+        /*01c0*/               @P1 BRA 0x100 ;
+        /*0200*/                   HGMMA.64x128x16.F32.BF16 R24, gdesc[UR8], R24, gsb0 ;
+        /*0210*/                   WARPGROUP.DEPBAR.LE gsb0, 0x0 ;
+        /*0220*/                   FSEL R3, R3, -INF , P2 ;
+        /*0230*/                   MUFU.EX2 R3, R3 ;
+        /*0240*/                   LDL R7, [R1+0x8] ;
+        /*0250*/               @P1 BRA 0x200 ;
+        /*0260*/                   EXIT ;
+        /*0400*/                   SYNCS.PHASECHK.TRANS64 P0, [UR4], R2 ;
+        /*0410*/              @!P0 BRA 0x400 ;
+        /*0420*/                   BRA 0x120 ;
+"""
+
+
+def test_sass_mode_reads_a_listings_loops(tmp_path):
+    listing = tmp_path / "k.sass"
+    listing.write_text(SASS_LISTING)
+    _, result = run_bench(tmp_path, "--mode=sass", f"--sass_listing={listing}")
+    main, masked = result["rows"]  # the main loop first: no masks
+    assert main == dict(instructions=12, hgmma=3, hgmma_shapes=["64x128x16", "64x64x16"], ex2=2, ex2_in_flight=2,
+                        waits=1, bar_sync=1, tma_loads=1, tma_reduce=0, global_loads=0, spill=0, mask_selects=0)
+    assert (masked["instructions"], masked["ex2_in_flight"], masked["spill"], masked["mask_selects"]) == (6, 0, 1, 1)
