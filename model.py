@@ -1123,6 +1123,20 @@ def _next_tile(h, start_m, lo, hi_m, BLOCK_M: tl.constexpr):
 
 
 @triton.jit
+def _probs_t(s_t, lse, qk_scale, SLOPES, h, start_m, start_n, off_shift, BLOCK_N: tl.constexpr,
+             HAS_ALIBI: tl.constexpr):
+    # P^T of a (key block, query tile) from its raw scores s_t = K Q^T (BLOCK_N, BLOCK_M), in base 2. The
+    # dK/dV program's frame is c' = start_n: kb = slope2 * (j - start_n), and the tile's lse moved to match
+    if HAS_ALIBI:
+        slope2 = tl.load(SLOPES + h) * 1.4426950408889634
+        s_t = s_t * qk_scale + (slope2 * tl.arange(0, BLOCK_N).to(tl.float32))[:, None]
+        lse += slope2 * (start_m // LSE_FRAME * LSE_FRAME + off_shift - start_n).to(tl.float32)
+    else:
+        s_t = s_t * qk_scale
+    return tl.exp2(s_t - lse[None, :])
+
+
+@triton.jit
 def _dq_reduce(DQ, dq, b, h, start_m, stride_dqh, stride_dqm, Tq, BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr,
                HEAD_DIM: tl.constexpr, DQ_TMA: tl.constexpr):
     # one key block's share of dQ = scale * dS K, rows [start_m, start_m + BLOCK_M) of head h, summed into the
@@ -1173,13 +1187,7 @@ def _dkdv_inner(dk, dv, k, v, K, V, hk, Q, DO, DQ, LSE, DELTA, SLOPES, DOC_START
         lse = _row_stat(LSE, b, h, start_m, stride_lb, stride_lh, Tq, float("inf"), BLOCK_M, TMA)
         delta = _row_stat(DELTA, b, h, start_m, stride_lb, stride_lh, Tq, 0.0, BLOCK_M, TMA)
         s_t = tl.dot(k_it, tl.trans(q), input_precision=DOT_PREC)  # (BLOCK_N, BLOCK_M)
-        if HAS_ALIBI:  # this program's frame is c' = start_n: kb = slope2 * (j - start_n), lse moved to match
-            slope2 = tl.load(SLOPES + h) * 1.4426950408889634
-            s_t = s_t * qk_scale + (slope2 * tl.arange(0, BLOCK_N).to(tl.float32))[:, None]
-            lse += slope2 * (start_m // LSE_FRAME * LSE_FRAME + off_shift - start_n).to(tl.float32)
-        else:
-            s_t = s_t * qk_scale
-        p_t = tl.exp2(s_t - lse[None, :])
+        p_t = _probs_t(s_t, lse, qk_scale, SLOPES, h, start_m, start_n, off_shift, BLOCK_N, HAS_ALIBI)
         if MASKED:  # causal diagonal blocks, or (not causal) the last key block when it is ragged
             if HAS_SEQ:  # every block, see _attn_bwd_dkdv
                 first_key, row_end = _row_keys(offs_m, off_shift, Tk, DOC_START, DOC_END, CAUSAL, HAS_SEQ)
@@ -1234,13 +1242,7 @@ def _dkdv_pipelined(dk, dv, k, v, Q, DO, DQ, LSE, DELTA, SLOPES, b, stride_qh, s
         lse = _row_stat(LSE, b, h, start_m, stride_lb, stride_lh, Tq, float("inf"), BLOCK_M, TMA)  # as _dkdv_inner
         delta = _row_stat(DELTA, b, h, start_m, stride_lb, stride_lh, Tq, 0.0, BLOCK_M, TMA)
         s_t = tl.dot(k, tl.trans(q), input_precision=DOT_PREC)  # (BLOCK_N, BLOCK_M)
-        if HAS_ALIBI:
-            slope2 = tl.load(SLOPES + h) * 1.4426950408889634
-            s_t = s_t * qk_scale + (slope2 * tl.arange(0, BLOCK_N).to(tl.float32))[:, None]
-            lse += slope2 * (start_m // LSE_FRAME * LSE_FRAME + off_shift - start_n).to(tl.float32)
-        else:
-            s_t = s_t * qk_scale
-        p_t = tl.exp2(s_t - lse[None, :])
+        p_t = _probs_t(s_t, lse, qk_scale, SLOPES, h, start_m, start_n, off_shift, BLOCK_N, HAS_ALIBI)
         ds_t = (p_t * (dp_t - delta[None, :])).to(q.dtype)  # dL/d(score), natural units
         dv = tl.dot(p_t.to(do.dtype), do, dv, input_precision=DOT_PREC)  # (BLOCK_N, BLOCK_D)
         do_n = _rows(DO, b, h_n, m_n, stride_doh, stride_dom, Tq, BLOCK_M, BLOCK_D, HEAD_DIM, TMA)
