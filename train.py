@@ -29,10 +29,8 @@ data position and settings; the newest keep_checkpoints are kept), ckpt.pt (one 
 full fp32 weights and MPTConfig, at the best val loss so far), metrics.jsonl (a JSON object per line).
 """
 
-import atexit
 import contextlib
 import errno
-import fcntl
 import functools
 import glob
 import json
@@ -41,7 +39,6 @@ import os
 import shlex
 import shutil
 import signal
-import socket
 import sys
 import time
 import warnings
@@ -61,8 +58,8 @@ from torch.distributed.device_mesh import init_device_mesh
 from torch.distributed.fsdp import FSDPModule, MixedPrecisionPolicy, fully_shard
 from torch.distributed.tensor import DTensor
 
-from checkpoints import (check_files, checkpoint_dirs, file_crc, is_checkpoint, read_manifest, state_crc, step_of,
-                         write_manifest)
+from checkpoints import (check_files, checkpoint_dirs, file_crc, is_checkpoint, lock_out_dir, read_manifest,
+                         release_out_dir, state_crc, step_of, write_manifest)
 from lora import (LINEAR_NAMES, add_lora, base_fingerprint, check_base, describe_lora, init_lora, is_adapter, is_nf4,
                   linear_shapes, load_nf4, memory_plan, nf4_problem, quantize, to_nf4)
 from model import MPT, MPTConfig, check_attention, config_from_hf, hf_tensor_files, read_hf_tensor
@@ -710,111 +707,6 @@ def human(n):
             return f"{n:.0f} {unit}" if unit == 'bytes' else f"{n:.1f} {unit}"
         n /= 1000
     return f"{n:.1f} TB"
-
-
-_lock = None  # (file descriptor, lock file, out_dir if this run created it) while this process holds out_dir
-
-
-def lock_out_dir(out_dir):
-    """Hold out_dir for this run's whole life (rank 0 alone): an exclusive flock on out_dir/train.lock, whose
-    content names the holder (host, pid, start time) for the line a second run gets. The kernel releases a flock
-    when its holder dies, however it dies, so a lock file left by a killed run of this host is taken over, with
-    a note. Returns (problem, note), each one line or None.
-    out_dir shared by nodes: NFS (v4, or v3 with lockd) turns flock into a whole-file lock that every client sees,
-    and Lustre does when mounted with -o flock, so two runs on any nodes exclude each other (NFS v4 drops a dead
-    node's locks when its lease lapses, about 90 s). Where the filesystem has no locks (flock fails: Lustre's -o
-    noflock) the file alone decides, a check rather than a lock: a live process of this host named in it holds
-    out_dir. A lock file left by a run of another host is never taken over, since from here it cannot be told
-    whether that run lives (with Lustre's -o localflock or NFS's local_lock it may): the line says to delete the
-    file once that run has ended."""
-    global _lock
-    created = not os.path.isdir(out_dir)
-    path = os.path.join(out_dir, 'train.lock')
-    try:
-        os.makedirs(out_dir, exist_ok=True)
-        while True:  # again if the holder removed the file between our open and our flock (release_out_dir)
-            fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
-            try:
-                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-                kernel = True
-            except BlockingIOError:  # a live run holds it
-                holder = _read_lock(fd)
-                os.close(fd)
-                return (f"{out_dir} is in use by another run ({_describe(holder)}): wait for it to end, or choose "
-                        f"another out_dir"), None
-            except OSError:  # a filesystem without locks
-                kernel = False
-            if os.path.exists(path) and os.path.samestat(os.stat(path), os.fstat(fd)):
-                break
-            os.close(fd)
-        holder, note = _read_lock(fd), None
-        if holder:
-            here = holder.get('host') == socket.gethostname()
-            alive = here and not kernel and _alive(holder)
-            if alive or not here:
-                os.close(fd)
-                what = "wait for it to end" if alive else f"if that run has ended, delete {path}"
-                return (f"{out_dir} is in use by another run ({_describe(holder)}): {what}, or choose another "
-                        f"out_dir"), None
-            note = f"note: {path} was left by a run that has ended ({_describe(holder)}); this run takes it over"
-        me = dict(host=socket.gethostname(), pid=os.getpid(), started=time.strftime('%Y-%m-%d %H:%M:%S %Z'),
-                  pid_start=_process_start(os.getpid()), command=' '.join(sys.argv))
-        os.ftruncate(fd, 0)
-        os.pwrite(fd, (json.dumps(me) + '\n').encode(), 0)
-        os.fsync(fd)
-    except OSError as e:
-        return f"cannot write in out_dir={out_dir}: {e.strerror or e}", None
-    _lock = (fd, path, out_dir if created else None)
-    atexit.register(release_out_dir)
-    return None, note
-
-
-def release_out_dir():
-    """Give out_dir back: remove the lock file (before closing it: see lock_out_dir's loop), and out_dir too if
-    this run created it and wrote nothing else there."""
-    global _lock
-    if _lock is None:
-        return
-    fd, path, created = _lock
-    _lock = None
-    with contextlib.suppress(OSError):
-        os.unlink(path)
-    os.close(fd)
-    if created:
-        with contextlib.suppress(OSError):
-            os.rmdir(created)
-
-
-def _read_lock(fd):
-    try:
-        return json.loads(os.pread(fd, 1 << 16, 0) or b'{}')
-    except ValueError:  # cut short as it was written: its writer died then
-        return {}
-
-
-def _describe(holder):
-    return f"host {holder.get('host')}, pid {holder.get('pid')}, started {holder.get('started')}"
-
-
-def _process_start(pid):
-    """When a process started (clock ticks since boot, /proc/PID/stat field 22): a pid reused by another process
-    does not pass for the one a lock file names. None where there is no /proc."""
-    try:
-        with open(f'/proc/{pid}/stat') as f:
-            return int(f.read().rsplit(')', 1)[1].split()[19])
-    except (OSError, ValueError, IndexError):
-        return None
-
-
-def _alive(holder):
-    """Whether the process of this host that a lock file names still runs."""
-    try:
-        os.kill(holder['pid'], 0)
-    except PermissionError:  # another user's
-        pass
-    except (OSError, KeyError, TypeError, ValueError, OverflowError):
-        return False
-    return holder.get('pid_start') in (None, _process_start(holder['pid']))
 
 
 def verify_checkpoint(path):

@@ -589,12 +589,12 @@ def test_a_lock_is_taken_over_only_from_a_run_that_ended(tmp_path, monkeypatch):
         assert problem == (f"{out} is in use by another run (host {os.uname().nodename}, pid {holder.pid}, started "
                            f"then): wait for it to end, or choose another out_dir") and note is None
         # no locks on this filesystem: the file alone tells, and it names a live process of this host
-        monkeypatch.setattr(train.fcntl, 'flock', no_locks)
+        monkeypatch.setattr(checkpoints.fcntl, 'flock', no_locks)
         assert 'is in use by another run' in train.lock_out_dir(str(out))[0]
         monkeypatch.undo()
     finally:
         holder.communicate('')
-    assert lock.exists() and train._lock is None  # the holder died without removing it: the kernel lock is gone
+    assert lock.exists() and checkpoints._lock is None  # the holder died without removing it: the kernel lock is gone
     problem, note = train.lock_out_dir(str(out))
     assert problem is None and re.fullmatch(rf"note: {re.escape(str(lock))} was left by a run that has ended \(host "
                                             rf".*, pid {holder.pid}, started then\); this run takes it over", note)
@@ -606,7 +606,7 @@ def test_a_lock_is_taken_over_only_from_a_run_that_ended(tmp_path, monkeypatch):
     assert problem == (f"{out} is in use by another run (host node-7, pid 1, started then): if that run has ended, "
                        f"delete {lock}, or choose another out_dir")
     lock.write_text(json.dumps(dict(host=os.uname().nodename, pid=holder.pid, started='then')))  # without locks
-    monkeypatch.setattr(train.fcntl, 'flock', no_locks)
+    monkeypatch.setattr(checkpoints.fcntl, 'flock', no_locks)
     problem, note = train.lock_out_dir(str(out))
     assert problem is None and 'this run takes it over' in note
     train.release_out_dir()
