@@ -26,7 +26,7 @@ same code (FSDP2, DCP) runs everywhere. Settings are the variables below; config
 
 out_dir gets: ckpt-000500/ (a sharded checkpoint: weights, Lion state and train.json with the step,
 data position and settings; the newest keep_checkpoints are kept), ckpt.pt (one file for sample.py:
-full fp32 weights and MPTConfig, at the best val loss so far), metrics.jsonl (a JSON object per line).
+full fp32 weights and MPTConfig, at the best val loss so far; sampling_ckpt), metrics.jsonl (a JSON object per line).
 """
 
 import contextlib
@@ -72,6 +72,7 @@ eval_interval = 1000  # evaluate val loss and save a checkpoint every this many 
 eval_iters = 100  # micro-batches of val data per evaluation, over all processes; 0: no evaluation
 log_interval = 10  # console and metrics.jsonl every this many steps
 keep_checkpoints = 3  # the newest sharded checkpoints kept in out_dir
+sampling_ckpt = True  # also ckpt.pt (best val loss) for sample.py; gathers the fp32 model on rank 0: False if big
 init_from = 'scratch'  # 'scratch', 'resume' (out_dir's newest checkpoint), a Hugging Face MPT, or run/ckpt-N (a stage)
 resume_step = -1  # init_from='resume' continues ckpt-<resume_step>, -1: the newest; later ones go to superseded/
 eval_only = False  # evaluate init_from's weights once (at every eval length) and exit: no training, nothing saved
@@ -1340,7 +1341,7 @@ if __name__ == '__main__':
             if iter_num > start_iter:  # not the random init, nor the checkpoint just resumed
                 path = last_good = save_checkpoint(out_dir, model, exp_avgs, checkpoint_info(), keep_checkpoints)
                 last_saved = iter_num
-                if improved and not stop:  # ckpt.pt keeps the best val loss: small data sets overfit
+                if improved and not stop and sampling_ckpt:  # ckpt.pt keeps the best val loss: small data overfits
                     save_for_sampling(os.path.join(out_dir, 'ckpt.pt'), model,
                                       dict(iter_num=iter_num, val_loss=val_loss, settings=settings, meta=meta,
                                            lora=lora, base=base))
@@ -1370,6 +1371,9 @@ if __name__ == '__main__':
         if os.path.exists(ckpt):
             saved_to = (f"{ckpt} holds the {'best' if math.isfinite(best_val_loss) else 'last'} weights: "
                         f"python sample.py --out_dir={shlex.quote(out_dir)}")
+        elif iter_num > start_iter and not sampling_ckpt:
+            saved_to = (f"{last_good} is the newest checkpoint (sampling_ckpt=False: no ckpt.pt): python export.py "
+                        f"--out_dir={shlex.quote(out_dir)} --hf_dir=DIR, then python sample.py --init_from=DIR")
         elif iter_num > start_iter:
             saved_to = f"no ckpt.pt: no evaluation after step {start_iter} improved on its val loss"
         else:

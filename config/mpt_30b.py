@@ -7,6 +7,8 @@
 # MPT-30B also clamped q, k, v: clip_qkv = 6.0 would match it; off here like the other configs.
 #   torchrun --standalone --nproc_per_node=8 train.py config/mpt_30b.py
 out_dir = 'out-mpt-30b'
+sampling_ckpt = False  # no ckpt.pt: it gathers the fp32 model (120 GB) on rank 0's host at each best val loss;
+# sample an export instead: python export.py --out_dir=out-mpt-30b --hf_dir=DIR
 data_dir = 'data/c4'  # python prepare.py c4 (MPT's pretraining mix started from C4)
 
 # model

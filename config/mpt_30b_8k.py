@@ -7,6 +7,8 @@
 #   torchrun --nnodes=... --nproc_per_node=8 train.py config/mpt_30b_8k.py --init_from=out-mpt-30b/ckpt-143100
 # Each evaluation also reports val loss at 2k (stage 1's length) and 16k (past it).
 out_dir = 'out-mpt-30b-8k'
+sampling_ckpt = False  # no ckpt.pt: it gathers the fp32 model (120 GB) on rank 0's host at each best val loss;
+# sample an export instead: python export.py --out_dir=out-mpt-30b-8k --hf_dir=DIR
 data_dir = 'data/c4'
 init_from = 'out-mpt-30b/ckpt-143100'  # stage 1's last checkpoint (config/mpt_30b.py)
 

@@ -5,6 +5,8 @@
 # each step at the peak shrinks weights by lr (the paper's lambda = 1 for language models).
 #   torchrun --standalone --nproc_per_node=8 train.py config/mpt_70b.py
 out_dir = 'out-mpt-70b'
+sampling_ckpt = False  # no ckpt.pt: it gathers the fp32 model (259 GB) on rank 0's host at each best val loss;
+# sample an export instead: python export.py --out_dir=out-mpt-70b --hf_dir=DIR
 data_dir = 'data/c4'  # python prepare.py c4 (MPT's pretraining mix started from C4)
 
 # model

@@ -94,9 +94,15 @@ def straight(shakespeare, tmp_path_factory):
 
 @pytest.fixture(scope='module')
 def no_dropout(shakespeare, tmp_path_factory):
-    """The same without dropout: the packed-documents test's reference."""
+    """The same without dropout: the packed-documents test's reference. With sampling_ckpt=False (what the big
+    configs set) it writes no ckpt.pt, and its last line says how to sample instead."""
     out = tmp_path_factory.mktemp('no_dropout')
-    run([*TINY, '--resid_pdrop=0.0', f'--data_dir={shakespeare}', f'--out_dir={out}', '--max_iters=6'])
+    _, stdout, _ = run([*TINY, '--resid_pdrop=0.0', f'--data_dir={shakespeare}', f'--out_dir={out}', '--max_iters=6',
+                        '--sampling_ckpt=False'])
+    assert not (out / 'ckpt.pt').exists() and (out / 'ckpt-000006').is_dir()
+    assert stdout.splitlines()[-1].endswith(
+        f"; {out / 'ckpt-000006'} is the newest checkpoint (sampling_ckpt=False: no ckpt.pt): python export.py "
+        f"--out_dir={out} --hf_dir=DIR, then python sample.py --init_from=DIR"), stdout[-500:]
     return out
 
 
