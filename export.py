@@ -38,6 +38,7 @@ import torch
 from torch.distributed.checkpoint.api import CheckpointException
 
 from checkpoints import checkpoint_dirs, verify
+from common import fail
 from configurator import configure
 from lora import merged_weights
 from model import MPT, MPTConfig, save_hf_weights
@@ -58,11 +59,6 @@ TOKENIZER_FILES = ('tokenizer.json', 'tokenizer_config.json', 'special_tokens_ma
 EXPORT_FILES = re.compile(r'config\.json|model(-\d{5}-of-\d{5})?\.safetensors|model\.safetensors\.index\.json|'
                           r'adapter_config\.json|adapter_model\.safetensors|'
                           + '|'.join(map(re.escape, TOKENIZER_FILES)))
-
-
-def fail(message):
-    print(f"error: {message}", file=sys.stderr, flush=True)
-    sys.exit(1)
 
 
 def checkpoint_tensors(path, names=None, dtype=None):

@@ -21,11 +21,12 @@ import zlib
 
 import numpy as np
 import torch
+import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
 from torch.distributed.tensor import DTensor, distribute_tensor
 
-from model import hf_tensor_files, read_hf_tensor
+from hf import hf_tensor_files, param_rows, read_hf_tensor
 
 LINEAR_NAMES = ('Wqkv', 'out_proj', 'up_proj', 'down_proj')  # MPT's (and Hugging Face MPT's) linear layers
 NF4_BLOCK, NF4_SCALER_BLOCK = 64, 256  # QLoRA's: 64 weights share a scale, 256 scales share an fp32 factor
@@ -97,6 +98,34 @@ def nf4_problem(name, shape, shards=1):
     return None
 
 
+def lora_problems(s):
+    """The problems of train.py's LoRA settings (s: its settings), one line each, for its setting_problems."""
+    rank, alpha, dropout, targets, quantize_base = (s[k] for k in (
+        'lora_rank', 'lora_alpha', 'lora_dropout', 'lora_targets', 'quantize_base'))
+    problems = []
+    if not (isinstance(rank, int) and rank >= 0):
+        problems.append(f"lora_rank={rank!r}: 0 (full fine-tuning) or the adapters' rank, e.g. 16")
+    if not (isinstance(alpha, (int, float)) and alpha > 0):
+        problems.append(f"lora_alpha={alpha!r}: a positive number (the adapters' output is scaled by lora_alpha / "
+                        f"lora_rank)")
+    if not (isinstance(dropout, (int, float)) and 0 <= dropout < 1):
+        problems.append(f"lora_dropout={dropout!r}: a probability in [0, 1), e.g. 0.05")
+    if quantize_base not in ('', 'nf4'):
+        problems.append(f"quantize_base={quantize_base!r}: use 'nf4' (QLoRA) or '' (no quantization)")
+    if problems:  # what follows would only repeat them
+        return problems
+    if quantize_base and not rank:
+        problems.append("quantize_base='nf4' keeps a LoRA run's frozen base in 4 bits: set lora_rank > 0 too (a full "
+                        "fine-tune trains every weight, and 4-bit weights cannot train)")
+    elif quantize_base and to_nf4() is None:
+        problems.append("quantize_base='nf4' needs torchao (its NF4 tensors): pip install torchao")
+    unknown = [t for t in targets if t not in LINEAR_NAMES]
+    if rank and (unknown or not targets):
+        problems.append(f"lora_targets={targets}: {', '.join(map(str, unknown)) or 'an empty list'} matches no "
+                        f"linear layer of MPT; its linear layers are {', '.join(LINEAR_NAMES)}")
+    return problems
+
+
 def add_lora(model, rank, alpha, dropout, targets, quantize_base='', base_dtype=torch.float32, device='cpu'):
     """Freeze every weight of model, in base_dtype (the compute dtype: a frozen weight needs no fp32 master);
     give each linear layer named in targets a LoRALinear adapter (fp32: it trains). With quantize_base='nf4'
@@ -158,6 +187,24 @@ def load_nf4(param, q):
     local = param.to_local() if isinstance(param, DTensor) else param
     for name in ('quantized_data', 'quantized_scalers', 'quantization_factor', 'scaler_mean', 'nf4'):
         getattr(local, name).copy_(getattr(q, name))
+
+
+@torch.no_grad()
+def load_nf4_weights(model, path):
+    """A QLoRA model's NF4 weights from a Hugging Face checkpoint (hf.load_hf_weights loads the rest): each rank
+    reads the fp32 rows of its own shards and quantizes them (quantize: code for code the whole weight's)."""
+    files = hf_tensor_files(path)
+    for name, p in model.named_parameters():
+        if is_nf4(p):
+            rows, group = param_rows(path, files, name, p, torch.float32)
+            world = 1 if group is None else dist.get_world_size(group)
+
+            def gather(scales):  # every shard's NF4 block scales, in order
+                everyone = [torch.empty_like(scales) for _ in range(world)]
+                dist.all_gather(everyone, scales, group=group)
+                return torch.cat(everyone)
+            local = p.to_local() if isinstance(p, DTensor) else p
+            load_nf4(p, quantize(rows.to(local.device), gather if world > 1 else None))
 
 
 @torch.no_grad()

@@ -23,6 +23,7 @@ import json
 import os
 import sys
 
+import common
 from configurator import configure, help_if_asked, out_of_range
 
 USAGE = "python plot.py OUT_DIR|BENCH.json [...] [--key=value ...]"
@@ -36,8 +37,7 @@ dpi = 100  # pixels per inch of the PNG, a figure of 10 x 4 inches
 
 
 def fail(message):
-    print(f"plot.py: error: {message}", file=sys.stderr)
-    sys.exit(1)
+    common.fail(message, prog='plot.py')
 
 
 def read_run(path):

@@ -34,6 +34,7 @@ import time
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
+from common import fail  # noqa: E402
 from configurator import configure, help_if_asked  # noqa: E402
 
 help_if_asked(__file__)
@@ -60,11 +61,6 @@ LOG_EVERY = 10
 SHAKESPEARE = os.path.join(ROOT, 'assets', 'tinyshakespeare.txt')  # the corpus prepare.py's shakespeare_char reads
 STEP_LINE = re.compile(r'^iter (\d+): loss ')  # a step's log line, in both projects' formats
 VAL_LINE = re.compile(r'^(?:iter|step) \d+: (?:train loss [0-9.]+, )?val loss ([0-9.]+)')  # ours, nanoGPT's, peft_lora.py's
-
-
-def fail(message):
-    print(f"error: {message}", file=sys.stderr, flush=True)
-    sys.exit(1)
 
 
 def cpu_seconds(pid):

@@ -111,7 +111,7 @@ def test_export_of_a_full_fine_tune(released_mpt, released_sft, tmp_path):
         r = export(f'--out_dir={run_dir}', f'--hf_dir={hf_dir}', '--overwrite=True')
         assert r.returncode == 1 and r.stderr.count('error:') == 1 and 'Traceback' not in r.stderr, r.stderr
         assert re.search(message, r.stderr), r.stderr
-    assert (tmp_path / 'mine' / 'notes.txt').read_text() == 'mine' and len(train.checkpoint_dirs(out)) == 1
+    assert (tmp_path / 'mine' / 'notes.txt').read_text() == 'mine' and len(checkpoints.checkpoint_dirs(out)) == 1
     assert {p.name: p.read_bytes() for p in (tmp_path / 'base').iterdir()} == base_files
 
 

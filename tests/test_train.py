@@ -21,6 +21,9 @@ import torch
 from torch.distributed.checkpoint.format_utils import dcp_to_torch_save
 
 import checkpoints
+import common
+import data
+import hf
 import train
 from lora import is_adapter, is_nf4
 from model import MPT, MPTConfig, config_from_hf
@@ -363,21 +366,21 @@ def test_lr_schedule():
 
 def test_sampler_is_deterministic_disjoint_and_world_size_free():
     n, G, B = 50, 8, 2  # 50 windows, 8 per step, micro-batches of 2
-    steps = [train.sample_windows(7, n, s * G, G) for s in range(13)]  # 104 windows: crosses two epochs
-    assert all(np.array_equal(a, train.sample_windows(7, n, s * G, G)) for s, a in enumerate(steps))
+    steps = [data.sample_windows(7, n, s * G, G) for s in range(13)]  # 104 windows: crosses two epochs
+    assert all(np.array_equal(a, data.sample_windows(7, n, s * G, G)) for s, a in enumerate(steps))
     order = np.concatenate(steps)
     assert sorted(order[:n]) == list(range(n)) and sorted(order[n:2 * n]) == list(range(n))  # epochs
     assert not np.array_equal(order[:n], order[n:2 * n])  # each epoch its own permutation
-    assert not np.array_equal(train.sample_windows(8, n, 0, G), steps[0])  # the seed matters
+    assert not np.array_equal(data.sample_windows(8, n, 0, G), steps[0])  # the seed matters
     for s, ids in enumerate(steps):
         if s * G // n == (s * G + G - 1) // n:  # a step within one epoch draws distinct windows
             assert len(set(ids)) == G
-        one = train.rank_windows(ids, 0, 1, B)
+        one = data.rank_windows(ids, 0, 1, B)
         assert len(one) == 4 and all(len(mb) == B for mb in one)
         for world in (2, 4):
-            parts = [np.concatenate(train.rank_windows(ids, r, world, B)) for r in range(world)]
+            parts = [np.concatenate(data.rank_windows(ids, r, world, B)) for r in range(world)]
             assert np.array_equal(np.concatenate(parts), np.concatenate(one))  # the same global batch
-            assert all(len(train.rank_windows(ids, r, world, B)) == 4 // world for r in range(world))
+            assert all(len(data.rank_windows(ids, r, world, B)) == 4 // world for r in range(world))
             if len(set(ids)) == G:  # so the ranks' slices are disjoint
                 assert sum(len(set(p)) for p in parts) == G
 
@@ -387,9 +390,9 @@ def test_windows_across_files(tmp_path):
     T = 4
     np.arange(0, 13, dtype=np.uint16).tofile(tmp_path / 'a.bin')  # 13 tokens: 3 windows
     np.arange(100, 106, dtype=np.uint16).tofile(tmp_path / 'b.bin')  # 6 tokens: 1 window
-    split = train.load_split(str(tmp_path / '*.bin'), 200, T)
+    split = data.load_split(str(tmp_path / '*.bin'), 200, T)
     assert list(split[2]) == [0, 3, 4]
-    rows = train.read_windows(split, np.array([3, 0, 2]), T, 200)
+    rows = data.read_windows(split, np.array([3, 0, 2]), T, 200)
     assert rows.tolist() == [[100, 101, 102, 103, 104], [0, 1, 2, 3, 4], [8, 9, 10, 11, 12]]
 
 
@@ -432,7 +435,7 @@ def test_bad_token_file_is_one_clear_message(tmp_path, capsys, kind, message):
     # in process: the same fail() as the runs below end with, without starting one for each file
     write_bad(kind, tmp_path)
     with pytest.raises(SystemExit) as e:
-        train.load_split(str(tmp_path / 'train.bin'), 65, 16)
+        data.load_split(str(tmp_path / 'train.bin'), 65, 16)
     stderr = capsys.readouterr().err
     assert e.value.code == 1 and re.search(message, stderr) and stderr.count('error:') == 1, stderr
 
@@ -509,7 +512,7 @@ def test_sigterm_saves_a_checkpoint_that_resumes(shakespeare, tmp_path):
     proc.send_signal(signal.SIGTERM)
     stdout, stderr = proc.communicate(timeout=120)
     assert proc.returncode == 0 and 'Traceback' not in stderr, stderr
-    saved = train.checkpoint_dirs(out)
+    saved = checkpoints.checkpoint_dirs(out)
     assert len(saved) == 1 and 'SIGTERM: saved' in stdout
     step = int(saved[0].rsplit('-', 1)[1])
     assert step >= 3
@@ -530,7 +533,7 @@ def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(straight, shakespeare
     assert returncode == 1 and 'Traceback' not in stderr
     assert re.search(r"iter \d+: the loss is (nan|inf).*last good one", stderr), stderr
     after = {p.relative_to(out): p.read_bytes() for p in out.glob('ckpt-*/**/*') if p.is_file()}
-    assert after == before and [Path(d).name for d in train.checkpoint_dirs(out)] == ['ckpt-000003', 'ckpt-000006']
+    assert after == before and [Path(d).name for d in checkpoints.checkpoint_dirs(out)] == ['ckpt-000003', 'ckpt-000006']
 
 
 # ---- nothing lost, nothing silently wrong: one run per out_dir, checked checkpoints, a full disk, Ctrl-C ----------
@@ -567,8 +570,8 @@ def test_two_runs_on_one_out_dir_the_second_is_refused(straight, shakespeare, tm
                      stderr), stderr
     steps_once(out)
     assert metrics(out) == metrics(straight)
-    assert [Path(d).name for d in train.checkpoint_dirs(out)] == ['ckpt-000003', 'ckpt-000006']
-    assert all(checkpoints.verify(d) == (None, True) for d in train.checkpoint_dirs(out))
+    assert [Path(d).name for d in checkpoints.checkpoint_dirs(out)] == ['ckpt-000003', 'ckpt-000006']
+    assert all(checkpoints.verify(d) == (None, True) for d in checkpoints.checkpoint_dirs(out))
     assert not (out / 'train.lock').exists()  # given back at the end
 
 
@@ -591,34 +594,34 @@ def test_a_lock_is_taken_over_only_from_a_run_that_ended(tmp_path, monkeypatch):
         "sys.stdin.read()\n")], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
     try:
         assert holder.stdout.readline() == 'locked\n'
-        problem, note = train.lock_out_dir(str(out))
+        problem, note = common.lock_out_dir(str(out))
         assert problem == (f"{out} is in use by another run (host {os.uname().nodename}, pid {holder.pid}, started "
                            f"then): wait for it to end, or choose another out_dir") and note is None
         # no locks on this filesystem: the file alone tells, and it names a live process of this host
-        monkeypatch.setattr(checkpoints.fcntl, 'flock', no_locks)
-        assert 'is in use by another run' in train.lock_out_dir(str(out))[0]
+        monkeypatch.setattr(common.fcntl, 'flock', no_locks)
+        assert 'is in use by another run' in common.lock_out_dir(str(out))[0]
         monkeypatch.undo()
     finally:
         holder.communicate('')
-    assert lock.exists() and checkpoints._lock is None  # the holder died without removing it: the kernel lock is gone
-    problem, note = train.lock_out_dir(str(out))
+    assert lock.exists() and common._lock is None  # the holder died without removing it: the kernel lock is gone
+    problem, note = common.lock_out_dir(str(out))
     assert problem is None and re.fullmatch(rf"note: {re.escape(str(lock))} was left by a run that has ended \(host "
                                             rf".*, pid {holder.pid}, started then\); this run takes it over", note)
     assert json.loads(lock.read_text())['pid'] == os.getpid()
-    train.release_out_dir()
+    common.release_out_dir()
     assert not lock.exists() and out.is_dir()  # out_dir was there before: it stays
     lock.write_text(json.dumps(dict(host='node-7', pid=1, started='then')))  # another host's: it may live
-    problem, _ = train.lock_out_dir(str(out))
+    problem, _ = common.lock_out_dir(str(out))
     assert problem == (f"{out} is in use by another run (host node-7, pid 1, started then): if that run has ended, "
                        f"delete {lock}, or choose another out_dir")
     lock.write_text(json.dumps(dict(host=os.uname().nodename, pid=holder.pid, started='then')))  # without locks
-    monkeypatch.setattr(checkpoints.fcntl, 'flock', no_locks)
-    problem, note = train.lock_out_dir(str(out))
+    monkeypatch.setattr(common.fcntl, 'flock', no_locks)
+    problem, note = common.lock_out_dir(str(out))
     assert problem is None and 'this run takes it over' in note
-    train.release_out_dir()
+    common.release_out_dir()
     new = tmp_path / 'new'  # an out_dir the run made, and left empty: removed with the lock
-    assert train.lock_out_dir(str(new)) == (None, None) and new.is_dir()
-    train.release_out_dir()
+    assert common.lock_out_dir(str(new)) == (None, None) and new.is_dir()
+    common.release_out_dir()
     assert not new.exists()
 
 
@@ -673,11 +676,11 @@ def test_a_damaged_checkpoint_is_one_line_that_names_the_newest_complete_one(str
     damage(kind, out / 'ckpt-000006')
     before = files_of(out)
     with pytest.raises(SystemExit) as e:
-        train.choose_resume(str(out), -1)
+        checkpoints.choose_resume(str(out), -1)
     stderr = capsys.readouterr().err
     assert e.value.code == 1 and stderr.count('error:') == 1 and re.fullmatch(damaged_line(out, kind), stderr), stderr
     assert files_of(out) == before  # nothing touched, the damaged one included
-    assert train.choose_resume(str(out), 3)[0] == str(out / 'ckpt-000003')
+    assert checkpoints.choose_resume(str(out), 3)[0] == str(out / 'ckpt-000003')
 
 
 @pytest.fixture(scope='module')
@@ -764,13 +767,13 @@ def test_check_tokenizer_compares_content_vocabulary_and_end_of_text(released_mp
     # in process, the check that init_from=<Hugging Face dir> runs (full, LoRA and QLoRA alike) on each case
     base, meta_path = str(released_mpt), str(released_sft / 'meta.json')
     meta = json.loads((released_sft / 'meta.json').read_text())
-    assert train.check_tokenizer(meta, meta_path, base) == (None, None)  # prepared with --tokenizer=base
+    assert hf.check_tokenizer(meta, meta_path, base) == (None, None)  # prepared with --tokenizer=base
     redo = f"re-run `python prepare.py ... --tokenizer={base}` for this data"
     tok = json.loads((released_mpt / 'tokenizer.json').read_text())
     tok['model']['merges'] = tok['model']['merges'][:-1]  # another BPE of the same vocabulary
     (tmp_path / 'tokenizer.json').write_text(json.dumps(tok))
     other = {**meta, 'tokenizer': str(tmp_path), 'tokenizer_file': str(tmp_path / 'tokenizer.json')}
-    assert train.check_tokenizer(other, meta_path, base) == (
+    assert hf.check_tokenizer(other, meta_path, base) == (
         f"{meta_path}: the data was tokenized with {tmp_path / 'tokenizer.json'}, not with {base}'s own tokenizer "
         f"(their tokenizer.json files differ): {redo}", None)
     copy = tmp_path / 'copy'  # the same tokenizer elsewhere, formatted otherwise: the same
@@ -778,20 +781,20 @@ def test_check_tokenizer_compares_content_vocabulary_and_end_of_text(released_mp
     original = json.loads((released_mpt / 'tokenizer.json').read_text())
     (copy / 'tokenizer.json').write_text(json.dumps(original, indent=4))
     same = {**meta, 'tokenizer_file': str(copy / 'tokenizer.json')}
-    assert train.check_tokenizer(same, meta_path, base) == (None, None)
-    problem, _ = train.check_tokenizer({**meta, 'eot_token': 3}, meta_path, base)
+    assert hf.check_tokenizer(same, meta_path, base) == (None, None)
+    problem, _ = hf.check_tokenizer({**meta, 'eot_token': 3}, meta_path, base)
     assert problem.endswith("own tokenizer (end-of-text id 3 vs 0): " + redo)
     gone = {**meta, 'tokenizer_file': str(tmp_path / 'gone' / 'tokenizer.json')}
-    assert train.check_tokenizer(gone, meta_path, base)[1].startswith(
+    assert hf.check_tokenizer(gone, meta_path, base)[1].startswith(
         f"warning: {meta_path} says the data was tokenized with {gone['tokenizer_file']}, which is gone")
-    problem, _ = train.check_tokenizer({**gone, 'vocab_size': 600}, meta_path, base)
+    problem, _ = hf.check_tokenizer({**gone, 'vocab_size': 600}, meta_path, base)
     assert "(vocab_size 600 vs 500)" in problem
     old = {k: v for k, v in meta.items() if k not in ('tokenizer', 'tokenizer_file')}  # an older prepare.py's
-    assert train.check_tokenizer(old, meta_path, base) == (None, (
+    assert hf.check_tokenizer(old, meta_path, base) == (None, (
         f"warning: {meta_path} records no tokenizer (an older prepare.py wrote it), so it cannot be checked against "
         f"the model's: unless the data was prepared with --tokenizer={base}, {redo}"))
-    assert train.check_tokenizer({}, meta_path, base)[1].startswith(f"warning: {meta_path} does not exist")
-    assert train.check_tokenizer(meta, meta_path, str(tmp_path / 'gone'))[1] == (
+    assert hf.check_tokenizer({}, meta_path, base)[1].startswith(f"warning: {meta_path} does not exist")
+    assert hf.check_tokenizer(meta, meta_path, str(tmp_path / 'gone'))[1] == (
         f"warning: {tmp_path / 'gone'} has no tokenizer.json, so the data's tokenizer cannot be checked against the "
         f"model's")
 
@@ -827,21 +830,21 @@ def test_a_full_disk_during_a_save_removes_it_and_keeps_the_others(group_of_one,
     out = tmp_path / 'out'
     out.mkdir()
     info = lambda step: dict(iter_num=step)
-    train.save_checkpoint(str(out), model, exp_avgs, info(1), keep=3)
+    checkpoints.save_checkpoint(str(out), model, exp_avgs, info(1), keep=3)
     before = files_of(out)
-    real_save = train.dcp.save
+    real_save = checkpoints.dcp.save
     usage = collections.namedtuple('usage', 'total used free')
 
     def full_disk_save(state, checkpoint_id):
         real_save(state, checkpoint_id=checkpoint_id)
         shard = Path(checkpoint_id) / '__0_0.distcp'
         shard.write_bytes(shard.read_bytes()[:1000])
-        monkeypatch.setattr(train.shutil, 'disk_usage', lambda path: usage(10 ** 9, 10 ** 9, 4096))
+        monkeypatch.setattr(checkpoints.shutil, 'disk_usage', lambda path: usage(10 ** 9, 10 ** 9, 4096))
         error = RuntimeError('[enforce fail at inline_container.cc:672] . unexpected pos 704 vs 598')
-        raise train.dcp.CheckpointException('write', {0: (error, None)})
-    monkeypatch.setattr(train.dcp, 'save', full_disk_save)
+        raise checkpoints.dcp.CheckpointException('write', {0: (error, None)})
+    monkeypatch.setattr(checkpoints.dcp, 'save', full_disk_save)
     with pytest.raises(SystemExit) as e:
-        train.save_checkpoint(str(out), model, exp_avgs, info(2), keep=3)
+        checkpoints.save_checkpoint(str(out), model, exp_avgs, info(2), keep=3)
     stderr = capsys.readouterr().err
     assert e.value.code == 1 and stderr.count('error:') == 1, stderr
     assert re.fullmatch(rf"error: disk full while writing checkpoint ckpt-000002: {re.escape(str(out))} has 4\.1 kB "
@@ -852,7 +855,7 @@ def test_a_full_disk_during_a_save_removes_it_and_keeps_the_others(group_of_one,
     # ckpt.pt likewise (written through a file object, a full disk is an OSError there), and it carries the CRC
     # of its tensors
     monkeypatch.undo()
-    train.save_for_sampling(str(out / 'ckpt.pt'), model, dict(iter_num=1))
+    checkpoints.save_for_sampling(str(out / 'ckpt.pt'), model, dict(iter_num=1))
     good = (out / 'ckpt.pt').read_bytes()
     saved = torch.load(out / 'ckpt.pt')
     assert saved['crc32'] == checkpoints.state_crc(saved['model']) != checkpoints.state_crc(
@@ -861,9 +864,9 @@ def test_a_full_disk_during_a_save_removes_it_and_keeps_the_others(group_of_one,
     def full_disk_torch_save(obj, f):
         f.write(b'x' * 1000)
         raise OSError(errno.ENOSPC, 'No space left on device')
-    monkeypatch.setattr(train.torch, 'save', full_disk_torch_save)
+    monkeypatch.setattr(checkpoints.torch, 'save', full_disk_torch_save)
     with pytest.raises(SystemExit):
-        train.save_for_sampling(str(out / 'ckpt.pt'), model, dict(iter_num=2))
+        checkpoints.save_for_sampling(str(out / 'ckpt.pt'), model, dict(iter_num=2))
     stderr = capsys.readouterr().err
     assert re.fullmatch(rf"error: disk full while writing {re.escape(str(out / 'ckpt.pt'))}: .* has [\d.]+ [kMGT]B "
                         rf"free with the partial save removed, and it needs more than [\d.]+ [kMGT]B; .*ckpt-000001 "
@@ -944,7 +947,7 @@ def test_ctrl_c_saves_as_sigterm_does_and_a_second_aborts_at_once(shakespeare, t
     stdout = (tmp_path / 'stdout').read_text()
     assert proc.returncode == 0 and 'Traceback' not in stderr and 'KeyboardInterrupt' not in stderr, stderr
     assert 'Ctrl-C: finishing this step, then saving a checkpoint (Ctrl-C again aborts at once' in stderr
-    [saved] = train.checkpoint_dirs(out)
+    [saved] = checkpoints.checkpoint_dirs(out)
     assert re.search(rf"Ctrl-C: saved {re.escape(saved)}; continue with --init_from=resume", stdout), stdout
     assert checkpoints.verify(saved) == (None, True) and not (out / 'train.lock').exists()
     before = files_of(out, 'ckpt-??????/*')
@@ -960,7 +963,7 @@ def test_ctrl_c_saves_as_sigterm_does_and_a_second_aborts_at_once(shakespeare, t
     proc.send_signal(signal.SIGCONT)
     proc.communicate(timeout=60)
     assert proc.returncode == -signal.SIGINT
-    assert files_of(out, 'ckpt-??????/*') == before and train.checkpoint_dirs(out) == [saved]
+    assert files_of(out, 'ckpt-??????/*') == before and checkpoints.checkpoint_dirs(out) == [saved]
 
 
 # ---- other inputs -------------------------------------------------------------------------------------
@@ -994,14 +997,14 @@ def test_init_from_hugging_face_directory(shakespeare, tmp_path):
     torch.manual_seed(3)
     model = MPT(MPTConfig(vocab_size=65, d_model=32, n_heads=4, n_layers=2, max_seq_len=16)).eval()
     model.save_hf(tmp_path / 'hf')
-    split = train.load_split(str(shakespeare / 'val.bin'), 65, 16)
-    ids = train.sample_windows(0, int(split[2][-1]), 0, 3 * 4)
+    split = data.load_split(str(shakespeare / 'val.bin'), 65, 16)
+    ids = data.sample_windows(0, int(split[2][-1]), 0, 3 * 4)
     # an alibi_bias_max given explicitly wins over the checkpoint's (MPT-7B-StoryWriter's 8 -> 16)
     steeper = MPT(dataclasses.replace(model.config, alibi_bias_max=16)).eval()
     steeper.load_state_dict(model.state_dict())
     for m, args, out in ((model, [], 'out'), (steeper, ['--alibi_bias_max=16'], 'out16')):
         with torch.no_grad():
-            expected = np.mean([m(*train.to_device(train.read_windows(split, ids[i:i + 4], 16, 65),
+            expected = np.mean([m(*data.to_device(data.read_windows(split, ids[i:i + 4], 16, 65),
                                                    torch.device('cpu')))[1].item() for i in range(0, 12, 4)])
         run([*TINY, f'--data_dir={shakespeare}', f'--out_dir={tmp_path / out}', f'--init_from={tmp_path / "hf"}',
              '--max_iters=0', '--vocab_size=99', '--d_model=8', *args])  # the shape comes from the checkpoint
@@ -1051,17 +1054,17 @@ def test_eval_only_at_several_lengths(straight, shakespeare, tmp_path):
     _, stdout, _ = run([*TINY, f'--data_dir={shakespeare}', f'--out_dir={out}', f'--init_from={straight / "ckpt-000006"}',
                         '--eval_only=True', '--eval_seq_lens=[8, 16, 40]'])
     record = json.loads((out / 'metrics.jsonl').read_text().splitlines()[-1])
-    assert record['eval_only'] and record['iter'] == 6 and not train.checkpoint_dirs(out)
+    assert record['eval_only'] and record['iter'] == 6 and not checkpoints.checkpoint_dirs(out)
     assert sorted(record['val_loss_by_seq_len']) == ['16', '40', '8']
     assert record['val_loss'] == record['val_loss_by_seq_len']['16'] == metrics(straight)[1][6]
     assert re.search(r"seq_len\s+val loss\n\s+8\s+[\d.]+\n\s+16\s+[\d.]+\s+\(trained\)\n\s+40\s+[\d.]+", stdout)
     model = MPT(MPTConfig(vocab_size=65, d_model=32, n_heads=4, n_layers=2, max_seq_len=16, attn_impl='torch')).eval()
     model.load_state_dict(checkpoint_tensors(straight / 'ckpt-000006', tmp_path)['model'])
     for L, per_batch in ((8, 8), (40, 1)):  # 3 x 4 x 16 tokens: 24 windows of 8, 4 of 40 (micro-batches of 64 tokens)
-        split = train.load_split(str(shakespeare / 'val.bin'), 65, L)
-        ids = train.sample_windows(0, int(split[2][-1]), 0, 3 * 4 * 16 // L)
+        split = data.load_split(str(shakespeare / 'val.bin'), 65, L)
+        ids = data.sample_windows(0, int(split[2][-1]), 0, 3 * 4 * 16 // L)
         with torch.no_grad():
-            losses = [model(*train.to_device(train.read_windows(split, ids[i:i + per_batch], L, 65),
+            losses = [model(*data.to_device(data.read_windows(split, ids[i:i + per_batch], L, 65),
                                              torch.device('cpu')))[1].item() for i in range(0, len(ids), per_batch)]
         assert record['val_loss_by_seq_len'][str(L)] == pytest.approx(np.mean(losses), rel=1e-5), L
 
@@ -1071,11 +1074,11 @@ def test_eval_only_at_several_lengths(straight, shakespeare, tmp_path):
 def test_document_ids_count_the_end_of_texts_before_each_token():
     eot = 9
     rows = np.array([[1, 2, 9, 3, 9, 9, 4, 5, 6], [9, 1, 1, 1, 1, 1, 1, 1, 9]])
-    assert train.document_ids(rows[:, :-1], eot).tolist() == [[0, 0, 0, 1, 1, 2, 3, 3], [0, 1, 1, 1, 1, 1, 1, 1]]
-    x, y, sequence_id = train.to_device(rows, torch.device('cpu'), eot_token=eot)
+    assert data.document_ids(rows[:, :-1], eot).tolist() == [[0, 0, 0, 1, 1, 2, 3, 3], [0, 1, 1, 1, 1, 1, 1, 1]]
+    x, y, sequence_id = data.to_device(rows, torch.device('cpu'), eot_token=eot)
     assert torch.equal(x, torch.from_numpy(rows[:, :-1])) and torch.equal(y, torch.from_numpy(rows[:, 1:]))
-    assert torch.equal(sequence_id, torch.from_numpy(train.document_ids(rows[:, :-1], eot)))
-    assert len(train.to_device(rows, torch.device('cpu'))) == 2  # without: (x, y) as before
+    assert torch.equal(sequence_id, torch.from_numpy(data.document_ids(rows[:, :-1], eot)))
+    assert len(data.to_device(rows, torch.device('cpu'))) == 2  # without: (x, y) as before
 
 
 @pytest.fixture(scope='module')
@@ -1134,12 +1137,12 @@ QLORA = [*LORA, '--quantize_base=nf4']
 
 
 def test_loss_masks_turn_prompt_targets_into_ignored(released_sft):
-    split = train.load_split(str(released_sft / 'train.bin'), 512, 32)
+    split = data.load_split(str(released_sft / 'train.bin'), 512, 32)
     ids = np.array([0, 5, 17])
-    rows, masks = train.read_windows(split, ids, 32, 512), train.read_masks(split, ids, 32)
+    rows, masks = data.read_windows(split, ids, 32, 512), data.read_masks(split, ids, 32)
     tokens = np.fromfile(released_sft / 'train.bin', dtype=np.uint16)
     mask = np.fromfile(released_sft / 'train.mask', dtype=np.uint8)
-    x, y = train.to_device(rows, torch.device('cpu'), masks)
+    x, y = data.to_device(rows, torch.device('cpu'), masks)
     for r, k in enumerate(ids):  # window k: tokens [32k, 32k + 33); target j is token 32k + j + 1
         assert x[r].tolist() == tokens[32 * k:32 * k + 32].tolist()
         expected = [int(t) if m else -1 for t, m in zip(tokens[32 * k + 1:32 * k + 33], mask[32 * k + 1:32 * k + 33])]
@@ -1281,7 +1284,7 @@ def lora_bad(kind, released_mpt, released_sft, lora_runs, d):
         shutil.copytree(released_mpt, d / 'base')
         run_dir = d / 'out'
         shutil.copytree(lora_runs / 'lora1', run_dir)
-        for ckpt in train.checkpoint_dirs(run_dir):  # the run's base is now d/base, which then changes
+        for ckpt in checkpoints.checkpoint_dirs(run_dir):  # the run's base is now d/base, which then changes
             info = json.loads((Path(ckpt) / 'train.json').read_text())
             info['base']['path'] = str(d / 'base')
             (Path(ckpt) / 'train.json').write_text(json.dumps(info))
@@ -1344,12 +1347,12 @@ def test_masked_loss_is_the_mean_over_counted_targets(group_of_one, released_sft
     loss, norm, ok, _ = packet.tolist()
     assert ok == 1 and math.isfinite(norm) and loss == pytest.approx(counted.mean().item(), rel=1e-5)
     # evaluate on prepare.py's prompt/response val split: the mean over the response targets
-    split = train.load_split(str(released_sft / 'val.bin'), 512, 16)
+    split = data.load_split(str(released_sft / 'val.bin'), 512, 16)
     batches = [np.array([0, 1]), np.array([2, 3]), np.array([4])]
     with torch.no_grad():
         total = count = 0.0
         for ids in batches:
-            x, y = train.to_device(train.read_windows(split, ids, 16, 512), torch.device('cpu'), train.read_masks(split, ids, 16))
+            x, y = data.to_device(data.read_windows(split, ids, 16, 512), torch.device('cpu'), data.read_masks(split, ids, 16))
             logp = torch.log_softmax(model.eval()(x, y.clamp(min=0))[0], -1).gather(-1, y.clamp(min=0)[..., None])[..., 0]
             total, count = total - logp[y != -1].sum().item(), count + int((y != -1).sum())
     model.train()
