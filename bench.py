@@ -7,19 +7,23 @@ hold even on a noisy machine. Takes the same settings as train.py (a config file
     python bench.py config/mpt_125m.py --mode=sample
     python bench.py --mode=sass
     ... --json=bench.json   writes every figure, with the device and the versions
+    ... --dry_run=True      checks the settings and what they build, runs nothing (bench/gpu_session.sh quick)
 
 train:  the real training step of train.py (forward, backward, Lion; its FSDP wrapping and
         precision) on random tokens: ms/step, tokens/s, MFU, peak memory; --compare_hf=True times
         transformers' MptForCausalLM (eager attention) on the same config and batch.
 attn:   forward, backward and forward+backward TFLOP/s of causal ALiBi attention, bf16: our Triton kernel,
         SDPA with the bias as a float mask, FlexAttention with an ALiBi score_mod, SDPA without
-        bias (the ceiling for a kernel without ALiBi), flash-attn if installed, the eager reference.
+        bias (the ceiling for a kernel without ALiBi), flash-attn if installed, the eager reference;
+        --attn_variants=True also times our kernel with each of its variants forced.
 sample: decode tokens/s of model.generate against transformers' generate on the same weights.
 sass:   no GPU needed: the attention kernels compiled for sm_90 (and sm_80) with the installed Triton and
         the GPU machines' (--sass_triton), and read: registers, shared memory, spills, and what the main
         loop issues per warp and iteration (instructions, wgmma, exp2, waits, barriers, loads); the
         reader is bench/sass.py.
 """
+import contextlib
+import functools
 import math
 import os
 import platform
@@ -41,7 +45,8 @@ from model import MPT, MPTConfig, alibi_slopes, check_attention, flash_attn_alib
 # -----------------------------------------------------------------------------
 # every setting of train.py (a config file and --key=value work as there), then bench's own
 globals().update(train.default_settings())
-mode = 'train'  # 'train' | 'attn' | 'sample'
+mode = 'train'  # 'train' | 'attn' | 'sample' | 'sass'
+dry_run = False  # check the settings and what they build (a model on the meta device, the variants), run nothing
 # (train mode: --batch_size is the micro-batch as in train.py; --batch_size=0 searches for the largest that fits)
 warmup = 3  # untimed steps (compilation, autotuning, allocator warm-up)
 iters = 10  # timed steps
@@ -50,6 +55,10 @@ compare_hf = False  # train mode: also time transformers' MptForCausalLM on the 
 profile = False  # train mode: write a torch.profiler trace to out_dir/trace.json
 json = ''  # write every figure to this file (--json=bench.json)
 attn_shapes = [(8, 16, 2048, 128), (4, 16, 4096, 128), (16, 12, 2048, 64)]  # attn mode: (B, H, T, D)
+# attn mode: also time our kernel with each variant forced (model.py's FWD_VARIANTS, DKDV_VARIANTS: the first
+# forms, then the pipelined ones), each autotuned among its own configs, beside the autotuner's pick
+attn_variants = False
+attn_eager = True  # attn mode: also time the eager reference (matmul + softmax: slow at long T)
 sample_batch_sizes = [1, 16]  # sample mode: prompts generated at once
 sample_prompt_len = 128  # sample mode: prompt tokens, then...
 sample_new_tokens = 256  # ...tokens generated per prompt
@@ -65,6 +74,9 @@ settings = configure(globals(), sys.argv[1:])
 _problems = out_of_range(settings, __file__, whole=dict(warmup=0, iters=1, micro_steps=1, sample_prompt_len=1,
                                                         sample_new_tokens=1, batch_size=0, max_seq_len=1))
 _problems += [p for p in [device_problem(device)] if p]
+if not all(isinstance(s, (tuple, list)) and len(s) == 4 and all(isinstance(n, int) and n >= 1 for n in s)
+           for s in attn_shapes):
+    _problems.append(f"attn_shapes={attn_shapes!r}: use a list of (B, H, T, D), four whole numbers >= 1 each")
 if _problems:
     sys.exit('error: ' + '\nerror: '.join(_problems))
 # -----------------------------------------------------------------------------
@@ -239,14 +251,62 @@ def bench_hf_train(model, B, batches, micro_steps, dev):
 # -----------------------------------------------------------------------------
 # attn: one attention call at a time, each checked against the float32 reference first (causal, ALiBi)
 
+def tuned_rows():
+    """Our kernel's rows that the autotuner serves, name -> {kernel: the launch constants its configs must have}:
+    the autotuner's pick (no constraint), and with attn_variants each variant forced, variant i being the
+    forward's and the dK/dV kernel's i-th form (model.py's FWD_VARIANTS, DKDV_VARIANTS; a kernel's last where it
+    has fewer). deterministic=True runs the tables' first entries and the separate dQ kernel, untuned."""
+    import model as fa
+    variants = {fa._attn_fwd: fa.FWD_VARIANTS, fa._attn_bwd_dkdv: fa.DKDV_VARIANTS}
+    rows = {'ours (triton)': {kernel: {} for kernel in variants}}
+    for i in range(max(map(len, variants.values()))) if attn_variants else []:
+        want = {kernel: forms[min(i, len(forms) - 1)] for kernel, forms in variants.items()}
+        label = ', '.join(sorted({f'{k}={v}' for w in want.values() for k, v in w.items()}))
+        rows[f'ours (triton, {label} forced)'] = want
+    return rows
+
+
+@contextlib.contextmanager
+def tuned_as(want):
+    """Within: each kernel of want ({kernel: launch constants}) autotunes among its configs with those constants
+    only (model.py has no switch for it: its pruning is wrapped, as tests/test_attention.py's `variant` fixture
+    does), in a tuning cache of its own, apart from the other rows' picks. Yields a dict that, after the block,
+    holds 'tuned': each kernel's picks, and 'unserved': the kernels that had no config of the variant for a launch
+    (their usual configs ran)."""
+    found, saved, unserved = {}, [], set()
+
+    def only(prune, constants, name):
+        def pruned(configs, nargs, **meta):
+            kept = prune(configs, nargs, **meta)
+            wanted = [c for c in kept if all(c.kwargs.get(k) == v for k, v in constants.items())]
+            if not wanted:
+                unserved.add(name)
+            return wanted or kept
+        return pruned
+    for kernel, constants in want.items():
+        if len(kernel.configs) == 1 and any(kernel.configs[0].kwargs.get(k) != v for k, v in constants.items()):
+            unserved.add(kernel.fn.__name__)  # the interpreter's one-config table, which the autotuner does not prune
+        saved.append((kernel, kernel.early_config_prune, kernel.cache))
+        kernel.early_config_prune, kernel.cache = only(kernel.early_config_prune, constants, kernel.fn.__name__), {}
+    try:
+        yield found
+    finally:
+        found['tuned'] = '; '.join(f"{kernel.fn.__name__.removeprefix('_attn_')} {sass.config_label(c)}"
+                                   for kernel, _, _ in saved for c in kernel.cache.values())
+        found['unserved'] = sorted(unserved)
+        for kernel, prune, cache in saved:
+            kernel.early_config_prune, kernel.cache = prune, cache
+
+
 def attention_impls(slopes, T, dtype):
     """name -> fn(q, k, v), causal with ALiBi (but the ceiling), or name -> why it is unavailable here."""
     impls = {}
+    ours = list(tuned_rows()) + ['ours (triton, deterministic)']
     if cuda or os.environ.get('TRITON_INTERPRET') == '1':
-        impls['ours (triton)'] = lambda q, k, v: flash_attn_alibi(q, k, v, slopes)
-        impls['ours (triton, deterministic)'] = lambda q, k, v: flash_attn_alibi(q, k, v, slopes, deterministic=True)
+        for name in ours:
+            impls[name] = functools.partial(flash_attn_alibi, alibi_slopes=slopes, deterministic='deterministic' in name)
     else:
-        impls['ours (triton)'] = impls['ours (triton, deterministic)'] = 'needs CUDA'
+        impls.update(dict.fromkeys(ours, 'needs CUDA'))
     try:
         import flash_attn  # noqa: F401
         from model import flash_package_attention
@@ -274,7 +334,8 @@ def attention_impls(slopes, T, dtype):
     def eager(q, k, v):  # plain matmul + softmax, as transformers' MPT computes attention
         s = (q @ k.transpose(-1, -2)) * (1 / math.sqrt(q.size(-1))) + mask
         return torch.softmax(s.float(), dim=-1).to(q.dtype) @ v
-    impls['eager reference'] = eager
+    if attn_eager:
+        impls['eager reference'] = eager
     return impls
 
 
@@ -283,9 +344,30 @@ def attention_and_grads(fn, q, k, v, do):
     return (out, *torch.autograd.grad(out, (q, k, v), do))
 
 
+def measure(row, fn, q, k, v, do, ref, flops):
+    """fn checked against the float32 reference (output and gradients), then its forward, backward and both
+    timed, into row."""
+    got = attention_and_grads(fn, q, k, v, do)
+    err = max(((x.float() - r).abs().max() / r.abs().max().clamp(min=1)).item() for x, r in zip(got, ref))
+    row['max_err'] = err  # relative to the largest reference value, over out, dq, dk, dv
+    del got
+    if not err < (5e-2 if q.dtype == torch.bfloat16 else 1e-4):
+        row['note'] = f"disagrees with the reference (max err {err:.3g}): not timed"
+        return
+    t_fwd = timed(lambda: fn(q, k, v))
+    out = fn(q, k, v)  # the backward alone: one forward's graph, differentiated again and again
+    t_bwd = timed(lambda: torch.autograd.grad(out, (q, k, v), do, retain_graph=True))
+    del out
+    t_all = timed(lambda: attention_and_grads(fn, q, k, v, do))
+    row.update(fwd_ms=t_fwd * 1e3, fwd_tflops=flops / t_fwd / 1e12,
+               bwd_ms=t_bwd * 1e3, bwd_tflops=2.5 * flops / t_bwd / 1e12,  # bwd = 2.5 fwd
+               fwd_bwd_ms=t_all * 1e3, fwd_bwd_tflops=3.5 * flops / t_all / 1e12)
+
+
 def bench_attn():
     shapes = attn_shapes if cuda else [(1, 2, 128, 32)]  # CPU: a smoke test of the machinery
     dt = torch.bfloat16 if cuda else torch.float32
+    tuned = tuned_rows()
     rows = []
     for B, H, T, D in shapes:
         slopes = alibi_slopes(H).to(device)
@@ -304,30 +386,27 @@ def bench_attn():
             if isinstance(fn, str):
                 row['note'] = fn
                 continue
+            picks = {}
             try:
-                got = attention_and_grads(fn, q, k, v, do)
-                ref = refs['none' if 'no bias' in name else 'alibi']
-                err = max(((x.float() - r).abs().max() / r.abs().max().clamp(min=1)).item() for x, r in zip(got, ref))
-                row['max_err'] = err  # relative to the largest reference value, over out, dq, dk, dv
-                del got
-                if not err < (5e-2 if dt == torch.bfloat16 else 1e-4):
-                    row['note'] = f"disagrees with the reference (max err {err:.3g}): not timed"
-                    continue
-                t_fwd = timed(lambda: fn(q, k, v))
-                out = fn(q, k, v)  # the backward alone: one forward's graph, differentiated again and again
-                t_bwd = timed(lambda: torch.autograd.grad(out, (q, k, v), do, retain_graph=True))
-                del out
-                t_all = timed(lambda: attention_and_grads(fn, q, k, v, do))
-                row.update(fwd_ms=t_fwd * 1e3, fwd_tflops=flops / t_fwd / 1e12,
-                           bwd_ms=t_bwd * 1e3, bwd_tflops=2.5 * flops / t_bwd / 1e12,  # bwd = 2.5 fwd
-                           fwd_bwd_ms=t_all * 1e3, fwd_bwd_tflops=3.5 * flops / t_all / 1e12)
+                with tuned_as(tuned.get(name, {})) as picks:
+                    measure(row, fn, q, k, v, do, refs['none' if 'no bias' in name else 'alibi'], flops)
             except torch.OutOfMemoryError:
                 row['note'] = 'out of memory'
             finally:
                 if cuda:
                     torch.cuda.empty_cache()
+            if picks.get('tuned'):
+                row['tuned'] = picks['tuned']  # the configs the autotuner kept, e.g. 'fwd 128x128 w8 s2 pipeline'
+            if picks.get('unserved'):
+                row['note'] = '; '.join(filter(None, [row.get('note'), f"no config of this variant for "
+                                                      f"{', '.join(picks['unserved'])}: its usual ones ran"]))
+            # as it goes, for a run cut short (the table comes at the end)
+            print(f"  {row['shape']} {name}: " + (f"fwd {row['fwd_tflops']:.1f}, bwd {row['bwd_tflops']:.1f}, "
+                                                  f"fwd+bwd {row['fwd_bwd_tflops']:.1f} TFLOP/s"
+                                                  if 'fwd_tflops' in row else '') + f" {row.get('note', '')}"
+                  + (f" [{row['tuned']}]" if 'tuned' in row else ''), flush=True)
     print_table(rows, ['shape', 'impl', 'fwd_ms', 'fwd_tflops', 'bwd_ms', 'bwd_tflops', 'fwd_bwd_ms', 'fwd_bwd_tflops',
-                       'max_err', 'note'])
+                       'max_err', 'note', 'tuned'])
     return rows
 
 
@@ -399,11 +478,49 @@ def bench_sass():
 
 
 # -----------------------------------------------------------------------------
+# dry run: what a mode would build, checked without running it (bench/gpu_session.sh quick --dry_run)
+
+def dry_run_check():
+    """One line on what the settings build, or exit with an error: the model (on the meta device) and the
+    attention settings for train and sample, transformers' twin for compare_hf, each forced variant's configs
+    in the GPU's autotune tables for attn, the listing for sass."""
+    if mode in ('train', 'sample'):
+        config = model_config(init_device='meta')
+        check(config)
+        model = MPT(config)
+        line = f"a {model.num_params() / 1e6:.1f}M-parameter model, {config.attn_impl} attention"
+        if mode == 'train' and compare_hf:
+            try:
+                from transformers import MptConfig
+                MptConfig(**model.hf_config())
+                line += ", and transformers' MptForCausalLM beside it"
+            except ImportError:
+                line += " (transformers is not installed: no comparison)"
+            except ValueError as e:
+                line += f" (transformers' MPT cannot express it: {str(e).split(';')[0]})"
+        return line
+    if mode == 'attn':
+        import model as fa
+        for name, want in tuned_rows().items():
+            for kernel, constants in want.items():
+                tables = {fa._attn_fwd: fa.FWD_TUNING, fa._attn_bwd_dkdv: fa.DKDV_TUNING}[kernel]
+                if not any(all(c.kwargs.get(k) == v for k, v in constants.items()) for c, *_ in tables):
+                    sys.exit(f"error: {name}: {kernel.fn.__name__} has no config with {constants}")
+        return f"shapes {attn_shapes}; our kernel's rows: {', '.join(tuned_rows())}, deterministic"
+    if sass_listing and not os.path.isfile(sass_listing):
+        sys.exit(f"error: sass_listing={sass_listing!r}: no such file")
+    return f"sass jobs {sass_jobs!r}: {len(sass.sass_job_list(sass_jobs))} compiles per Triton"
+
+
+# -----------------------------------------------------------------------------
 
 if __name__ == '__main__':
     modes = {'train': bench_train, 'attn': bench_attn, 'sample': bench_sample, 'sass': bench_sass}
     if mode not in modes:
         sys.exit(f"error: unknown mode={mode!r}: use one of {', '.join(modes)}")
+    if dry_run:  # the settings passed the checks above; nothing runs
+        print(f"dry run, {mode}: {dry_run_check()}; nothing ran")
+        sys.exit(0)
     env = environment()
     print(f"{mode} on {env['device']} | torch {env['torch']} | triton {env['triton']} | CUDA {env['cuda']}")
     rows = modes[mode]()
