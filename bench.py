@@ -7,25 +7,29 @@ hold even on a noisy machine. Takes the same settings as train.py (a config file
     python bench.py config/mpt_125m.py --mode=sample
     python bench.py --mode=sass
     ... --json=bench.json   writes every figure, with the device and the versions
+    ... --dry_run=True      checks the settings and what they build, runs nothing (bench/gpu_session.sh quick)
 
 train:  the real training step of train.py (forward, backward, Lion; its FSDP wrapping and
         precision) on random tokens: ms/step, tokens/s, MFU, peak memory; --compare_hf=True times
         transformers' MptForCausalLM (eager attention) on the same config and batch.
 attn:   forward, backward and forward+backward TFLOP/s of causal ALiBi attention, bf16: our Triton kernel,
         SDPA with the bias as a float mask, FlexAttention with an ALiBi score_mod, SDPA without
-        bias (the ceiling for a kernel without ALiBi), flash-attn if installed, the eager reference.
+        bias (the ceiling for a kernel without ALiBi), flash-attn if installed, the eager reference;
+        --attn_variants=True also times our kernel with each of its variants forced.
 sample: decode tokens/s of model.generate against transformers' generate on the same weights.
 sass:   no GPU needed: the attention kernels compiled for sm_90 (and sm_80) with the installed Triton and
         the GPU machines' (--sass_triton), and read: registers, shared memory, spills, and what the main
-        loop issues per warp and iteration (instructions, wgmma, exp2, waits, barriers, loads).
+        loop issues per warp and iteration (instructions, wgmma, exp2, waits, barriers, loads); the
+        reader is bench/sass.py.
 """
+import contextlib
+import functools
 import math
 import os
 import platform
-import re
 import sys
 import time
-from json import dump as json_dump, dumps as json_dumps, loads as json_loads
+from json import dump as json_dump
 
 from configurator import configure, device_problem, help_if_asked, out_of_range
 
@@ -35,12 +39,14 @@ import torch
 import torch.nn.functional as F
 
 import train
+from bench import sass
 from model import MPT, MPTConfig, alibi_slopes, check_attention, flash_attn_alibi, torch_attention
 
 # -----------------------------------------------------------------------------
 # every setting of train.py (a config file and --key=value work as there), then bench's own
 globals().update(train.default_settings())
-mode = 'train'  # 'train' | 'attn' | 'sample'
+mode = 'train'  # 'train' | 'attn' | 'sample' | 'sass'
+dry_run = False  # check the settings and what they build (a model on the meta device, the variants), run nothing
 # (train mode: --batch_size is the micro-batch as in train.py; --batch_size=0 searches for the largest that fits)
 warmup = 3  # untimed steps (compilation, autotuning, allocator warm-up)
 iters = 10  # timed steps
@@ -49,6 +55,10 @@ compare_hf = False  # train mode: also time transformers' MptForCausalLM on the 
 profile = False  # train mode: write a torch.profiler trace to out_dir/trace.json
 json = ''  # write every figure to this file (--json=bench.json)
 attn_shapes = [(8, 16, 2048, 128), (4, 16, 4096, 128), (16, 12, 2048, 64)]  # attn mode: (B, H, T, D)
+# attn mode: also time our kernel with each variant forced (model.py's FWD_VARIANTS, DKDV_VARIANTS: the first
+# forms, then the pipelined ones), each autotuned among its own configs, beside the autotuner's pick
+attn_variants = False
+attn_eager = True  # attn mode: also time the eager reference (matmul + softmax: slow at long T)
 sample_batch_sizes = [1, 16]  # sample mode: prompts generated at once
 sample_prompt_len = 128  # sample mode: prompt tokens, then...
 sample_new_tokens = 256  # ...tokens generated per prompt
@@ -60,11 +70,13 @@ sass_jobs = 'table'
 sass_triton = os.path.expanduser('~/.cache/mpt-aot/triton-3.6.0')
 sass_workers = 0  # sass mode: compiling processes in all (0: two per CPU core, at most 16)
 sass_listing = ''  # sass mode: read the loops of this `cuobjdump -sass` listing (one kernel) instead of compiling
-sass_worker = ''  # sass mode, set by bench itself: 'i/n' makes this process a worker compiling jobs i, i+n, ...
 settings = configure(globals(), sys.argv[1:])
 _problems = out_of_range(settings, __file__, whole=dict(warmup=0, iters=1, micro_steps=1, sample_prompt_len=1,
                                                         sample_new_tokens=1, batch_size=0, max_seq_len=1))
 _problems += [p for p in [device_problem(device)] if p]
+if not all(isinstance(s, (tuple, list)) and len(s) == 4 and all(isinstance(n, int) and n >= 1 for n in s)
+           for s in attn_shapes):
+    _problems.append(f"attn_shapes={attn_shapes!r}: use a list of (B, H, T, D), four whole numbers >= 1 each")
 if _problems:
     sys.exit('error: ' + '\nerror: '.join(_problems))
 # -----------------------------------------------------------------------------
@@ -239,14 +251,62 @@ def bench_hf_train(model, B, batches, micro_steps, dev):
 # -----------------------------------------------------------------------------
 # attn: one attention call at a time, each checked against the float32 reference first (causal, ALiBi)
 
+def tuned_rows():
+    """Our kernel's rows that the autotuner serves, name -> {kernel: the launch constants its configs must have}:
+    the autotuner's pick (no constraint), and with attn_variants each variant forced, variant i being the
+    forward's and the dK/dV kernel's i-th form (model.py's FWD_VARIANTS, DKDV_VARIANTS; a kernel's last where it
+    has fewer). deterministic=True runs the tables' first entries and the separate dQ kernel, untuned."""
+    import model as fa
+    variants = {fa._attn_fwd: fa.FWD_VARIANTS, fa._attn_bwd_dkdv: fa.DKDV_VARIANTS}
+    rows = {'ours (triton)': {kernel: {} for kernel in variants}}
+    for i in range(max(map(len, variants.values()))) if attn_variants else []:
+        want = {kernel: forms[min(i, len(forms) - 1)] for kernel, forms in variants.items()}
+        label = ', '.join(sorted({f'{k}={v}' for w in want.values() for k, v in w.items()}))
+        rows[f'ours (triton, {label} forced)'] = want
+    return rows
+
+
+@contextlib.contextmanager
+def tuned_as(want):
+    """Within: each kernel of want ({kernel: launch constants}) autotunes among its configs with those constants
+    only (model.py has no switch for it: its pruning is wrapped, as tests/test_attention.py's `variant` fixture
+    does), in a tuning cache of its own, apart from the other rows' picks. Yields a dict that, after the block,
+    holds 'tuned': each kernel's picks, and 'unserved': the kernels that had no config of the variant for a launch
+    (their usual configs ran)."""
+    found, saved, unserved = {}, [], set()
+
+    def only(prune, constants, name):
+        def pruned(configs, nargs, **meta):
+            kept = prune(configs, nargs, **meta)
+            wanted = [c for c in kept if all(c.kwargs.get(k) == v for k, v in constants.items())]
+            if not wanted:
+                unserved.add(name)
+            return wanted or kept
+        return pruned
+    for kernel, constants in want.items():
+        if len(kernel.configs) == 1 and any(kernel.configs[0].kwargs.get(k) != v for k, v in constants.items()):
+            unserved.add(kernel.fn.__name__)  # the interpreter's one-config table, which the autotuner does not prune
+        saved.append((kernel, kernel.early_config_prune, kernel.cache))
+        kernel.early_config_prune, kernel.cache = only(kernel.early_config_prune, constants, kernel.fn.__name__), {}
+    try:
+        yield found
+    finally:
+        found['tuned'] = '; '.join(f"{kernel.fn.__name__.removeprefix('_attn_')} {sass.config_label(c)}"
+                                   for kernel, _, _ in saved for c in kernel.cache.values())
+        found['unserved'] = sorted(unserved)
+        for kernel, prune, cache in saved:
+            kernel.early_config_prune, kernel.cache = prune, cache
+
+
 def attention_impls(slopes, T, dtype):
     """name -> fn(q, k, v), causal with ALiBi (but the ceiling), or name -> why it is unavailable here."""
     impls = {}
+    ours = list(tuned_rows()) + ['ours (triton, deterministic)']
     if cuda or os.environ.get('TRITON_INTERPRET') == '1':
-        impls['ours (triton)'] = lambda q, k, v: flash_attn_alibi(q, k, v, slopes)
-        impls['ours (triton, deterministic)'] = lambda q, k, v: flash_attn_alibi(q, k, v, slopes, deterministic=True)
+        for name in ours:
+            impls[name] = functools.partial(flash_attn_alibi, alibi_slopes=slopes, deterministic='deterministic' in name)
     else:
-        impls['ours (triton)'] = impls['ours (triton, deterministic)'] = 'needs CUDA'
+        impls.update(dict.fromkeys(ours, 'needs CUDA'))
     try:
         import flash_attn  # noqa: F401
         from model import flash_package_attention
@@ -274,7 +334,8 @@ def attention_impls(slopes, T, dtype):
     def eager(q, k, v):  # plain matmul + softmax, as transformers' MPT computes attention
         s = (q @ k.transpose(-1, -2)) * (1 / math.sqrt(q.size(-1))) + mask
         return torch.softmax(s.float(), dim=-1).to(q.dtype) @ v
-    impls['eager reference'] = eager
+    if attn_eager:
+        impls['eager reference'] = eager
     return impls
 
 
@@ -283,9 +344,30 @@ def attention_and_grads(fn, q, k, v, do):
     return (out, *torch.autograd.grad(out, (q, k, v), do))
 
 
+def measure(row, fn, q, k, v, do, ref, flops):
+    """fn checked against the float32 reference (output and gradients), then its forward, backward and both
+    timed, into row."""
+    got = attention_and_grads(fn, q, k, v, do)
+    err = max(((x.float() - r).abs().max() / r.abs().max().clamp(min=1)).item() for x, r in zip(got, ref))
+    row['max_err'] = err  # relative to the largest reference value, over out, dq, dk, dv
+    del got
+    if not err < (5e-2 if q.dtype == torch.bfloat16 else 1e-4):
+        row['note'] = f"disagrees with the reference (max err {err:.3g}): not timed"
+        return
+    t_fwd = timed(lambda: fn(q, k, v))
+    out = fn(q, k, v)  # the backward alone: one forward's graph, differentiated again and again
+    t_bwd = timed(lambda: torch.autograd.grad(out, (q, k, v), do, retain_graph=True))
+    del out
+    t_all = timed(lambda: attention_and_grads(fn, q, k, v, do))
+    row.update(fwd_ms=t_fwd * 1e3, fwd_tflops=flops / t_fwd / 1e12,
+               bwd_ms=t_bwd * 1e3, bwd_tflops=2.5 * flops / t_bwd / 1e12,  # bwd = 2.5 fwd
+               fwd_bwd_ms=t_all * 1e3, fwd_bwd_tflops=3.5 * flops / t_all / 1e12)
+
+
 def bench_attn():
     shapes = attn_shapes if cuda else [(1, 2, 128, 32)]  # CPU: a smoke test of the machinery
     dt = torch.bfloat16 if cuda else torch.float32
+    tuned = tuned_rows()
     rows = []
     for B, H, T, D in shapes:
         slopes = alibi_slopes(H).to(device)
@@ -304,30 +386,27 @@ def bench_attn():
             if isinstance(fn, str):
                 row['note'] = fn
                 continue
+            picks = {}
             try:
-                got = attention_and_grads(fn, q, k, v, do)
-                ref = refs['none' if 'no bias' in name else 'alibi']
-                err = max(((x.float() - r).abs().max() / r.abs().max().clamp(min=1)).item() for x, r in zip(got, ref))
-                row['max_err'] = err  # relative to the largest reference value, over out, dq, dk, dv
-                del got
-                if not err < (5e-2 if dt == torch.bfloat16 else 1e-4):
-                    row['note'] = f"disagrees with the reference (max err {err:.3g}): not timed"
-                    continue
-                t_fwd = timed(lambda: fn(q, k, v))
-                out = fn(q, k, v)  # the backward alone: one forward's graph, differentiated again and again
-                t_bwd = timed(lambda: torch.autograd.grad(out, (q, k, v), do, retain_graph=True))
-                del out
-                t_all = timed(lambda: attention_and_grads(fn, q, k, v, do))
-                row.update(fwd_ms=t_fwd * 1e3, fwd_tflops=flops / t_fwd / 1e12,
-                           bwd_ms=t_bwd * 1e3, bwd_tflops=2.5 * flops / t_bwd / 1e12,  # bwd = 2.5 fwd
-                           fwd_bwd_ms=t_all * 1e3, fwd_bwd_tflops=3.5 * flops / t_all / 1e12)
+                with tuned_as(tuned.get(name, {})) as picks:
+                    measure(row, fn, q, k, v, do, refs['none' if 'no bias' in name else 'alibi'], flops)
             except torch.OutOfMemoryError:
                 row['note'] = 'out of memory'
             finally:
                 if cuda:
                     torch.cuda.empty_cache()
+            if picks.get('tuned'):
+                row['tuned'] = picks['tuned']  # the configs the autotuner kept, e.g. 'fwd 128x128 w8 s2 pipeline'
+            if picks.get('unserved'):
+                row['note'] = '; '.join(filter(None, [row.get('note'), f"no config of this variant for "
+                                                      f"{', '.join(picks['unserved'])}: its usual ones ran"]))
+            # as it goes, for a run cut short (the table comes at the end)
+            print(f"  {row['shape']} {name}: " + (f"fwd {row['fwd_tflops']:.1f}, bwd {row['bwd_tflops']:.1f}, "
+                                                  f"fwd+bwd {row['fwd_bwd_tflops']:.1f} TFLOP/s"
+                                                  if 'fwd_tflops' in row else '') + f" {row.get('note', '')}"
+                  + (f" [{row['tuned']}]" if 'tuned' in row else ''), flush=True)
     print_table(rows, ['shape', 'impl', 'fwd_ms', 'fwd_tflops', 'bwd_ms', 'bwd_tflops', 'fwd_bwd_ms', 'fwd_bwd_tflops',
-                       'max_err', 'note'])
+                       'max_err', 'note', 'tuned'])
     return rows
 
 
@@ -378,225 +457,15 @@ def bench_sample():
 
 
 # -----------------------------------------------------------------------------
-# sass: the attention kernels compiled ahead of time on this machine (no GPU), and their SASS read. Each
-# Triton compiles in its own worker processes (this script again, with --sass_worker and the Triton's folder
-# first on PYTHONPATH); ptxas' log (which Triton prints) gives registers and spills, cuobjdump the SASS.
-
-def sass_job_list(which):
-    """Compile jobs, dicts: kernel, config (index into its table), arch, dtype, head_dim, causal, seq (sequence
-    ids), tma (descriptors, sm_90), fuse_dq (dK/dV kernel: dQ by atomics, the default; False: deterministic).
-    'table': every sm_90 config at head dim 128, bf16, causal, on the TMA path and the pointer fallback (head
-    dims that are not a multiple of 8, misaligned views). 'aot': every config at the largest head dim it
-    serves (bf16, causal, the default variant), with sequence ids, and once more in fp16 at a padded head dim
-    (masked loads, not causal, the deterministic dK/dV variant), on sm_80 and sm_90, the sm_90 pointer
-    fallback at the largest head dim, and the preprocess kernel. 'full': every head dim in {64, 80, 112, 128}
-    a config serves x dtype x causal x sequence ids x path x dQ variant."""
-    import triton
-
-    import model as fa
-    jobs = []
-    tables = {"_attn_fwd": fa.FWD_TUNING, "_attn_bwd_dkdv": fa.DKDV_TUNING, "_attn_bwd_dq": fa.DQ_TUNING}
-    for name, tuning in tables.items():
-        for idx, (_, archs, max_block_d, decode, only) in enumerate(tuning):
-            dims = [d for d in (64, 80, 112, 128) if triton.next_power_of_2(d) <= max_block_d]
-            seqs = [only["HAS_SEQ"]] if "HAS_SEQ" in only else [False, True]
-            for cap in archs:
-                job = dict(kernel=name, config=idx, arch=cap, dtype="bf16", head_dim=dims[-1], causal=True,
-                           seq=seqs[0], tma=cap >= 90 and name != "_attn_bwd_dq", fuse_dq=True)
-                serves = lambda j: all(j[k] == only.get(c, j[k]) for k, c in (("tma", "TMA"), ("fuse_dq", "FUSE_DQ")))
-                if which == "table":
-                    more = [dict(job, tma=False)] if job["tma"] else []
-                    jobs += [j for j in [job] + more if cap >= 90 and max_block_d >= 128 and not j["seq"]
-                             and serves(j)]
-                elif which == "full":
-                    jobs += [j for j in (dict(job, dtype=dt, head_dim=d, causal=c, seq=seq, tma=tma, fuse_dq=fuse)
-                                         for dt in ("fp16", "bf16") for d in dims for c in (True, False) for seq in seqs
-                                         for tma in {job["tma"], False} for fuse in {True, name != "_attn_bwd_dkdv"})
-                             if serves(j)]
-                else:
-                    more = [dict(job, dtype="fp16", head_dim=dims[-2:][0], causal=False, fuse_dq=False)]
-                    more += [dict(job, tma=False)] if job["tma"] else []
-                    jobs += [j for j in [dict(job, seq=seq) for seq in seqs] + more if serves(j)]
-    if which != "table":
-        jobs += [dict(kernel="_bwd_preprocess", config=None, arch=cap, dtype="bf16", head_dim=128, causal=True,
-                      seq=False, tma=False, fuse_dq=True) for cap in (80, 90)]
-    return jobs
-
-
-def config_label(config):
-    """'128x128 w8 s2' plus the names of the variant switches that are on, e.g. 'pipeline'."""
-    kw = config.kwargs
-    flags = [k.lower() for k, v in kw.items() if k not in ("BLOCK_M", "BLOCK_N") and v is True]
-    return " ".join([f"{kw['BLOCK_M']}x{kw['BLOCK_N']} w{config.num_warps} s{config.num_stages}", *flags])
-
-
-def compile_job(job):
-    """Compile one job with this process' Triton for its arch, as the autotuner would launch it; returns the
-    ptxas log's registers, spills and "serialized" advisories, shared memory, wgmma N sizes, TMA and cp.async
-    counts in the PTX, and for sm_90 the SASS's main loop (sass_loop_stats)."""
-    import contextlib
-    import io
-    import subprocess
-    import tempfile
-
-    import triton
-    from triton.backends.compiler import GPUTarget
-    from triton.compiler import ASTSource
-
-    import model as fa
-    name, cap, dt = job["kernel"], job["arch"], job["dtype"]
-    meta = fa._meta(job["head_dim"], job["causal"], slopes=True, dtype=None, sequence_id=True if job["seq"] else None)
-    if name == "_bwd_preprocess":  # launched as in _attn_backward, with Triton's default warps/stages
-        fn, options, label = fa._bwd_preprocess, dict(num_warps=4, num_stages=3), "128 rows, 4 warps"
-        meta = dict(HEAD_DIM=job["head_dim"], BLOCK_D=meta["BLOCK_D"], BLOCK_M=128)
-    else:
-        cfg = getattr(fa, name).configs[job["config"]]
-        fn, options, label = getattr(fa, name).fn, dict(num_warps=cfg.num_warps, num_stages=cfg.num_stages), \
-            config_label(cfg)
-        meta.update(cfg.kwargs)
-        if name == "_attn_fwd":
-            meta["TMA"] = job["tma"]
-        if name == "_attn_bwd_dkdv":
-            meta.update(FUSE_DQ=job["fuse_dq"], TMA=job["tma"], DQ_TMA=job["fuse_dq"] and job["tma"])
-    signature, attrs = {}, {}
-    for i, p in enumerate(fn.params):
-        if p.is_constexpr:
-            signature[p.name] = "constexpr"
-        elif p.name in ("Q", "K", "V", "O", "DO", "DK", "DV") and meta.get("TMA") or (
-                p.name == "DQ" and meta.get("DQ_TMA")):  # host-side descriptors
-            rows = meta["BLOCK_N"] if p.name in ("K", "V", "DK", "DV") else meta["BLOCK_M"]
-            signature[p.name] = f"tensordesc<{'fp32' if p.name == 'DQ' else dt}[1,1,{rows},{meta['BLOCK_D']}]>"
-        elif p.name in ("LSE", "DELTA") and name == "_attn_bwd_dkdv" and meta["TMA"]:
-            signature[p.name] = f"tensordesc<fp32[1,1,{meta['BLOCK_M']}]>"
-        elif p.name in ("LSE", "DELTA", "SLOPES") or (p.name == "DQ" and name == "_attn_bwd_dkdv"):
-            signature[p.name], attrs[(i,)] = "*fp32", [["tt.divisibility", 16]]
-        elif p.name in ("DOC_START", "DOC_END"):
-            signature[p.name], attrs[(i,)] = "*i32", [["tt.divisibility", 16]]
-        elif p.name in ("Q", "K", "V", "O", "DO", "DQ", "DK", "DV"):
-            signature[p.name], attrs[(i,)] = "*" + dt, [["tt.divisibility", 16]]
-        elif p.name in ("qk_scale", "sm_scale"):
-            signature[p.name] = "fp32"
-        else:
-            signature[p.name] = "i32"
-            if p.name.startswith("stride_"):  # as the JIT specializes them for the model's layouts
-                attrs[(i,)] = [["tt.divisibility", 16]]
-    for key in [k for k, v in signature.items() if v == "constexpr" and k not in meta]:
-        del signature[key]  # a constexpr this kernel version does not have
-    start = time.time()
-    triton.knobs.nvidia.dump_ptxas_log = True  # Triton runs ptxas -v; print its log (captured here)
-    log = io.StringIO()
-    with contextlib.redirect_stdout(log):
-        compiled = triton.compile(ASTSource(fn, signature, meta, attrs), target=GPUTarget("cuda", cap, 32),
-                                  options=options)
-    log, ptx = log.getvalue(), compiled.asm["ptx"]
-    spills = [int(n) for n in re.findall(r"(\d+) bytes spill (?:stores|loads)", log)]
-    result = dict(job=job, label=label, triton=triton.__version__,
-                  regs=int(re.search(r"Used (\d+) registers", log).group(1)), spill=max(spills, default=0),
-                  serialized=[line.strip() for line in log.splitlines() if "serialized" in line],
-                  smem=compiled.metadata.shared,
-                  wgmma_n=sorted({int(n) for n in re.findall(r"wgmma\.mma_async\.sync\.aligned\.m64n(\d+)k", ptx)}),
-                  tma_loads=len(re.findall(r"cp\.async\.bulk\.tensor", ptx)),
-                  cp_async=len(re.findall(r"cp\.async\.c[ag]\.", ptx)))
-    if cap >= 90:
-        with tempfile.TemporaryDirectory() as tmp:
-            cubin = os.path.join(tmp, "k.cubin")
-            with open(cubin, "wb") as f:
-                f.write(compiled.asm["cubin"])
-            sass = subprocess.run([triton.knobs.nvidia.cuobjdump.path, "-sass", cubin], capture_output=True,
-                                  text=True, check=True).stdout
-        loops = [sass_loop_stats(body) for body in sass_loops(sass)]  # the main loop: no mask, else the shortest
-        result.update(hgmma="HGMMA" in sass, n_loops=len(loops),
-                      loop=min(loops, key=lambda s: (s["mask_selects"], s["instructions"])) if loops else None)
-    result["seconds"] = round(time.time() - start, 1)
-    return result
-
-
-def sass_loops(sass):
-    """The innermost loops of a SASS listing that issue wgmma (HGMMA), each as its list of instructions
-    (opcode and operands, without the predicate). A loop is a conditional branch back to an earlier
-    address; unconditional ones back are the returns of out-of-line code (the mbarrier wait retries)."""
-    code = [(int(a, 16), text) for a, text in re.findall(r"/\*([0-9a-f]{4,})\*/\s+([^;]*?)\s*;", sass)]
-    spans = []
-    for i, (addr, text) in enumerate(code):
-        m = re.match(r"@!?U?P\w+\s+BRA\s+(?:`\(\.L_x_\d+\)\s*)?0x([0-9a-f]+)", text)
-        if m and int(m.group(1), 16) < addr:
-            first = next(j for j, (a, _) in enumerate(code) if a >= int(m.group(1), 16))
-            if any(t.split()[0].startswith("HGMMA") for _, t in code[first:i + 1] if t):
-                spans.append((first, i))
-    innermost = [s for s in spans if not any(o != s and s[0] <= o[0] and o[1] <= s[1] for o in spans)]
-    strip = lambda t: re.sub(r"^@!?U?P\w+\s+", "", t)
-    return [[strip(t) for _, t in code[a:b + 1]] for a, b in innermost]
-
-
-def sass_loop_stats(body):
-    """Per warp and iteration of a loop: instructions (NOPs not counted), HGMMA count and shapes, MUFU.EX2,
-    wgmma waits (WARPGROUP.DEPBAR), CTA barriers (BAR.SYNC), TMA loads and reductions, global loads (LDG,
-    LDGSTS), local memory (spill) accesses, float selects (FSEL: masks), and how many exp2 are issued while a
-    wgmma is in flight (the tensor cores working during the softmax): two passes over the loop, the second
-    counted, an HGMMA in flight from its issue until a DEPBAR.LE gsb0, N leaves at most N groups pending."""
-    ops = [t.split()[0] for t in body]
-    in_flight, open_group, overlapped = 0, False, 0
-    for count in (False, True):
-        for t, op in zip(body, ops):
-            if op.startswith("HGMMA"):
-                open_group = "gsb0" not in t
-                in_flight += "gsb0" in t
-            elif op.startswith("WARPGROUP.DEPBAR"):
-                in_flight = min(in_flight, int(t.rsplit(",", 1)[1], 0))
-            elif op == "MUFU.EX2" and count:
-                overlapped += in_flight > 0 or open_group
-    shapes = sorted({op.split(".")[1] for op in ops if op.startswith("HGMMA")})
-    n = lambda *prefixes: sum(op.startswith(prefixes) for op in ops)
-    return dict(instructions=len(ops) - n("NOP"), hgmma=n("HGMMA"), hgmma_shapes=shapes, ex2=n("MUFU.EX2"),
-                ex2_in_flight=overlapped, waits=n("WARPGROUP.DEPBAR"), bar_sync=n("BAR.SYNC"), tma_loads=n("UTMALDG"),
-                tma_reduce=n("UTMAREDG"), global_loads=n("LDG.", "LDGSTS"), spill=n("LDL", "STL"),
-                mask_selects=n("FSEL"))
-
+# sass: the attention kernels compiled ahead of time on this machine (no GPU), and their SASS read
+# (bench/sass.py compiles and reads; here the tables are printed)
 
 def bench_sass():
     if sass_listing:  # a listing from elsewhere: every wgmma loop, main loop first
-        loops = sorted((sass_loop_stats(body) for body in sass_loops(open(sass_listing).read())),
-                       key=lambda s: (s["mask_selects"], s["instructions"]))
+        loops = sass.listing_loops(open(sass_listing).read())
         print_table(loops, list(loops[0]) if loops else ['instructions'])
         return loops
-    jobs = sass_job_list(sass_jobs)
-    if sass_worker:  # a worker: compile every n-th job, one JSON line each
-        i, n = map(int, sass_worker.split("/"))
-        for job in jobs[i::n]:
-            print("sass-result " + json_dumps(compile_job(job)), flush=True)
-        return []
-    import subprocess
-    folders = [None] + ([sass_triton] if sass_triton and os.path.isdir(os.path.join(sass_triton, "triton")) else [])
-    if len(folders) == 1:
-        print(f"(no second Triton in {sass_triton!r}: the installed one only)")
-    # twice as many processes as cores by default: the jobs differ in size and each Triton has its own share
-    # (3.9 compiles about 25% slower than 3.6), so one process per core would leave cores idle at the end
-    n_per = max(1, (sass_workers or min(2 * (os.cpu_count() or 1), 16)) // len(folders))
-    workers = []
-    for folder in folders:
-        # always compile: a cached kernel skips ptxas, whose log is read here
-        env = dict(os.environ, TRITON_INTERPRET="0", TRITON_DEFAULT_FP_FUSION="1", TRITON_ALWAYS_COMPILE="1",
-                   OMP_NUM_THREADS="1")
-        if folder:
-            env["PYTHONPATH"] = os.pathsep.join([folder, *filter(None, [env.get("PYTHONPATH")])])
-        command = [sys.executable, os.path.abspath(__file__), "--mode=sass", f"--sass_jobs={sass_jobs}"]
-        workers += [subprocess.Popen(command + [f"--sass_worker={i}/{n_per}"], env=env, stdout=subprocess.PIPE,
-                                     stderr=subprocess.PIPE, text=True) for i in range(n_per)]
-    rows = []
-    for w in workers:
-        out, err = w.communicate()
-        if w.returncode != 0:
-            sys.exit(f"error: a sass worker failed:\n{err[-4000:]}")
-        rows += [json_loads(line.split(" ", 1)[1]) for line in out.splitlines() if line.startswith("sass-result ")]
-    if len(rows) != len(jobs) * len(folders):
-        sys.exit(f"error: {len(rows)} of {len(jobs) * len(folders)} compiles came back")
-    for r in rows:
-        j, loop = r["job"], r.get("loop") or {}
-        r.update(kernel=j["kernel"], config=r["label"], arch=f"sm_{j['arch']}", path="tma" if j["tma"] else "pointers",
-                 **{k: j[k] for k in ("dtype", "head_dim", "causal", "seq")},
-                 **{f"loop_{k}": ("/".join(v) if isinstance(v, list) else v) for k, v in loop.items()})
-    rows.sort(key=lambda r: (r["kernel"], r["arch"], r["job"]["config"] or 0, r["path"] != "tma", r["dtype"],
-                             r["head_dim"], r["seq"], r["triton"]))
+    rows = sass.compile_all(sass_jobs, sass_triton, sass_workers)
     columns = ['kernel', 'config', 'path', 'triton', 'regs', 'smem', 'spill', 'loop_instructions', 'loop_hgmma',
                'loop_hgmma_shapes', 'loop_ex2', 'loop_ex2_in_flight', 'loop_waits', 'loop_bar_sync',
                'loop_tma_loads', 'loop_global_loads', 'loop_spill']
@@ -609,11 +478,49 @@ def bench_sass():
 
 
 # -----------------------------------------------------------------------------
+# dry run: what a mode would build, checked without running it (bench/gpu_session.sh quick --dry_run)
+
+def dry_run_check():
+    """One line on what the settings build, or exit with an error: the model (on the meta device) and the
+    attention settings for train and sample, transformers' twin for compare_hf, each forced variant's configs
+    in the GPU's autotune tables for attn, the listing for sass."""
+    if mode in ('train', 'sample'):
+        config = model_config(init_device='meta')
+        check(config)
+        model = MPT(config)
+        line = f"a {model.num_params() / 1e6:.1f}M-parameter model, {config.attn_impl} attention"
+        if mode == 'train' and compare_hf:
+            try:
+                from transformers import MptConfig
+                MptConfig(**model.hf_config())
+                line += ", and transformers' MptForCausalLM beside it"
+            except ImportError:
+                line += " (transformers is not installed: no comparison)"
+            except ValueError as e:
+                line += f" (transformers' MPT cannot express it: {str(e).split(';')[0]})"
+        return line
+    if mode == 'attn':
+        import model as fa
+        for name, want in tuned_rows().items():
+            for kernel, constants in want.items():
+                tables = {fa._attn_fwd: fa.FWD_TUNING, fa._attn_bwd_dkdv: fa.DKDV_TUNING}[kernel]
+                if not any(all(c.kwargs.get(k) == v for k, v in constants.items()) for c, *_ in tables):
+                    sys.exit(f"error: {name}: {kernel.fn.__name__} has no config with {constants}")
+        return f"shapes {attn_shapes}; our kernel's rows: {', '.join(tuned_rows())}, deterministic"
+    if sass_listing and not os.path.isfile(sass_listing):
+        sys.exit(f"error: sass_listing={sass_listing!r}: no such file")
+    return f"sass jobs {sass_jobs!r}: {len(sass.sass_job_list(sass_jobs))} compiles per Triton"
+
+
+# -----------------------------------------------------------------------------
 
 if __name__ == '__main__':
     modes = {'train': bench_train, 'attn': bench_attn, 'sample': bench_sample, 'sass': bench_sass}
     if mode not in modes:
         sys.exit(f"error: unknown mode={mode!r}: use one of {', '.join(modes)}")
+    if dry_run:  # the settings passed the checks above; nothing runs
+        print(f"dry run, {mode}: {dry_run_check()}; nothing ran")
+        sys.exit(0)
     env = environment()
     print(f"{mode} on {env['device']} | torch {env['torch']} | triton {env['triton']} | CUDA {env['cuda']}")
     rows = modes[mode]()

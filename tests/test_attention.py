@@ -163,6 +163,73 @@ def test_attention_bf16_training_scale(case):
         assert err <= TOL[torch.bfloat16], f"{name}: error {err:.2e} > {TOL[torch.bfloat16]:.0e}"
 
 
+# The same at training scale on each path a GPU takes: sm_90's TMA path (descriptors, what aligned tensors
+# get) and the pointer fallback (here q starts 2 bytes past a 16-byte boundary, as a misaligned view would),
+# dQ fused into the dK/dV kernel (atomics, or TMA reduce-add) and deterministic=True's separate dQ kernel
+# (bitwise repeatable), each kernel variant where it serves (`variant`: the pipelined forms serve the TMA path
+# without sequence ids, with fused dQ). (1, 4, 1000, 64): ragged blocks and 5 packed documents.
+# bench/gpu_session.sh quick runs these first.
+GPU_PATH_CASES = [
+    # B, H, T, D, documents per row (0: no sequence_id), deterministic, path
+    (2, 8, 2048, 128, 0, False, "tma"),
+    (2, 8, 2048, 128, 0, True, "tma"),
+    (2, 8, 2048, 128, 0, False, "pointers"),
+    (2, 8, 2048, 128, 0, True, "pointers"),
+    (1, 4, 1000, 64, 5, False, "tma"),
+    (1, 4, 1000, 64, 5, True, "tma"),
+    (1, 4, 1000, 64, 5, False, "pointers"),
+    (1, 4, 1000, 64, 5, True, "pointers"),
+]
+
+
+@pytest.mark.skipif(DEVICE != "cuda", reason="training-scale bf16 shapes: GPU only")
+@pytest.mark.parametrize("case", GPU_PATH_CASES, ids=lambda c: "B{}-H{}-T{}-D{}-docs{}".format(*c[:5])
+                         + ("-deterministic" if c[5] else "-fused_dq") + f"-{c[6]}")
+def test_attention_bf16_training_scale_paths(case, variant, monkeypatch):
+    B, H, T, D, docs, deterministic, path = case
+    if variant and (path != "tma" or docs or deterministic):
+        pytest.skip("the pipelined variants serve the TMA path without sequence ids, with fused dQ")
+    if path == "tma" and fa._arch(torch.device(DEVICE)) < 90:
+        pytest.skip("TMA: sm_90 and newer")
+    made = []
+    monkeypatch.setattr(fa, "_descriptor", lambda x, d, make=fa._descriptor: made.append(x.shape) or make(x, d))
+    gen = torch.Generator().manual_seed(0)
+    values = [torch.randn(B, H, T, D, generator=gen).to(DEVICE, torch.bfloat16) for _ in range(3)]
+    sequence_id = None
+    if docs:  # random document boundaries, non-decreasing ids
+        starts = torch.sort(torch.randperm(T - 1, generator=gen)[:docs - 1] + 1).values
+        sequence_id = (torch.arange(T)[None, :, None] >= starts[None, None, :]).sum(-1).expand(B, T).to(DEVICE)
+    dout = torch.randn(B, H, T, D, generator=gen).to(DEVICE, torch.bfloat16)
+    slopes = alibi_slopes(H).to(DEVICE)
+
+    def run():
+        q, k, v = (x.clone().requires_grad_() for x in values)
+        if path == "pointers":
+            flat = torch.empty(q.numel() + 1, device=DEVICE, dtype=q.dtype)
+            q = flat[1:].view(q.shape).copy_(q.detach()).requires_grad_()
+            assert q.data_ptr() % 16 != 0
+        out = fa.flash_attn_alibi(q, k, v, alibi_slopes=slopes, causal=True, deterministic=deterministic,
+                                  sequence_id=sequence_id)
+        return [out.detach(), *torch.autograd.grad(out, (q, k, v), dout)]
+
+    got = run()
+    assert bool(made) == (path == "tma"), f"{len(made)} descriptors made on the {path} path"
+    if not deterministic:  # the autotuner ran the forced variant (deterministic runs fixed, untuned entries)
+        for kernel, variants in ((fa._attn_fwd, fa.FWD_VARIANTS), (fa._attn_bwd_dkdv, fa.DKDV_VARIANTS)):
+            want = variants[min(variant, len(variants) - 1)]
+            assert kernel.cache and all(c.kwargs.get(k) == v for c in kernel.cache.values() for k, v in want.items()), kernel.cache
+    leaves64 = [x.double().requires_grad_() for x in values]
+    ref = reference_attention(*leaves64, slopes, True, 1 / math.sqrt(D), sequence_id)
+    want = [ref.detach(), *torch.autograd.grad(ref, leaves64, dout.double())]
+    for name, g, w in zip(("out", "dq", "dk", "dv"), got, want):
+        g = g.double()
+        assert torch.isfinite(g).all(), f"{name} has non-finite values"
+        err = (g - w).abs().max().item() / max(1.0, w.abs().max().item())
+        assert err <= TOL[torch.bfloat16], f"{name}: error {err:.2e} > {TOL[torch.bfloat16]:.0e}"
+    if deterministic:
+        assert all(torch.equal(a, b) for a, b in zip(got, run())), "deterministic=True differs between two runs"
+
+
 # Together these cover: Tq = Tk = 1; lengths that are not block multiples and span several blocks
 # (the interpreter configs use 16/32-row blocks); Tq < Tk (prefill with a KV cache, and decode);
 # Tq > Tk (fully-masked rows); GQA (8 heads on 2, 3 heads on 1); D in {16, 32, 64, 80, 112, 128};

@@ -97,3 +97,30 @@ def test_sass_mode_reads_a_listings_loops(tmp_path):
     assert main == dict(instructions=12, hgmma=3, hgmma_shapes=["64x128x16", "64x64x16"], ex2=2, ex2_in_flight=2,
                         waits=1, bar_sync=1, tma_loads=1, tma_reduce=0, global_loads=0, spill=0, mask_selects=0)
     assert (masked["instructions"], masked["ex2_in_flight"], masked["spill"], masked["mask_selects"]) == (6, 0, 1, 1)
+
+
+QUICK_STEPS = ["tests", "attn", "train_mpt_125m", "train_mpt_1b", "sample_mpt_125m"]
+
+
+def test_gpu_session_quick_dry_run_checks_every_step(tmp_path):
+    # bench/gpu_session.sh quick, the first GPU session's one command, checked on the CPU: every step's command
+    # reached with the flag that only checks it (pytest --collect-only, bench.py --dry_run=True), nothing run,
+    # nothing in $OUT but the log
+    env = {**os.environ, "OUT": str(tmp_path / "out"), "OMP_NUM_THREADS": "1"}
+    r = subprocess.run(["bash", "bench/gpu_session.sh", "quick", "--dry_run"], cwd=ROOT, env=env, capture_output=True,
+                       text=True, timeout=300)
+    assert r.returncode == 0, (r.stdout + r.stderr)[-4000:]
+    assert [p.name for p in (tmp_path / "out").iterdir()] == ["quick.log"]
+    log = (tmp_path / "out" / "quick.log").read_text()
+    for name in QUICK_STEPS:
+        assert f"== {name}: check exit 0" in log, name
+    assert [line.split(":")[0] for line in log.splitlines() if "check exit" in line] == [f"== {n}" for n in QUICK_STEPS]
+    assert "21 tests collected" in log  # the GPU kernel tests, which the CPU skips
+    assert "ours (triton, PIPELINE=False forced), ours (triton, PIPELINE=True forced)" in log
+    assert "1311.1M-parameter model" in log and log.count("; nothing ran") == 4
+
+
+def test_dry_run_stops_at_a_bad_setting(tmp_path):
+    r = subprocess.run([sys.executable, "bench.py", "--mode=attn", "--attn_shapes=[(4, 16, 4096)]", "--dry_run=True"],
+                       cwd=ROOT, capture_output=True, text=True)
+    assert r.returncode == 1 and "error: attn_shapes=[(4, 16, 4096)]" in r.stderr and "Traceback" not in r.stderr
