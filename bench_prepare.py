@@ -67,7 +67,7 @@ def others_since(start):
 
 def run(path, num_proc):
     """One whole prepare.py run: (tokens/s, cores' worth of CPU that other processes used meanwhile)."""
-    cfg = prepare.parse_args([f"--input={path}", f"--out_dir={path.parent / 'out'}", "--overwrite", f"--num_proc={num_proc}"])
+    cfg = prepare.configured([f"--input={path}", f"--out_dir={path.parent / 'out'}", "--overwrite", f"--num_proc={num_proc}"])
     deadline = time.time() + wait
     while time.time() < deadline:  # wait, up to --wait seconds, for a second in which the CPUs were idle
         start = snapshot()

@@ -7,7 +7,9 @@ so that `python train.py config/mpt_1b.py --batch_size=4 --compile=False` works:
 - a bare argument is a config file: Python run in the script's globals (it simply assigns settings),
 - --key=value overrides one setting; the value is parsed with ast.literal_eval (a bare word stays a
   string) and must have the type of the default (an int where a float is expected is fine; a default
-  of None takes anything).
+  of None takes anything); a bare --key of a bool setting is --key=True.
+A script may instead take one bare argument as a setting (positional: `python prepare.py shakespeare`), and
+let a list setting repeat (repeated: each --input=PATH adds one item, as written).
 An unknown key, in a file or on the command line, stops the program with the close matches (and the real
 name of a nanoGPT one: --lr is learning_rate), because a silently ignored typo (--learning_rat=1e-4) costs a
 whole training run.
@@ -41,36 +43,55 @@ def settings_in(namespace):
     return {k: v for k, v in namespace.items() if not k.startswith('_') and isinstance(v, SETTING_TYPES)}
 
 
-def configure(settings, argv, verbose=True):
+def configure(settings, argv, verbose=True, positional=None, repeated=(), prog=None):
     """Apply config files and --key=value arguments to `settings` (a script's globals()), in order.
-    Returns {name: value} of all settings, for logging and checkpoints."""
-    keys = list(settings_in(settings))
+    Returns {name: value} of all settings, for logging and checkpoints.
+    positional: the setting a bare argument gives, instead of naming a config file (one such argument at most).
+    repeated: list settings that each --key=value adds one item to, as written (a string); the first replaces
+    the default. prog: the script's name, to start each error line with as argparse does ("prepare.py: error:
+    ..."), the settings written as flags."""
+    keys, bare, added = list(settings_in(settings)), None, set()
     for arg in argv:
         if arg in ('-h', '--help'):  # a script without help_if_asked at its top: the same help, after its imports
             print(help_text(settings['__file__']) if '__file__' in settings else __doc__)
             sys.exit(0)
         if arg.startswith('-') and not arg.startswith('--'):
-            sys.exit(f"error: '{arg}': settings are given as --key=value (and --help lists them)")
-        if not arg.startswith('--'):
-            _apply_file(settings, keys, arg, verbose)
+            _error(f"'{arg}': settings are given as --key=value (and --help lists them)", prog)
+        if not arg.startswith('--') and positional:
+            if bare is not None:
+                _error(f"one {positional} at a time: got {bare} and {arg}", prog)
+            settings[positional] = bare = arg
             continue
-        if '=' not in arg:
-            sys.exit(f"error: '{arg}' has no value: write --key=value")
-        key, text = arg[2:].split('=', 1)
-        _check_known(key, keys, arg)
-        value = _parse(key, text, settings[key])
+        if not arg.startswith('--'):
+            _apply_file(settings, keys, arg, verbose, prog)
+            continue
+        key, eq, text = arg[2:].partition('=')
+        if not eq and isinstance(settings.get(key), bool) and key in keys:
+            eq, text = '=', 'True'  # a bare --overwrite
+        if not eq or (key in repeated and not text):
+            _error(f"'{arg}' has no value: write --key=value", prog)
+        _check_known(key, keys, arg, prog)
+        if key in repeated:  # the first replaces the default, the rest add to it
+            value = (settings[key] if key in added else []) + [text]
+            added.add(key)
+        else:
+            value = _parse(key, text, settings[key], prog)
         if verbose:
             print(f"override: {key} = {value!r}", file=sys.stderr)
         settings[key] = value
     return {k: settings[k] for k in keys}
 
 
-def _apply_file(settings, keys, path, verbose):
+def _error(message, prog=None):
+    sys.exit(f"{prog}: error: {message}" if prog else f"error: {message}")
+
+
+def _apply_file(settings, keys, path, verbose, prog=None):
     try:
         source = open(path).read()
     except OSError as e:
-        sys.exit(f"error: cannot read config file {path}: {e.strerror}. Settings are given as "
-                 f"--key=value; a bare argument must be a config file such as config/mpt_125m.py")
+        _error(f"cannot read config file {path}: {e.strerror}. Settings are given as --key=value; a bare argument "
+               f"must be a config file such as config/mpt_125m.py", prog)
     before = dict(settings)
     if verbose:
         print(f"config: {path}", file=sys.stderr)
@@ -79,33 +100,40 @@ def _apply_file(settings, keys, path, verbose):
         if key.startswith('_') or not isinstance(value, SETTING_TYPES):
             continue  # helper names (_x), imported modules and functions are not settings
         if key not in keys:
-            _check_known(key, keys, f"{path}: {key} = ...")
+            _check_known(key, keys, f"{path}: {key} = ...", prog)
         elif before[key] is not None and value is not None:
-            settings[key] = _coerce(key, value, before[key], f"{path}: {key} = {value!r}")
+            settings[key] = _coerce(key, value, before[key], f"{path}: {key} = {value!r}:", prog)
 
 
-def _check_known(key, keys, where):
-    if key not in keys:
-        if ALIASES.get(key) in keys:
-            hint = f"; did you mean {ALIASES[key]}? (its name here)"
-        else:
-            close = difflib.get_close_matches(key, keys, n=3, cutoff=0.6)
-            hint = f"; did you mean {' or '.join(close)}?" if close else \
-                "; the settings are the variables at the top of the script (--help lists them)"
-        sys.exit(f"error: unknown setting '{key}' in {where}{hint}")
+def _check_known(key, keys, where, prog=None):
+    if key in keys:
+        return
+    real = ALIASES.get(key) if ALIASES.get(key) in keys else None
+    close = [real] if real else difflib.get_close_matches(key, keys, n=3, cutoff=0.6)
+    if prog:  # as flags: "unknown setting --val_fracton (did you mean --val_fraction?); valid: --input, ..."
+        _error(f"unknown setting --{key}" + (f" (did you mean --{close[0]}?)" if close else "")
+               + f"; valid: {', '.join('--' + k for k in keys)}", prog)
+    if real:
+        hint = f"; did you mean {real}? (its name here)"
+    else:
+        hint = f"; did you mean {' or '.join(close)}?" if close else \
+            "; the settings are the variables at the top of the script (--help lists them)"
+    _error(f"unknown setting '{key}' in {where}{hint}")
 
 
-def _parse(key, text, default):
+def _parse(key, text, default, prog=None):
     try:
         value = ast.literal_eval(text)
     except (ValueError, SyntaxError):
+        if not isinstance(default, (str, type(None))):  # --num_proc=two
+            _coerce(key, text, default, f"--{key}={text}: not a Python literal;", prog)
         value = text  # a bare word, like --device=cuda or --init_from=resume
     if isinstance(default, str) and not isinstance(value, str):
         value = text  # --out_dir=123 means the string '123'
-    return _coerce(key, value, default, f"--{key}={text}")
+    return _coerce(key, value, default, f"--{key}={text}:", prog)
 
 
-def _coerce(key, value, default, where):
+def _coerce(key, value, default, where, prog=None):
     """value, converted to the type of default when that loses nothing; else a clear error."""
     if default is None or value is None or type(value) is type(default):
         return value
@@ -114,8 +142,8 @@ def _coerce(key, value, default, where):
     if isinstance(default, (tuple, list)) and isinstance(value, (tuple, list)):
         return type(default)(value)
     hint = " (write True or False)" if isinstance(default, bool) else ""
-    sys.exit(f"error: {where}: {key} must be {type(default).__name__} like its default "
-             f"{default!r}, got {type(value).__name__}{hint}")
+    _error(f"{where} {key} must be {type(default).__name__} like its default {default!r}, got "
+           f"{type(value).__name__}{hint}", prog)
 
 
 # -----------------------------------------------------------------------------

@@ -29,7 +29,6 @@ Output in out_dir (default data/<source>):
 A run that fails leaves nothing behind: the token files appear only when complete, and a folder it made is removed.
 Settings are --key=value as in the other scripts (values are Python literals); the defaults are below.
 """
-import ast
 import codecs
 import collections
 import contextlib
@@ -44,31 +43,39 @@ import sys
 import time
 from pathlib import Path
 
-from configurator import help_if_asked, help_text
+from configurator import configure, help_if_asked, settings_in
 
-USAGE = "python prepare.py [SOURCE] [--key=value ...]"
-help_if_asked(__file__, USAGE, "settings")  # --help: read from this file's source, before the imports below
+help_if_asked(__file__, "python prepare.py [SOURCE] [--key=value ...]")  # --help: read from this file's source
 
 import numpy as np
 import tiktoken
 from tqdm import tqdm
 
+import common
+
 # -----------------------------------------------------------------------------
-# settings: the defaults, each overridden by --key=value (--input may repeat)
-settings = dict(
-    # data
-    input=[],  # your files or folders: .txt/.md (one document per file), .jsonl, .parquet
-    text_field="text",  # the .jsonl field / .parquet or hub column holding each document's text
-    out_dir="",  # empty: data/<source>, where train.py looks
-    overwrite=False,  # replace an out_dir that holds a different dataset
-    # split
-    val_fraction=None,  # None: 0.1 for small inputs (shakespeare, files < 100 MB), 0.0005 for large ones
-    seed=1337,  # seeds which documents go to val
-    # tokenizer (empty: char for shakespeare_char, else gpt2)
-    tokenizer="",  # gpt2 (tiktoken's GPT-2 BPE), char, or a Hugging Face model directory / tokenizer.json
-    # system
-    num_proc=len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count(),  # tokenizer processes
-)
+# settings: the defaults; the bare word is the source, --key=value overrides one (--input may repeat)
+source = ""  # given bare: shakespeare, shakespeare_char, openwebtext, fineweb-edu or c4; empty: your --input files
+# data
+input = []  # your files or folders: .txt/.md (one document per file), .jsonl, .parquet
+text_field = "text"  # the .jsonl field / .parquet or hub column holding each document's text
+out_dir = ""  # empty: data/<source>, where train.py looks
+overwrite = False  # replace an out_dir that holds a different dataset
+# split
+val_fraction = None  # None: 0.1 for small inputs (shakespeare, files < 100 MB), 0.0005 for large ones
+seed = 1337  # seeds which documents go to val
+# tokenizer (empty: char for shakespeare_char, else gpt2)
+tokenizer = ""  # gpt2 (tiktoken's GPT-2 BPE), char, or a Hugging Face model directory / tokenizer.json
+# system
+num_proc = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()  # tokenizer processes
+_defaults = settings_in(globals())
+
+
+def configured(argv):
+    """The settings above as argv sets them (configurator.py; a copy, so each run in one process starts afresh)."""
+    return configure(dict(_defaults), argv, verbose=False, positional="source", repeated=("input",), prog="prepare.py")
+
+
 # tiny Shakespeare, shipped: karpathy/char-rnn's input.txt (1,115,394 bytes), the identity meta.json records for it
 shakespeare_url = "https://raw.githubusercontent.com/karpathy/char-rnn/master/data/tinyshakespeare/input.txt"
 shakespeare_text = Path(__file__).resolve().parent / "assets" / "tinyshakespeare.txt"
@@ -88,9 +95,9 @@ small_input = 100 << 20  # files under this many bytes in all default to val_fra
 made = []  # the folders this run has created (out_dir and any missing parents), deepest first
 
 
-def die(msg):
-    """Bad input ends the run with one line and exit status 1, never a traceback; what the run made goes."""
-    print(f"prepare.py: error: {msg}", file=sys.stderr)
+def fail(message):
+    """Bad input ends the run with one line and exit status 1 (common.fail), never a traceback; what the run
+    made goes first."""
     if multiprocessing.parent_process() is None:  # not from a tokenizer worker: the main process owns the folders
         if made:  # out_dir, then the parents made for it (empty once it is gone)
             shutil.rmtree(made[0], ignore_errors=True)
@@ -98,51 +105,12 @@ def die(msg):
                 with contextlib.suppress(OSError):
                     path.rmdir()
         made.clear()
-    sys.exit(1)
+    common.fail(message, prog="prepare.py")
 
 
 def unknown(what, name, valid):
     near = difflib.get_close_matches(name, valid, n=1)
-    die(f"unknown {what} {name}" + (f" (did you mean {near[0]}?)" if near else "") + f"; valid: {', '.join(valid)}")
-
-
-def parse_args(argv):
-    """nanoGPT-style --key=value over the defaults; the one bare word names a source."""
-    cfg = dict(settings, input=[], source="")
-    for arg in argv:
-        if arg in ("-h", "--help"):
-            sys.exit(print(help_text(__file__, USAGE, "settings")))
-        if not arg.startswith("--"):
-            if arg not in sources and os.path.exists(arg):
-                die(f"your own files go in as --input={arg} (with --out_dir=DIR)")
-            if arg not in sources:
-                unknown("source", arg, sources)
-            if cfg["source"]:
-                die(f"one source at a time: got {cfg['source']} and {arg}")
-            cfg["source"] = arg
-            continue
-        key, eq, raw = arg[2:].partition("=")
-        if key not in settings:
-            unknown("setting", f"--{key}", [f"--{k}" for k in settings])
-        default = settings[key]
-        if (not eq and not isinstance(default, bool)) or (key == "input" and not raw):
-            die(f"--{key} needs a value: --{key}=...")
-        if isinstance(default, (str, list)):
-            value = raw  # paths and names are taken as written
-        elif not eq:
-            value = True  # a bare --overwrite
-        else:
-            try:
-                value = ast.literal_eval(raw)
-            except (ValueError, SyntaxError):
-                die(f"--{key}={raw}: not a Python literal")
-            if default is not None and type(value) is not type(default):
-                die(f"--{key}={raw}: expected {type(default).__name__}, got {type(value).__name__}")
-        if key == "input":
-            cfg["input"].append(value)
-        else:
-            cfg[key] = value
-    return cfg
+    fail(f"unknown {what} {name}" + (f" (did you mean {near[0]}?)" if near else "") + f"; valid: {', '.join(valid)}")
 
 # -----------------------------------------------------------------------------
 # reading: each document is an iterator over its text in blocks, so no file is ever read whole
@@ -161,12 +129,12 @@ def input_files(paths):
         if path.is_dir():
             found = sorted(f for f in path.rglob("*") if f.suffix.lower() in file_types and not f.is_dir())
             if not found:
-                die(f"{path}: no {'/'.join(file_types)} files in this folder")
+                fail(f"{path}: no {'/'.join(file_types)} files in this folder")
             files += found
         elif not path.exists():
-            die(f"{path}: no such file or folder")
+            fail(f"{path}: no such file or folder")
         elif path.suffix.lower() not in file_types:
-            die(f"{path}: unsupported file type; use {', '.join(file_types)} or a folder of them")
+            fail(f"{path}: unsupported file type; use {', '.join(file_types)} or a folder of them")
         else:
             files.append(path)
     return files
@@ -179,7 +147,7 @@ def read_text(path):
             while block := f.read(piece_chars):
                 yield block
     except OSError as e:
-        die(f"cannot read {path}: {e.strerror or e}")
+        fail(f"cannot read {path}: {e.strerror or e}")
 
 
 PAIR = ("prompt", "response")  # the fields of a prompt/response record
@@ -205,7 +173,7 @@ def data_format(files, field):
                 pass  # the reader reports it, with the line number
         formats.setdefault(kind, path)
     if len(formats) > 1:
-        die(f"{formats['prompt_response']} holds prompt/response records but {formats['text']} plain text: "
+        fail(f"{formats['prompt_response']} holds prompt/response records but {formats['text']} plain text: "
             "one dataset is one or the other (prepare them into separate out_dirs)")
     return next(iter(formats), "text")
 
@@ -220,27 +188,27 @@ def read_jsonl(path, field, pairs=False):
                 try:
                     row = json.loads(line)
                 except json.JSONDecodeError as e:
-                    die(f"{path}:{i}: not valid JSON ({e.msg}, column {e.colno})")
+                    fail(f"{path}:{i}: not valid JSON ({e.msg}, column {e.colno})")
                 has = f"its fields: {', '.join(row)}" if isinstance(row, dict) else f"it is {json_type(row)}"
                 if pairs:
                     wrong = [k for k in PAIR if not isinstance(row.get(k) if isinstance(row, dict) else None, str)]
                     if wrong and isinstance(row, dict):
-                        die(f"{path}:{i}: a prompt/response record needs text in 'prompt' and 'response', but "
+                        fail(f"{path}:{i}: a prompt/response record needs text in 'prompt' and 'response', but "
                             + " and ".join(f"{k!r} is " + ("missing" if k not in row else json_type(row[k]))
                                            for k in wrong) + f" ({has})")
                     elif wrong:
-                        die(f"{path}:{i}: a prompt/response record must be a JSON object with text in 'prompt' and "
+                        fail(f"{path}:{i}: a prompt/response record must be a JSON object with text in 'prompt' and "
                             f"'response' ({has})")
                     yield (row["prompt"], row["response"])
                     continue
                 if is_pair(row, field):
-                    die(f"{path}:{i}: a prompt/response record among plain-text records ({has}): one dataset "
+                    fail(f"{path}:{i}: a prompt/response record among plain-text records ({has}): one dataset "
                         "is one or the other")
                 if not isinstance(row, dict) or not isinstance(row.get(field), str):
-                    die(f"{path}:{i}: no text field {field!r} ({has}); choose the field with --text_field=NAME")
+                    fail(f"{path}:{i}: no text field {field!r} ({has}); choose the field with --text_field=NAME")
                 yield [row[field]]
     except OSError as e:
-        die(f"cannot read {path}: {e.strerror or e}")
+        fail(f"cannot read {path}: {e.strerror or e}")
 
 
 def json_type(value):
@@ -257,15 +225,15 @@ def read_hub(where, field, **load_args):
     try:
         import datasets  # optional: only these sources need it
     except ImportError:
-        die(f"{where} is read with Hugging Face datasets, which is not installed: pip install datasets{local}")
+        fail(f"{where} is read with Hugging Face datasets, which is not installed: pip install datasets{local}")
     try:
         for i, row in enumerate(datasets.load_dataset(**load_args, split="train", streaming=True)):
             if not isinstance(row.get(field), str):
-                die(f"{where}: row {i} has no text in column {field!r} (columns: {', '.join(row)}); "
+                fail(f"{where}: row {i} has no text in column {field!r} (columns: {', '.join(row)}); "
                     "choose it with --text_field=NAME")
             yield [row[field]]
     except Exception as e:  # network, missing dataset, corrupt file: say so plainly
-        die(f"cannot read {where}: {type(e).__name__}: {e}{local}")
+        fail(f"cannot read {where}: {type(e).__name__}: {e}{local}")
 
 
 def read_files(files, field, pairs=False):
@@ -330,7 +298,7 @@ def gpt2():
     try:  # r50k_base is GPT-2's BPE (same ranks, regex, <|endoftext|>), the name tiktoken serves from TIKTOKEN_CACHE_DIR
         return tiktoken.get_encoding("r50k_base")
     except Exception as e:
-        die(f"cannot load the GPT-2 tokenizer (tiktoken r50k_base): {e}; it downloads once, "
+        fail(f"cannot load the GPT-2 tokenizer (tiktoken r50k_base): {e}; it downloads once, "
             "or set TIKTOKEN_CACHE_DIR to a tiktoken cache that holds it")
 
 
@@ -342,19 +310,19 @@ def hf_tokenizer(path):
     if where.is_file():
         where, file = where.parent, where
     elif not where.exists():
-        die(f"--tokenizer={path}: no such file or folder; use gpt2, char, or a Hugging Face model directory "
+        fail(f"--tokenizer={path}: no such file or folder; use gpt2, char, or a Hugging Face model directory "
             "(or its tokenizer.json)")
     elif not file.is_file():
-        die(f"--tokenizer={path}: no tokenizer.json in this folder; give a Hugging Face model directory that "
+        fail(f"--tokenizer={path}: no tokenizer.json in this folder; give a Hugging Face model directory that "
             "has one (a downloaded mpt-7b does), or the tokenizer.json itself")
     try:
         from tokenizers import Tokenizer  # optional: only --tokenizer=PATH needs it
     except ImportError:
-        die("--tokenizer=PATH reads Hugging Face tokenizers with the tokenizers package: pip install tokenizers")
+        fail("--tokenizer=PATH reads Hugging Face tokenizers with the tokenizers package: pip install tokenizers")
     try:
         tok = Tokenizer.from_file(str(file))
     except Exception as e:
-        die(f"{file}: not a tokenizer.json that the tokenizers library reads ({type(e).__name__}: {e})")
+        fail(f"{file}: not a tokenizer.json that the tokenizers library reads ({type(e).__name__}: {e})")
     eot = tok.token_to_id("<|endoftext|>")
     if eot is None:
         def read(name):
@@ -368,7 +336,7 @@ def hf_tokenizer(path):
         if eot is None and isinstance(read("config.json").get("eos_token_id"), int):
             eot = read("config.json")["eos_token_id"]
     if eot is None:
-        die(f"{file}: no end-of-text token: the vocabulary has no <|endoftext|>, and no eos_token in "
+        fail(f"{file}: no end-of-text token: the vocabulary has no <|endoftext|>, and no eos_token in "
             f"{where}/tokenizer_config.json (or eos_token_id in config.json) names one")
     vocab_size = max(tok.get_vocab(with_added_tokens=True).values()) + 1  # ids run 0..max
     return str(file.resolve()), vocab_size, eot
@@ -451,7 +419,7 @@ def check_out_dir(out_dir, dataset):
         what = "train.bin/val.bin with no meta.json"
     except (OSError, ValueError) as e:
         what = f"an unreadable meta.json: {e}"
-    die(f"{out_dir} already holds a different dataset ({what}); choose another --out_dir or add --overwrite")
+    fail(f"{out_dir} already holds a different dataset ({what}); choose another --out_dir or add --overwrite")
 
 
 def split_by_position(tmp, ntok, val_fraction, itemsize=token_dtype.itemsize):
@@ -472,31 +440,35 @@ def prepare(cfg):
     """Tokenize the configured text into out_dir: train.bin, val.bin, meta.json. Returns the meta."""
     t0 = time.time()
     source, field, files = cfg["source"], cfg["text_field"], []
+    if source and source not in sources:
+        if os.path.exists(source):
+            fail(f"your own files go in as --input={source} (with --out_dir=DIR)")
+        unknown("source", source, sources)
     if not source and not cfg["input"]:
-        die(f"name a source ({', '.join(sources)}) or give your own files with --input=PATH")
+        fail(f"name a source ({', '.join(sources)}) or give your own files with --input=PATH")
     if not source and not cfg["out_dir"]:
-        die("give --out_dir=DIR for --input files (train.py reads data/<name>)")
+        fail("give --out_dir=DIR for --input files (train.py reads data/<name>)")
     if cfg["input"]:
         files = input_files(cfg["input"])
     tokenizer = cfg["tokenizer"] or ("char" if source == "shakespeare_char" else "gpt2")
     tokenizer_file = None
     if tokenizer not in ("gpt2", "char"):
         if not (os.sep in tokenizer or Path(tokenizer).exists() or tokenizer.endswith(".json")):
-            die(f"--tokenizer={tokenizer}: use gpt2, char, or the path of a Hugging Face model directory "
+            fail(f"--tokenizer={tokenizer}: use gpt2, char, or the path of a Hugging Face model directory "
                 "(or its tokenizer.json)")
         tokenizer_file, hf_vocab, hf_eot = hf_tokenizer(tokenizer)
         tokenizer = str(Path(tokenizer).resolve())
     pairs = data_format(files, field) == "prompt_response"
     if pairs and tokenizer == "char":
-        die("prompt/response data needs an end-of-text token after each response; --tokenizer=char has none")
+        fail("prompt/response data needs an end-of-text token after each response; --tokenizer=char has none")
     val_fraction = cfg["val_fraction"]
     if val_fraction is None:  # small data needs a big share to measure anything; big data, a sliver
         small = source.startswith("shakespeare") or (files and sum(f.stat().st_size for f in files) < small_input)
         val_fraction = 0.1 if small else 0.0005
     if not (isinstance(val_fraction, (int, float)) and 0 < val_fraction < 1):
-        die(f"--val_fraction={val_fraction}: give a number between 0 and 1")
+        fail(f"--val_fraction={val_fraction}: give a number between 0 and 1")
     if not (isinstance(cfg["num_proc"], int) and cfg["num_proc"] >= 1):
-        die(f"--num_proc={cfg['num_proc']}: give a whole number >= 1")
+        fail(f"--num_proc={cfg['num_proc']}: give a whole number >= 1")
 
     out_dir = Path(cfg["out_dir"] or Path("data") / source)
     inputs = ([str(f.resolve()) for f in files] if files else
@@ -506,7 +478,7 @@ def prepare(cfg):
         check_out_dir(out_dir, dataset)
     if source.startswith("shakespeare") and not files:
         if not shakespeare_text.is_file():
-            die(f"{shakespeare_text} is missing (it ships with this repository): restore it with `git checkout "
+            fail(f"{shakespeare_text} is missing (it ships with this repository): restore it with `git checkout "
                 f"assets`, or give a copy of {shakespeare_url} with --input=PATH")
         files = [shakespeare_text]
     if files:  # a Hugging Face tokenizer's documents stay whole (see the top)
@@ -525,12 +497,12 @@ def prepare(cfg):
         enc = gpt2()
         chars, vocab_size, eot = None, enc.n_vocab, enc.eot_token
     if vocab_size > np.iinfo(token_dtype).max + 1:
-        die(f"the {tokenizer} vocabulary has {vocab_size:,} symbols; uint16 token files hold at most 65,536")
+        fail(f"the {tokenizer} vocabulary has {vocab_size:,} symbols; uint16 token files hold at most 65,536")
     made[:] = [p for p in (out_dir, *out_dir.parents) if not p.exists()]
     try:
         out_dir.mkdir(parents=True, exist_ok=True)
     except OSError as e:
-        die(f"cannot create {out_dir}: {e.strerror or e}")
+        fail(f"cannot create {out_dir}: {e.strerror or e}")
 
     # renamed only when complete
     tmp = {split: out_dir / f"{split}.bin.tmp" for split in ("train", "val")}
@@ -555,7 +527,7 @@ def prepare(cfg):
                 bar.set_postfix(documents=sum(ndocs), refresh=False)
         bar.close()
         if sum(ndocs) == 0:
-            die(f"no text in the input ({', '.join(inputs)}): the files are empty")
+            fail(f"no text in the input ({', '.join(inputs)}): the files are empty")
         split = "document"
         if 0 in ntok:
             if pairs:
@@ -564,7 +536,7 @@ def prepare(cfg):
             if pairs:
                 nloss = [int(np.fromfile(tmp_mask[s], mask_dtype).sum()) for s in ("train", "val")]
         if 0 in ntok:
-            die(f"too little text to split: {sum(ntok)} tokens")
+            fail(f"too little text to split: {sum(ntok)} tokens")
         (out_dir / "meta.json").unlink(missing_ok=True)  # the old dataset stops looking finished first
         for split_name, path in tmp.items():
             os.replace(path, out_dir / f"{split_name}.bin")
@@ -573,7 +545,7 @@ def prepare(cfg):
             else:  # an earlier prompt/response dataset's masks would not fit these tokens
                 (out_dir / f"{split_name}.mask").unlink(missing_ok=True)
     except OSError as e:  # disk full, no write permission
-        die(f"cannot write {out_dir}: {e.strerror or e}")
+        fail(f"cannot write {out_dir}: {e.strerror or e}")
     finally:
         for path in [*tmp.values(), *tmp_mask.values()]:
             path.unlink(missing_ok=True)
@@ -593,7 +565,7 @@ def prepare(cfg):
         (out_dir / "meta.json.tmp").write_text(json.dumps(meta, indent=2) + "\n")  # \u escapes: any character survives
         os.replace(out_dir / "meta.json.tmp", out_dir / "meta.json")
     except OSError as e:
-        die(f"cannot write {out_dir}/meta.json: {e.strerror or e}")
+        fail(f"cannot write {out_dir}/meta.json: {e.strerror or e}")
     made.clear()  # done: the folders stay
 
     seconds = time.time() - t0
@@ -612,6 +584,6 @@ def prepare(cfg):
 
 if __name__ == "__main__":
     try:
-        prepare(parse_args(sys.argv[1:]))
+        prepare(configured(sys.argv[1:]))
     except KeyboardInterrupt:
-        die("interrupted; nothing was written")
+        fail("interrupted; nothing was written")

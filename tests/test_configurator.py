@@ -90,6 +90,30 @@ def test_nanogpt_names_and_single_dash_arguments():
         configure(settings(), ['-x'], verbose=False)
 
 
+def test_a_positional_setting_and_a_repeated_list():
+    # prepare.py's form: `python prepare.py shakespeare --input=a --input=b`; the bare word is a setting, not a
+    # config file, and each --input adds one item as written (the first replacing the default)
+    s = dict(source='', input=['default.txt'], overwrite=False, num_proc=2)
+    out = configure(s, ['shakespeare', '--input=a b.txt', "--input=[1, 2]", '--overwrite', '--num_proc=3'],
+                    verbose=False, positional='source', repeated=('input',))
+    assert out == dict(source='shakespeare', input=['a b.txt', '[1, 2]'], overwrite=True, num_proc=3)
+    assert configure(dict(s, input=[]), ['--source=c4'], verbose=False, positional='source',
+                     repeated=('input',))['source'] == 'c4'
+    # without them, a bare word is still a config file and a list is replaced whole
+    with pytest.raises(SystemExit, match="cannot read config file shakespeare"):
+        configure(dict(s), ['shakespeare'], verbose=False)
+    assert configure(dict(s), ["--input=['x']"], verbose=False)['input'] == ['x']
+    for argv, message in ((['a', 'b'], "prog.py: error: one source at a time: got a and b"),
+                          (['--input='], "prog.py: error: '--input=' has no value"),
+                          (['--num_proc'], "prog.py: error: '--num_proc' has no value"),
+                          (['--num_proc=two'], "prog.py: error: --num_proc=two: not a Python literal; num_proc must be int"),
+                          (['--inptu=x'], "prog.py: error: unknown setting --inptu (did you mean --input?); valid: "
+                                          "--source, --input, --overwrite, --num_proc")):
+        with pytest.raises(SystemExit) as e:
+            configure(dict(s), argv, verbose=False, positional='source', repeated=('input',), prog='prog.py')
+        assert e.value.code.startswith(message), e.value.code
+
+
 # ---- --help: each script's settings from its own source, before its heavy imports ----------------------------
 
 SCRIPTS = {  # script: what its help must show (regular expressions, each on one line)

@@ -38,7 +38,7 @@ def load(out_dir):
 
 def prepare_here(*args):
     """prepare.py in this process: faster, and settings like piece_chars can be patched."""
-    return prepare.prepare(prepare.parse_args(list(map(str, args))))
+    return prepare.prepare(prepare.configured(list(map(str, args))))
 
 
 def split_documents(tokens):
