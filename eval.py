@@ -373,7 +373,10 @@ def main():
         rank, world_size = dist.get_rank(), dist.get_world_size()
     model, encode, eot, what = load_model(init_from)
     print0(f"evaluating {what}")
-    check_attention(model.config, where, getattr(torch, dtype))
+    try:
+        check_attention(model.config, where, getattr(torch, dtype))
+    except ValueError as e:
+        fail(str(e))
     model.to(device=where, dtype=getattr(torch, dtype))
     read = load_tasks(paths, encode, max_seq_len or model.config.max_seq_len, num_fewshot, fewshot_seed, eot)
     results, width = {}, max(len(t['name']) for t in read)
