@@ -325,6 +325,18 @@ def load_checkpoint(path, overrides):
     return MPT.from_state_dict(config, state, source=str(path)), read_meta(info.get('settings', {}).get('data_dir'))
 
 
+def run_tasks(paths, model, meta, max_seq_len, num_fewshot=0, seed=1234):
+    """load_tasks for a training run (train.py's eval_tasks): encoded with the tokenizer of the run's data (its
+    meta.json, as sample.py reads it), cut to the run's max_seq_len. Every problem is one line, at the start."""
+    sample = script('sample')
+    sample.init_from = 'resume'
+    try:
+        encode, _, eot, _ = sample.load_tokenizer(model, meta or None)
+    except (ValueError, FileNotFoundError) as e:
+        fail(f"eval_tasks: {e}")
+    return load_tasks(paths, encode, max_seq_len, num_fewshot, seed, eot)
+
+
 def load_model(init_from):
     """(model, encode, eot, what it is) of init_from, the tokenizer sample.py would use for it."""
     sample = script('sample')

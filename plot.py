@@ -41,11 +41,12 @@ def fail(message):
 
 
 def read_run(path):
-    """One train.py run: {name, x_label, train: (x, loss), val: (x, loss), by_len: {seq_len: loss} or None}."""
+    """One train.py run: {name, x_label, train: (x, loss), val: (x, loss), by_len: {seq_len: loss} or None,
+    tasks: {task: {step: accuracy}} (eval_tasks: acc_norm where the task has it, else acc)}."""
     metrics = os.path.join(path, 'metrics.jsonl')
     if not os.path.isfile(metrics):
         fail(f"{path}: no metrics.jsonl: give a train.py out_dir or a bench.py --json file")
-    train, val, by_len = {}, {}, None
+    train, val, by_len, tasks = {}, {}, None, {}
     with open(metrics) as f:
         for n, line in enumerate(f, 1):
             try:
@@ -57,6 +58,8 @@ def read_run(path):
             if 'val_loss' in record:
                 val[record['iter']] = record['val_loss']
                 by_len = record.get('val_loss_by_seq_len', by_len)
+                for task, r in record.get('tasks', {}).items():
+                    tasks.setdefault(task, {})[record['iter']] = r.get('acc_norm', r['acc'])
             elif 'loss' in record:
                 train[record['iter']] = record['loss']
     if not train and not val:
@@ -73,13 +76,14 @@ def read_run(path):
         return [k * per_step for k in steps], [losses[k] for k in steps]
     by_len = {int(k): v for k, v in by_len.items()} if by_len else None
     return dict(name=os.path.basename(os.path.normpath(path)), x_label=x_label, train=curve(train), val=curve(val),
-                by_len=by_len)
+                by_len=by_len, tasks={task: curve(acc) for task, acc in tasks.items()})
 
 
 def plot_runs(runs, plt):
-    """Train and val loss against tokens (log-x), one color per run; val loss by eval length if any run has it."""
-    with_lengths = [r for r in runs if r['by_len']]
-    fig, axes = plt.subplots(1, 2 if with_lengths else 1, figsize=(10, 4), squeeze=False)
+    """Train and val loss against tokens (log-x), one color per run; val loss by eval length if any run has it; the
+    eval_tasks' accuracies against tokens if any run has them (one line style per task)."""
+    with_lengths, with_tasks = [r for r in runs if r['by_len']], [r for r in runs if r['tasks']]
+    fig, axes = plt.subplots(1, 1 + bool(with_lengths) + bool(with_tasks), figsize=(10, 4), squeeze=False)
     ax = axes[0][0]
     for i, run in enumerate(runs):
         color = f"C{i}"
@@ -99,6 +103,17 @@ def plot_runs(runs, plt):
         ax.set_xscale('log', base=2)
         ax.set_xlabel('evaluation length (tokens)')
         ax.set_ylabel('val loss, last evaluation')
+        ax.grid(True, which='both', alpha=0.3)
+        ax.legend(fontsize=8)
+    if with_tasks:
+        ax = axes[0][-1]
+        for i, run in enumerate(runs):
+            for k, (task, points) in enumerate(sorted(run['tasks'].items())):
+                ax.plot(*points, color=f"C{i}", linestyle=['-', '--', ':', '-.'][k % 4], marker='o', markersize=3,
+                        label=f"{run['name']} {task}")
+        ax.set_xscale('log')
+        ax.set_xlabel(runs[0]['x_label'])
+        ax.set_ylabel('accuracy (acc_norm, or acc)')
         ax.grid(True, which='both', alpha=0.3)
         ax.legend(fontsize=8)
     return fig

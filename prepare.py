@@ -6,6 +6,7 @@ Prepare a dataset for train.py: text in, memory-mapped token files out.
     python prepare.py openwebtext         # also fineweb-edu (sample-10BT) and c4 (en): pip install datasets
     python prepare.py --input=notes/ --input=more.jsonl --out_dir=data/notes   # your own text
     python prepare.py --input=chat.jsonl --tokenizer=path/to/mpt-7b --out_dir=data/chat   # prompt/response
+    python prepare.py hellaswag           # eval.py's task files, not tokens: also lambada (pip install datasets)
 
 --tokenizer is gpt2 (tiktoken's GPT-2 BPE), char, or the path of a Hugging Face model directory (or its
 tokenizer.json), read with the `tokenizers` library: the model's own tokenizer, e.g. gpt-neox-20b's for MPT-7B/30B.
@@ -55,7 +56,7 @@ import common
 
 # -----------------------------------------------------------------------------
 # settings: the defaults; the bare word is the source, --key=value overrides one (--input may repeat)
-source = ""  # given bare: shakespeare, shakespeare_char, openwebtext, fineweb-edu or c4; empty: your --input files
+source = ""  # given bare: shakespeare, shakespeare_char, openwebtext, fineweb-edu, c4, or a task (hellaswag, lambada)
 # data
 input = []  # your files or folders: .txt/.md (one document per file), .jsonl, .parquet
 text_field = "text"  # the .jsonl field / .parquet or hub column holding each document's text
@@ -84,7 +85,12 @@ hub_sources = {  # Hugging Face datasets, streamed: only the tokens are stored
     "fineweb-edu": dict(path="HuggingFaceFW/fineweb-edu", name="sample-10BT"),  # ~10B GPT-2 tokens
     "c4": dict(path="allenai/c4", name="en"),
 }
-sources = ["shakespeare", "shakespeare_char", *hub_sources]
+# zero-shot tasks for eval.py: the public validation (test) split, written as the .jsonl that eval.py reads
+task_sources = {
+    "hellaswag": dict(path="Rowan/hellaswag", split="validation", file="hellaswag_val.jsonl"),
+    "lambada": dict(path="EleutherAI/lambada_openai", name="default", split="test", file="lambada_openai.jsonl"),
+}
+sources = ["shakespeare", "shakespeare_char", *hub_sources, *task_sources]
 file_types = (".txt", ".md", ".jsonl", ".parquet")
 token_dtype = np.dtype("<u2")  # little-endian uint16, whatever the machine: nanoGPT's .bin files
 mask_dtype = np.dtype("u1")  # loss masks: one byte per token
@@ -436,10 +442,43 @@ def split_by_position(tmp, ntok, val_fraction, itemsize=token_dtype.itemsize):
     return [n_train, sum(ntok) - n_train]
 
 
+def task_record(source, row):
+    """A row of a task's split as eval.py reads it: HellaSwag's own fields; LAMBADA's text as a context and its last
+    word (eval.py puts the space back before it, as lm-eval's lambada does)."""
+    if source == "hellaswag":
+        return {k: row[k] for k in ("activity_label", "ctx_a", "ctx_b", "ctx", "endings")} | {"label": int(row["label"])}
+    context, word = row["text"].rsplit(" ", 1)
+    return {"context": context, "continuation": word}
+
+
+def prepare_task(source, out_dir):
+    """python prepare.py hellaswag|lambada: the task's public split (Hugging Face datasets) as out_dir/FILE.jsonl."""
+    spec = task_sources[source]
+    out = Path(out_dir or Path("data") / "tasks") / spec["file"]
+    local = (f"; or, offline, download {spec['file']} elsewhere and give it to eval.py as "
+             f"--tasks=PATH/{spec['file']}")
+    try:
+        import datasets  # optional: only these sources need it
+    except ImportError:
+        fail(f"{source} is read with Hugging Face datasets, which is not installed: pip install datasets{local}")
+    try:
+        rows = [task_record(source, row) for row in datasets.load_dataset(
+            spec["path"], **({"name": spec["name"]} if "name" in spec else {}), split=spec["split"])]
+    except Exception as e:  # network, missing dataset, a changed layout: say so plainly
+        fail(f"cannot read {source} ({spec['path']}): {type(e).__name__}: {e}{local}")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    with open(str(out) + ".tmp", "w") as f:
+        f.write("".join(json.dumps(r) + "\n" for r in rows))
+    os.replace(str(out) + ".tmp", out)
+    print(f"wrote {out}: {len(rows):,} items; evaluate with python eval.py --init_from=OUT_DIR --tasks={out}")
+
+
 def prepare(cfg):
     """Tokenize the configured text into out_dir: train.bin, val.bin, meta.json. Returns the meta."""
     t0 = time.time()
     source, field, files = cfg["source"], cfg["text_field"], []
+    if source in task_sources:
+        return prepare_task(source, cfg["out_dir"])
     if source and source not in sources:
         if os.path.exists(source):
             fail(f"your own files go in as --input={source} (with --out_dir=DIR)")

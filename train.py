@@ -75,6 +75,7 @@ init_from = 'scratch'  # 'scratch', 'resume' (out_dir's newest checkpoint), a Hu
 resume_step = -1  # init_from='resume' continues ckpt-<resume_step>, -1: the newest; later ones go to superseded/
 eval_only = False  # evaluate init_from's weights once (at every eval length) and exit: no training, nothing saved
 eval_seq_lens = []  # also evaluate at these sequence lengths, e.g. [2048, 4096, 8192]: ALiBi extrapolates
+eval_tasks = []  # zero-shot task files (.jsonl, see eval.py) scored with each evaluation, e.g. ['hellaswag_val.jsonl']
 wandb_log = False  # also log to Weights & Biases (pip install wandb)
 wandb_project = 'mpt'
 wandb_run_name = 'mpt'
@@ -602,6 +603,9 @@ if __name__ == '__main__':
             fail(str(e))
     exp_avgs = lion_state(model)
     iter_num, position, best_val_loss = 0, 0, math.inf
+    if eval_tasks:  # read and encoded once, here: a bad file fails now, not at the first evaluation
+        import eval as zero_shot
+        tasks = zero_shot.run_tasks(eval_tasks, model, meta, max_seq_len)
     if lora:
         print0(f"LoRA rank {lora_rank} (alpha {lora_alpha:g}) on {', '.join(lora_targets)}: "
                f"{sum(p.numel() for p in model.parameters() if p.requires_grad):,} trainable parameters of "
@@ -664,6 +668,10 @@ if __name__ == '__main__':
             print0("  seq_len  val loss\n" + "\n".join(f"  {L:7d}  {v:8.4f}" + ("  (trained)" if L == max_seq_len else "")
                                                        for L, v in losses.items()))
             record['val_loss_by_seq_len'] = {str(L): v for L, v in losses.items()}
+        if eval_tasks:  # eval.py's scores, of the model as it is now
+            record['tasks'] = zero_shot.evaluate_tasks(model, tasks, device, rank, world_size)
+            print0('  ' + ', '.join(f"{name}: acc {r['acc']:.4f}" + (f", acc_norm {r['acc_norm']:.4f}" if 'acc_norm'
+                                    in r else '') for name, r in record['tasks'].items()))
         log(record)
         return losses[max_seq_len]
 

@@ -283,3 +283,36 @@ def test_the_text_scored():
     for text in (' Making tea [title] Boil water. [step] Pour it.  ', 'a [header] b [substeps] c', 'plain text'):
         assert ev.hellaswag_text(text) == preprocess(text)
     assert ev.hellaswag_text(' Making tea [title] Boil water. [step] Pour it.  ') == 'Making tea. Boil water. Pour it.'
+
+
+def test_eval_tasks_in_train_py_equal_eval_py_on_the_saved_checkpoint(tmp_path):
+    # train.py --eval_tasks scores its live model with each evaluation; eval.py on the checkpoint saved at that step
+    # gives the same numbers (the same items, tokenizer and scoring)
+    from test_train import TINY, run
+    text = SHAKESPEARE.read_text()
+    chars = sorted(set(text))
+    ids = torch.tensor([chars.index(c) for c in text], dtype=torch.int16).numpy().astype('uint16')
+    data = tmp_path / 'data'
+    data.mkdir()
+    ids[:900_000].tofile(data / 'train.bin')
+    ids[900_000:].tofile(data / 'val.bin')
+    (data / 'meta.json').write_text(json.dumps(dict(vocab_size=len(chars), tokenizer='char', chars=''.join(chars))))
+    rng = random.Random(0)
+    starts = [rng.randrange(len(text) - 40) for _ in range(12)]
+    (tmp_path / 'mc.jsonl').write_text(''.join(json.dumps(dict(
+        query=text[s:s + 24], choices=[text[s + 24:s + 30], text[s + 124:s + 130], text[s + 224:s + 230]],
+        gold=0)) + '\n' for s in starts))
+    (tmp_path / 'lm.jsonl').write_text(''.join(json.dumps(dict(
+        context=text[s:s + 24], continuation=text[s + 24:s + 26])) + '\n' for s in starts))
+    tasks = [str(tmp_path / 'mc.jsonl'), str(tmp_path / 'lm.jsonl')]
+    out = tmp_path / 'out'
+    run([*TINY, f'--data_dir={data}', f'--out_dir={out}', '--max_iters=6', '--resid_pdrop=0.0', f'--eval_tasks={tasks}'])
+    rows = [json.loads(line) for line in (out / 'metrics.jsonl').read_text().splitlines()]
+    in_train = next(r for r in reversed(rows) if 'tasks' in r and r['iter'] == 6)['tasks']
+    assert set(in_train) == {'mc', 'lm'} and in_train['mc']['items'] == 12 and 'acc_norm' not in in_train['lm']
+    r = subprocess.run([sys.executable, str(ROOT / 'eval.py'), f'--init_from={out / "ckpt-000006"}',
+                        f'--tasks={",".join(tasks)}', f'--json={tmp_path / "eval.json"}'],
+                       capture_output=True, text=True, env={**os.environ, 'OMP_NUM_THREADS': '1'})
+    assert r.returncode == 0, r.stderr
+    got = json.loads((tmp_path / 'eval.json').read_text())
+    assert got.keys() == in_train.keys() and all(got[k] == pytest.approx(in_train[k], abs=1e-9) for k in got)

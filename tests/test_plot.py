@@ -2,6 +2,7 @@
 is checked against metrics.jsonl read here, and the tokens against the run's own batch arithmetic."""
 import json
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -150,3 +151,25 @@ def test_bad_input_is_one_clear_line(tiny_run, tmp_path, case, message):
                  "no matplotlib": ([tiny_run], {"PYTHONPATH": str(tmp_path / "fake")})}[case]
     r = run_plot(*args, env=env)
     assert r.returncode == 1 and message in r.stderr and r.stderr.count("\n") == 1 and "Traceback" not in r.stderr, r.stderr
+
+
+def test_eval_tasks_get_a_panel_of_their_own(tiny_run, tmp_path):
+    # train.py --eval_tasks adds {'tasks': {name: {items, acc[, acc_norm]}}} to each val record: a third panel, a line
+    # per task, acc_norm where the task has it (multiple choice), else acc (completion), against tokens
+    run_dir = tmp_path / "tasks"
+    shutil.copytree(tiny_run, run_dir)
+    rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    for row in rows:
+        if "val_loss" in row:
+            row["tasks"] = {"mc": dict(items=10, acc=0.1 * row["iter"], acc_norm=0.05 * row["iter"]),
+                            "lm": dict(items=10, acc=0.02 * row["iter"])}
+    (run_dir / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    fig = plot.plot_runs([plot.read_run(str(run_dir))], plt)
+    assert len(fig.axes) == 3
+    lines = {line.get_label(): line for line in fig.axes[2].get_lines()}
+    assert list(lines["tasks mc"].get_xdata()) == [4 * TOKENS_PER_STEP, 8 * TOKENS_PER_STEP]
+    assert list(lines["tasks mc"].get_ydata()) == pytest.approx([0.2, 0.4])
+    assert list(lines["tasks lm"].get_ydata()) == pytest.approx([0.08, 0.16])
+    plt.close(fig)
+    r = run_plot(run_dir)
+    assert r.returncode == 0, r.stderr

@@ -414,3 +414,35 @@ def test_prompt_response_and_tokenizer_bad_input(tmp_path, tokenizer_dir, case, 
     assert r.returncode == 1 and r.stderr.startswith("prepare.py: error: ") and "Traceback" not in r.stderr, r.stderr
     assert message in r.stderr and r.stderr.count("\n") == 1, r.stderr
     assert not (tmp_path / "out").exists()
+
+
+FAKE_TASKS = '''
+def load_dataset(path, name=None, split=None):
+    if path == "Rowan/hellaswag" and split == "validation":
+        return [dict(activity_label="Baking", ctx_a="A man mixes flour.", ctx_b="he", ctx="A man mixes flour. he",
+                     endings=["bakes bread.", "swims.", "sings.", "flies."], label="0")]
+    if path == "EleutherAI/lambada_openai" and split == "test":
+        return [dict(text="the cat sat on the mat")]
+    raise ConnectionError("no network in this test")
+'''
+
+
+@pytest.mark.parametrize("task", ["hellaswag", "lambada"])
+def test_task_sources_write_what_eval_py_reads(tmp_path, task):
+    # prepare.py hellaswag|lambada: the public split (here a fake datasets module) as eval.py's .jsonl, read back by
+    # eval.py's own reader; offline, one line that says how to give a local copy
+    import eval as ev
+    (tmp_path / "fake").mkdir()
+    (tmp_path / "fake" / "datasets.py").write_text(FAKE_TASKS)
+    r = run(task, f"--out_dir={tmp_path / 'tasks'}", env={"PYTHONPATH": str(tmp_path / "fake")})
+    assert r.returncode == 0, r.stderr
+    (written,) = (tmp_path / "tasks").iterdir()
+    items = ev.read_task(str(written))["items"]
+    if task == "hellaswag":
+        assert [i["gold"] for i in items] == [0] and items[0]["context"] == "Baking: A man mixes flour. He"
+    else:
+        assert items[0]["context"] == "the cat sat on the" and items[0]["choices"] == [" mat"]
+    (tmp_path / "fake" / "datasets.py").write_text("def load_dataset(*a, **k):\n    raise ConnectionError('offline')\n")
+    r = run(task, f"--out_dir={tmp_path / 'again'}", env={"PYTHONPATH": str(tmp_path / "fake")})
+    assert r.returncode == 1 and "Traceback" not in r.stderr and len(r.stderr.strip().splitlines()) == 1, r.stderr
+    assert "give it to eval.py as --tasks=" in r.stderr and not (tmp_path / "again").exists()
