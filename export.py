@@ -41,7 +41,8 @@ from checkpoints import checkpoint_dirs, verify
 from common import fail
 from configurator import configure
 from lora import merged_weights
-from model import MPT, MPTConfig, save_hf_weights
+from hf import save_hf_weights
+from model import MPT, MPTConfig
 
 # -----------------------------------------------------------------------------
 out_dir = 'out'  # the training run: its newest ckpt-NNNNNN/ is exported

@@ -1,20 +1,56 @@
 """
 Hugging Face in and out at scale: each process reads only the rows of its own shards of a save_pretrained
-directory (safetensors or .bin, sharded or not), and checks that the data was tokenized with the model's own
-tokenizer. It imports model.py, never the other way: model.py keeps the plain whole-model MPT.from_hf / save_hf.
+directory (safetensors or .bin, sharded or not), a big model is written weight by weight in sharded safetensors
+(export.py), and the data is checked to be tokenized with the model's own tokenizer. It imports model.py, never the other way: model.py keeps the plain whole-model MPT.from_hf / save_hf.
 lora.py reads a frozen base through this file; this file knows nothing of LoRA.
 """
 
 import json
+import math
 import os
+from pathlib import Path
 
 import torch
 from torch.distributed.tensor import DTensor
 
-from model import hf_tensor_files, read_hf_tensor
+# Not torch's DCP HuggingFaceStorageReader/Writer: the reader loads into the tensors of a state dict, and a QLoRA
+# model's NF4 weights need their rows read as fp32 to be quantized (lora.load_nf4_weights); the writer is handed a
+# state dict to write, where export.py makes each weight (LoRA merged, NF4 dequantized) only when its turn comes,
+# so that one weight at a time is in memory
 
 # -----------------------------------------------------------------------------
 # reading each process's rows
+
+def hf_tensor_files(path):
+    """{tensor name: its file} of a save_pretrained directory: model.safetensors, pytorch_model.bin, or the shards
+    listed in their *.index.json. Reads only the index, or the one file's header."""
+    path = Path(path)
+    for name in ('model.safetensors', 'pytorch_model.bin'):
+        index = path / f'{name}.index.json'
+        if index.is_file():
+            return json.loads(index.read_text())['weight_map']
+        if (path / name).is_file():
+            if name.endswith('.safetensors'):
+                from safetensors import safe_open
+                with safe_open(str(path / name), 'pt') as f:
+                    return {k: name for k in f.keys()}
+            return {k: name for k in torch.load(path / name, map_location='cpu', weights_only=True, mmap=True)}
+    raise FileNotFoundError(f"{path}: no model.safetensors, pytorch_model.bin or their .index.json")
+
+
+def read_hf_tensor(path, file, name, rows=None, dtype=None):
+    """One tensor of a Hugging Face checkpoint's file, or only its rows [start, stop) (rows=(start, stop)), as
+    dtype (None: as stored). Only those bytes are read: safetensors' get_slice, a .bin memory-mapped (its zip
+    layout, torch.save's since 1.6); the file is closed again, so that nothing else of it stays in memory."""
+    start, stop = rows or (None, None)
+    if file.endswith('.safetensors'):
+        from safetensors import safe_open
+        with safe_open(str(Path(path) / file), 'pt') as f:
+            t = f.get_slice(name)[start:stop]  # a copy out of the file
+        return t if dtype in (None, t.dtype) else t.to(dtype)
+    t = torch.load(Path(path) / file, map_location='cpu', weights_only=True, mmap=True)[name][start:stop]
+    return torch.empty(t.shape, dtype=dtype or t.dtype).copy_(t)  # a copy, so that the mapping closes
+
 
 def shard_rows(p):
     """(start, stop, group): the rows [start, stop) of p's whole tensor that this rank's shard of it holds, and
@@ -54,6 +90,53 @@ def load_hf_weights(model, path, skip=lambda name, p: False):
             if not skip(name, p):
                 local = p.to_local() if isinstance(p, DTensor) else p
                 local.copy_(param_rows(path, files, name, p, local.dtype)[0])
+
+
+# -----------------------------------------------------------------------------
+# writing a big model weight by weight (export.py)
+
+SAFETENSORS_DTYPES = {torch.float32: 'F32', torch.bfloat16: 'BF16', torch.float16: 'F16'}
+
+
+def save_hf_weights(path, specs, tensor, max_shard_size=5_000_000_000):
+    """Write weights in Hugging Face's layout: model.safetensors, or model-0000k-of-0000n.safetensors with
+    model.safetensors.index.json once they pass max_shard_size bytes (a larger tensor gets a file of its own).
+    specs: {name: (shape, dtype)} in the order to write; tensor(name) makes each one when its turn comes and it
+    is written at once, so that only one is in memory. Written here rather than with the safetensors package,
+    which serializes a whole file from memory (twice over): the format is an 8-byte header length, a JSON
+    header of each tensor's dtype, shape and byte range, then the raw little-endian bytes."""
+    shards, size = [[]], 0
+    for name, (shape, dtype) in specs.items():
+        nbytes = math.prod(shape) * dtype.itemsize
+        if shards[-1] and size + nbytes > max_shard_size:
+            shards, size = shards + [[]], 0
+        shards[-1].append(name)
+        size += nbytes
+    files = ['model.safetensors'] if len(shards) == 1 else \
+        [f'model-{k:05d}-of-{len(shards):05d}.safetensors' for k in range(1, len(shards) + 1)]
+    for file, names in zip(files, shards):
+        header, offset = {'__metadata__': {'format': 'pt'}}, 0
+        for name in names:
+            shape, dtype = specs[name]
+            end = offset + math.prod(shape) * dtype.itemsize
+            header[name] = {'dtype': SAFETENSORS_DTYPES[dtype], 'shape': list(shape), 'data_offsets': [offset, end]}
+            offset = end
+        text = json.dumps(header, separators=(',', ':')).encode()
+        text += b' ' * (-len(text) % 8)  # the data starts 8-byte aligned
+        with open(Path(path) / file, 'wb') as f:
+            f.write(len(text).to_bytes(8, 'little') + text)
+            for name in names:
+                shape, dtype = specs[name]
+                t = tensor(name).to(dtype).contiguous()
+                if tuple(t.shape) != tuple(shape):
+                    raise ValueError(f"{name}: {tuple(t.shape)}, not the {tuple(shape)} announced")
+                t.reshape(-1).view(torch.uint8).numpy().tofile(f)
+    if len(files) > 1:
+        weight_map = {name: file for file, names in zip(files, shards) for name in names}
+        total = sum(math.prod(shape) * dtype.itemsize for shape, dtype in specs.values())
+        (Path(path) / 'model.safetensors.index.json').write_text(
+            json.dumps({'metadata': {'total_size': total}, 'weight_map': weight_map}, indent=2) + '\n')
+    return files
 
 
 # -----------------------------------------------------------------------------

@@ -457,7 +457,21 @@ class MPT(nn.Module):
                                     f"save_pretrained (or a downloaded MPT checkpoint)")
         hf = json.loads((path / 'config.json').read_text())
         config = MPTConfig(**{**config_from_hf(hf), **overrides})
-        return cls.from_state_dict(config, load_hf_state_dict(path), source=str(path))
+        # the whole model in memory, as nanoGPT's from_pretrained; hf.py reads each process's rows of a big one
+        from safetensors.torch import load_file  # safetensors: in requirements.txt; imported only here
+        for name in ('model.safetensors', 'pytorch_model.bin'):
+            index = path / f'{name}.index.json'
+            files = sorted(set(json.loads(index.read_text())['weight_map'].values())) if index.is_file() else \
+                [name] if (path / name).is_file() else []
+            if files:
+                break
+        else:
+            raise FileNotFoundError(f"{path}: no model.safetensors, pytorch_model.bin or their .index.json")
+        state = {}
+        for file in files:
+            state.update(load_file(path / file) if file.endswith('.safetensors') else
+                         torch.load(path / file, map_location='cpu', weights_only=True))
+        return cls.from_state_dict(config, state, source=str(path))
 
     @classmethod
     def from_state_dict(cls, config, state, source='checkpoint'):
@@ -506,16 +520,17 @@ class MPT(nn.Module):
                             'prefix_lm': False, 'attn_uses_sequence_id': cfg.attn_uses_sequence_id},
         }
 
-    def save_hf(self, path, max_shard_size=5_000_000_000):
+    def save_hf(self, path):
         """Write a directory that transformers' MptForCausalLM.from_pretrained loads with no network
-        (config.json + model.safetensors, or shards, see save_hf_weights) and that gives the same logits."""
+        (config.json + model.safetensors, the whole model in one file) and that gives the same logits.
+        export.py writes a big model weight by weight, in shards (hf.save_hf_weights)."""
         config = self.hf_config()
         path = Path(path)
         path.mkdir(parents=True, exist_ok=True)
         (path / 'config.json').write_text(json.dumps(config, indent=2) + '\n')
-        state = self.state_dict()
-        save_hf_weights(path, {k: (v.shape, v.dtype) for k, v in state.items()},
-                        lambda name: state[name].detach().cpu(), max_shard_size)
+        from safetensors.torch import save_file  # safetensors: in requirements.txt; imported only here
+        save_file({k: v.detach().cpu().contiguous() for k, v in self.state_dict().items()},
+                  path / 'model.safetensors', metadata={'format': 'pt'})
 
 
 class KVCache:
@@ -594,86 +609,6 @@ def config_from_hf(hf):
                 clip_qkv=attn.get('clip_qkv'), qk_ln=attn.get('qk_ln', False),
                 softmax_scale=attn.get('softmax_scale'), kv_n_heads=kv_n_heads,
                 logit_scale=hf.get('logit_scale'), layer_norm_epsilon=hf.get('layer_norm_epsilon', 1e-5))
-
-
-def hf_tensor_files(path):
-    """{tensor name: its file} of a save_pretrained directory: model.safetensors, pytorch_model.bin, or the shards
-    listed in their *.index.json. Reads only the index, or the one file's header."""
-    path = Path(path)
-    for name in ('model.safetensors', 'pytorch_model.bin'):
-        index = path / f'{name}.index.json'
-        if index.is_file():
-            return json.loads(index.read_text())['weight_map']
-        if (path / name).is_file():
-            if name.endswith('.safetensors'):
-                from safetensors import safe_open
-                with safe_open(str(path / name), 'pt') as f:
-                    return {k: name for k in f.keys()}
-            return {k: name for k in torch.load(path / name, map_location='cpu', weights_only=True, mmap=True)}
-    raise FileNotFoundError(f"{path}: no model.safetensors, pytorch_model.bin or their .index.json")
-
-
-def read_hf_tensor(path, file, name, rows=None, dtype=None):
-    """One tensor of a Hugging Face checkpoint's file, or only its rows [start, stop) (rows=(start, stop)), as
-    dtype (None: as stored). Only those bytes are read: safetensors' get_slice, a .bin memory-mapped (its zip
-    layout, torch.save's since 1.6); the file is closed again, so that nothing else of it stays in memory."""
-    start, stop = rows or (None, None)
-    if file.endswith('.safetensors'):
-        from safetensors import safe_open
-        with safe_open(str(Path(path) / file), 'pt') as f:
-            t = f.get_slice(name)[start:stop]  # a copy out of the file
-        return t if dtype in (None, t.dtype) else t.to(dtype)
-    t = torch.load(Path(path) / file, map_location='cpu', weights_only=True, mmap=True)[name][start:stop]
-    return torch.empty(t.shape, dtype=dtype or t.dtype).copy_(t)  # a copy, so that the mapping closes
-
-
-def load_hf_state_dict(path):
-    """All tensors of a save_pretrained directory (hf_tensor_files), as stored."""
-    return {name: read_hf_tensor(path, file, name) for name, file in hf_tensor_files(path).items()}
-
-
-SAFETENSORS_DTYPES = {torch.float32: 'F32', torch.bfloat16: 'BF16', torch.float16: 'F16'}
-
-
-def save_hf_weights(path, specs, tensor, max_shard_size=5_000_000_000):
-    """Write weights in Hugging Face's layout: model.safetensors, or model-0000k-of-0000n.safetensors with
-    model.safetensors.index.json once they pass max_shard_size bytes (a larger tensor gets a file of its own).
-    specs: {name: (shape, dtype)} in the order to write; tensor(name) makes each one when its turn comes and it
-    is written at once, so that only one is in memory. Written here rather than with the safetensors package,
-    which serializes a whole file from memory (twice over): the format is an 8-byte header length, a JSON
-    header of each tensor's dtype, shape and byte range, then the raw little-endian bytes."""
-    shards, size = [[]], 0
-    for name, (shape, dtype) in specs.items():
-        nbytes = math.prod(shape) * dtype.itemsize
-        if shards[-1] and size + nbytes > max_shard_size:
-            shards, size = shards + [[]], 0
-        shards[-1].append(name)
-        size += nbytes
-    files = ['model.safetensors'] if len(shards) == 1 else \
-        [f'model-{k:05d}-of-{len(shards):05d}.safetensors' for k in range(1, len(shards) + 1)]
-    for file, names in zip(files, shards):
-        header, offset = {'__metadata__': {'format': 'pt'}}, 0
-        for name in names:
-            shape, dtype = specs[name]
-            end = offset + math.prod(shape) * dtype.itemsize
-            header[name] = {'dtype': SAFETENSORS_DTYPES[dtype], 'shape': list(shape), 'data_offsets': [offset, end]}
-            offset = end
-        text = json.dumps(header, separators=(',', ':')).encode()
-        text += b' ' * (-len(text) % 8)  # the data starts 8-byte aligned
-        with open(Path(path) / file, 'wb') as f:
-            f.write(len(text).to_bytes(8, 'little') + text)
-            for name in names:
-                shape, dtype = specs[name]
-                t = tensor(name).to(dtype).contiguous()
-                if tuple(t.shape) != tuple(shape):
-                    raise ValueError(f"{name}: {tuple(t.shape)}, not the {tuple(shape)} announced")
-                t.reshape(-1).view(torch.uint8).numpy().tofile(f)
-    if len(files) > 1:
-        weight_map = {name: file for file, names in zip(files, shards) for name in names}
-        total = sum(math.prod(shape) * dtype.itemsize for shape, dtype in specs.values())
-        (Path(path) / 'model.safetensors.index.json').write_text(
-            json.dumps({'metadata': {'total_size': total}, 'weight_map': weight_map}, indent=2) + '\n')
-    return files
 
 
 # peak dense bf16 tensor-core FLOP/s, from the vendors' datasheets; first match in the device name wins
