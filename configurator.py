@@ -25,6 +25,7 @@ out_of_range() and device_problem() check settings at start, one line per bad va
 
 import ast
 import difflib
+import functools
 import io
 import os
 import sys
@@ -39,8 +40,9 @@ ALIASES = {'lr': 'learning_rate', 'bs': 'batch_size', 'micro_batch_size': 'batch
 
 
 def settings_in(namespace):
-    """The settings among a script's globals: plain values (not modules, functions, or _private names)."""
-    return {k: v for k, v in namespace.items() if not k.startswith('_') and isinstance(v, SETTING_TYPES)}
+    """The settings among a script's globals: plain values (not modules, functions, _private names, CONSTANTS)."""
+    return {k: v for k, v in namespace.items() if not k.startswith('_') and not k.isupper()
+            and isinstance(v, SETTING_TYPES)}
 
 
 def configure(settings, argv, verbose=True, positional=None, repeated=(), prog=None):
@@ -161,6 +163,21 @@ def help_if_asked(path, usage=None, dict_name=None, argv=None):
         sys.exit(0)
 
 
+@functools.lru_cache(maxsize=8)
+def _lines(source):
+    return [line.encode() for line in source.splitlines(keepends=True)]
+
+
+def _segment(source, node):
+    """ast.get_source_segment, without splitting the whole source into lines again for each node (which made
+    train.py --help take a second). Offsets are in UTF-8 bytes, as ast gives them."""
+    lines, first, last = _lines(source), node.lineno - 1, node.end_lineno - 1
+    if first == last:
+        return lines[first][node.col_offset:node.end_col_offset].decode()
+    return (lines[first][node.col_offset:] + b''.join(lines[first + 1:last])
+            + lines[last][:node.end_col_offset]).decode()
+
+
 def help_text(path, usage=None, dict_name=None):
     """The script's docstring as written, then its settings: grouped as in the file, each with its default, type
     and comment."""
@@ -168,7 +185,7 @@ def help_text(path, usage=None, dict_name=None):
     body, doc = ast.parse(source).body, ''
     if body and isinstance(body[0], ast.Expr) and isinstance(body[0].value, ast.Constant) and \
             isinstance(body[0].value.value, str):  # the docstring as written (its backslashes too), quotes removed
-        text = ast.get_source_segment(source, body[0]).lstrip('rRuU')
+        text = _segment(source, body[0]).lstrip('rRuU')
         quote = 3 if text[:3] in ('"""', "'''") else 1
         doc = text[quote:-quote].strip('\n')
     lines = [f"usage: {usage or f'python {name} [config.py ...] [--key=value ...]'}", "", doc, "",
@@ -208,9 +225,9 @@ def settings_doc(path, dict_name=None):
                                          for k in tree.body[i].value.keywords], tree.body[i - 1].end_lineno + 1)
     block, started, reassigned, prev_end = [], False, set(), 0
     for stmt in tree.body:
-        update = isinstance(stmt, ast.Expr) and 'globals().update' in ast.get_source_segment(source, stmt)
+        update = isinstance(stmt, ast.Expr) and 'globals().update' in _segment(source, stmt)
         if isinstance(stmt, (ast.FunctionDef, ast.ClassDef, ast.If)) or \
-                (started and 'configure(' in ast.get_source_segment(source, stmt)):
+                (started and 'configure(' in _segment(source, stmt)):
             break
         if isinstance(stmt, (ast.Import, ast.ImportFrom)) or (isinstance(stmt, ast.Expr) and not started and not update):
             prev_end = stmt.end_lineno
@@ -218,7 +235,7 @@ def settings_doc(path, dict_name=None):
         started = True
         if isinstance(stmt, ast.Assign) and isinstance(stmt.targets[0], ast.Name):
             reassigned.add(stmt.targets[0].id)
-            if not stmt.targets[0].id.startswith('_'):
+            if not stmt.targets[0].id.startswith('_') and not stmt.targets[0].id.isupper():  # not a CONSTANT
                 block.append((stmt.lineno, stmt.end_lineno, stmt.targets[0].id, stmt.value, None))
         elif update:
             block.append((stmt.lineno, stmt.end_lineno, None, stmt.value, None))
@@ -254,7 +271,7 @@ def _block(source, comments, entries, first_line):
             if alone and text.strip('-'):  # a line of dashes only separates
                 items.append(('note', text))
         line = end + 1
-        segment = ast.get_source_segment(source, value)
+        segment = _segment(source, value)
         if name is None:
             items.append(('update', segment))
             continue
@@ -266,7 +283,7 @@ def _block(source, comments, entries, first_line):
 def _dataclass_doc(path, class_name):
     source = open(path).read()
     cls = next(s for s in ast.parse(source).body if isinstance(s, ast.ClassDef) and s.name == class_name)
-    fields = [(s.lineno, s.end_lineno, s.target.id, s.value, ast.get_source_segment(source, s.annotation))
+    fields = [(s.lineno, s.end_lineno, s.target.id, s.value, _segment(source, s.annotation))
               for s in cls.body if isinstance(s, ast.AnnAssign) and s.value is not None]
     return [('note', f"{class_name} ({os.path.basename(path)}):")] + _block(source, _comments(source), fields, cls.lineno + 1)
 

@@ -116,10 +116,10 @@ dtype = 'bfloat16' if torch.cuda.is_available() else 'float32'  # bf16 matmuls o
 compile = True  # torch.compile each block
 activation_checkpointing = False  # recompute each block in the backward instead of keeping its activations
 seed = 1337  # weights, data order and dropout all follow from it
-dp_replicate = 1  # HSDP over many nodes: the processes form dp_replicate groups (e.g. one per node), each holding
-# the model sharded among its own processes; all-gathers stay inside a group, gradients are all-reduced across the
-# groups. 1: one group of all processes (FSDP). torchtitan's data_parallel_replicate_degree
 peak_flops = 0.0  # one device's peak FLOP/s for MFU; 0: model.PEAK_FLOPS's figure for this GPU
+# HSDP over many nodes: the processes form dp_replicate groups (e.g. one per node), each holding the model sharded
+# among its own processes; all-gathers stay inside a group, gradients are all-reduced across the groups
+dp_replicate = 1  # the groups, each with a sharded copy; 1: FSDP over all (torchtitan's dp_replicate_degree)
 _defaults = settings_in(globals())
 
 

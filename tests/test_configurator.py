@@ -210,3 +210,17 @@ def test_world_size_and_cuda_without_cuda():
     (problem,) = train.setting_problems({**s, 'gradient_accumulation_steps': 4, 'device': 'cuda'})
     assert problem.startswith("device='cuda' but this torch (") and problem.endswith(
         "use --device=cpu, or a CUDA build of torch on a machine with a GPU")
+
+
+def test_help_renders_each_setting_as_itself():
+    # every `--key=` row of a script's --help is one of its settings (a module CONSTANT such as plot.py's USAGE is
+    # not), and a comment continued on the lines below a setting does not become the next group's header
+    ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    for script in ('train.py', 'plot.py', 'sample.py', 'export.py', 'eval.py', 'prepare.py'):
+        text = help_text(os.path.join(ROOT, script))
+        keys = re.findall(r'^    --(\w+)=', text, re.M)
+        assert keys and not [k for k in keys if k.isupper()], (script, keys)
+    assert set(re.findall(r'^    --(\w+)=', help_text(os.path.join(ROOT, 'train.py')), re.M)) == set(train.default_settings())
+    rows = help_text(os.path.join(ROOT, 'train.py')).splitlines()
+    row = next(r for r in rows if r.startswith('    --dp_replicate=1'))
+    assert "FSDP over all" in row and not any(r.startswith('  the model sharded') for r in rows)
