@@ -331,7 +331,7 @@ def run_tasks(paths, model, meta, max_seq_len, num_fewshot=0, seed=1234):
     sample = script('sample')
     sample.init_from = 'resume'
     try:
-        encode, _, eot, _ = sample.load_tokenizer(model, meta or None)
+        encode, _, eot, _, _ = sample.load_tokenizer(model, meta or None)
     except (ValueError, FileNotFoundError) as e:
         fail(f"eval_tasks: {e}")
     return load_tasks(paths, encode, max_seq_len, num_fewshot, seed, eot)
@@ -360,7 +360,7 @@ def load_model(init_from):
         else:
             fail(f"init_from={init_from}: no ckpt.pt, ckpt-NNNNNN/ or config.json there; give a train.py out_dir, "
                  f"one of its ckpt-NNNNNN/, or a Hugging Face MPT directory")
-        encode, _, eot, tokenizer = sample.load_tokenizer(model, meta)
+        encode, _, eot, tokenizer, _ = sample.load_tokenizer(model, meta)
     except (ValueError, FileNotFoundError) as e:
         fail(str(e))
     return model, encode, eot, f"{what}; tokenizer: {tokenizer}"

@@ -364,7 +364,7 @@ class MPT(nn.Module):
 
     @torch.no_grad()
     def generate(self, idx, max_new_tokens, temperature=1.0, top_k=None, top_p=None, eos_token=None,
-                 max_len=None, generator=None, stream=None):
+                 max_len=None, generator=None, stream=None, vocab=None):
         """Continue prompts by up to max_new_tokens tokens. The prompts run through the model once
         (prefill, filling a preallocated KV cache), then each step feeds only the newest token.
         idx: a (B, T) tensor, or a list of prompts (lists or 1-D tensors) of different lengths.
@@ -372,7 +372,9 @@ class MPT(nn.Module):
         set of tokens holding probability top_p. A row that emits eos_token then repeats it, and
         generation stops once every row has. max_len bounds prompt + new tokens (default the training
         max_seq_len; ALiBi has no position table, so it may be set beyond). stream(tokens) is called
-        with each step's (B,) new tokens. Returns (B, T + n) for a tensor, else a list of 1-D tensors."""
+        with each step's (B,) new tokens. vocab: only ids below it are drawn (a tokenizer's size: MPT pads its
+        vocabulary past the tokenizer's, and a padding id decodes to nothing). Returns (B, T + n) for a tensor,
+        else a list of 1-D tensors."""
         cfg, device = self.config, self.transformer.wte.weight.device
         prompts = [torch.as_tensor(p, dtype=torch.long).flatten().cpu() for p in idx]
         lengths = [len(p) for p in prompts]
@@ -406,7 +408,7 @@ class MPT(nn.Module):
         done = torch.zeros(B, dtype=torch.bool, device=device)
         for _ in range(max_new_tokens):
             logits, _ = self(tokens, kv_cache=kv_cache)  # (B, 1, V)
-            tokens = sample_next(logits[:, -1].float(), temperature, top_k, top_p, generator)  # (B,)
+            tokens = sample_next(logits[:, -1, :vocab].float(), temperature, top_k, top_p, generator)  # (B,)
             if eos_token is not None:
                 tokens = tokens.masked_fill(done, eos_token)
                 done |= tokens == eos_token

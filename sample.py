@@ -101,7 +101,7 @@ def hf_tokenizer(file, eot, what):
 
 
 def load_tokenizer(model, meta):
-    """(encode, decode, eot id, description): the tokenizer the run recorded in its meta.json (prepare.py
+    """(encode, decode, eot id, description, number of ids): the tokenizer the run recorded in its meta.json (prepare.py
     --tokenizer: characters, GPT-2 BPE or a Hugging Face tokenizer.json); a Hugging Face directory's own
     tokenizer.json (with the `tokenizers` package); else GPT-2 BPE."""
     vocab_size = model.config.vocab_size
@@ -136,11 +136,12 @@ def load_tokenizer(model, meta):
         tokenizer = (lambda text: enc.encode(text, allowed_special={'<|endoftext|>'}), enc.decode, enc.eot_token,
                      "GPT-2 BPE (tiktoken r50k_base)")
         n_vocab = enc.n_vocab
-    tokenizer = tuple(tokenizer)
+    encode, decode, eot, name = tokenizer
     if n_vocab > vocab_size:
-        raise ValueError(f"the tokenizer ({tokenizer[3]}) has {n_vocab} tokens but the model only {vocab_size}: "
+        raise ValueError(f"the tokenizer ({name}) has {n_vocab} tokens but the model only {vocab_size}: "
                          f"this checkpoint was trained with another tokenizer (is its data_dir/meta.json there?)")
-    return tokenizer
+
+    return encode, decode, eot, name, n_vocab  # n_vocab: generate draws only these ids (MPT pads its vocabulary)
 
 
 def printer(decode, eot, head):
@@ -170,7 +171,7 @@ def main():
         sys.exit('error: ' + '\nerror: '.join(problems))
     torch.manual_seed(seed)
     model, meta = load_model()
-    encode, decode, eot, name = load_tokenizer(model, meta)
+    encode, decode, eot, name, n_vocab = load_tokenizer(model, meta)
     print(f"tokenizer: {name}", file=sys.stderr)
     check_attention(model.config, device, getattr(torch, dtype))
     model.eval().to(device=device, dtype=getattr(torch, dtype))
@@ -193,7 +194,8 @@ def main():
     made, t0 = 0, time.time()
     for _ in range(num_samples):
         out = model.generate([ids], new_tokens, temperature=temperature, top_k=top_k, top_p=top_p, eos_token=eot,
-                             max_len=limit, generator=generator, stream=printer(decode, eot, prompt))
+                             max_len=limit, generator=generator, stream=printer(decode, eot, prompt),
+                             vocab=n_vocab)
         made += len(out[0]) - len(ids)
         print('\n---------------')
     dt = time.time() - t0

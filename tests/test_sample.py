@@ -266,3 +266,15 @@ def test_sample_py_notes_come_before_the_sample(tmp_path):
     samples = [i for i, line in enumerate(lines) if line.startswith("to be")]
     assert len(samples) == 2 and note < samples[0]
     assert all(line.startswith(("override:", "tokenizer:")) for line in lines[:note])  # nothing of a sample before it
+
+
+def test_generate_draws_only_the_tokenizers_ids():
+    # MPT pads its vocabulary past its tokenizer's (50432 vs 50277): generate(vocab=n) never draws a padding id,
+    # which would decode to nothing; a model that favours the padding ids shows it
+    model = tiny_model(vocab_size=64, d_model=32, n_heads=4)
+    with torch.no_grad():
+        model.transformer.wte.weight[48:] *= 50  # the tied head: padding ids 48..63 get the largest logits
+    free = model.generate([[1, 2, 3]], 25, temperature=1.0, generator=torch.Generator().manual_seed(0))[0][3:]
+    assert (free >= 48).any()
+    kept = model.generate([[1, 2, 3]], 25, temperature=1.0, generator=torch.Generator().manual_seed(0), vocab=48)[0][3:]
+    assert (kept < 48).all() and len(kept) == 25
