@@ -5,6 +5,7 @@ directory (safetensors or .bin, sharded or not), a big model is written weight b
 lora.py reads a frozen base through this file; this file knows nothing of LoRA.
 """
 
+import contextlib
 import json
 import math
 import os
@@ -23,19 +24,42 @@ from torch.distributed.tensor import DTensor
 
 def hf_tensor_files(path):
     """{tensor name: its file} of a save_pretrained directory: model.safetensors, pytorch_model.bin, or the shards
-    listed in their *.index.json. Reads only the index, or the one file's header."""
+    listed in their *.index.json. Reads only the index, or the one file's header. A damaged index, a shard it
+    names that is missing, an unreadable file: one clear line (ValueError, FileNotFoundError) naming the file."""
     path = Path(path)
     for name in ('model.safetensors', 'pytorch_model.bin'):
         index = path / f'{name}.index.json'
         if index.is_file():
-            return json.loads(index.read_text())['weight_map']
+            try:
+                weight_map = json.loads(index.read_text())['weight_map']
+                missing = sorted({f for f in weight_map.values() if not (path / f).is_file()})
+            except (OSError, ValueError, KeyError, TypeError, AttributeError) as e:
+                raise ValueError(f"{index} is damaged ({type(e).__name__}: {e}): download it again") from None
+            if missing:
+                raise FileNotFoundError(f"{path / missing[0]} is missing ({index.name} names it"
+                                        f"{f' and {len(missing) - 1} more' if len(missing) > 1 else ''}): download "
+                                        f"the model again")
+            return weight_map
         if (path / name).is_file():
-            if name.endswith('.safetensors'):
-                from safetensors import safe_open
-                with safe_open(str(path / name), 'pt') as f:
-                    return {k: name for k in f.keys()}
-            return {k: name for k in torch.load(path / name, map_location='cpu', weights_only=True, mmap=True)}
+            with _reading(path / name):
+                if name.endswith('.safetensors'):
+                    from safetensors import safe_open
+                    with safe_open(str(path / name), 'pt') as f:
+                        return {k: name for k in f.keys()}
+                return {k: name for k in torch.load(path / name, map_location='cpu', weights_only=True, mmap=True)}
     raise FileNotFoundError(f"{path}: no model.safetensors, pytorch_model.bin or their .index.json")
+
+
+@contextlib.contextmanager
+def _reading(file):
+    """A weight file that cannot be read (truncated, another format, damaged) as one line naming it."""
+    try:
+        yield
+    except Exception as e:
+        if isinstance(e, (ValueError, FileNotFoundError)) and str(file) in str(e):
+            raise
+        raise ValueError(f"{file} cannot be read ({type(e).__name__}: {str(e).strip()[:200]}): it is truncated or "
+                         f"damaged; download it again") from None
 
 
 def read_hf_tensor(path, file, name, rows=None, dtype=None):
@@ -43,13 +67,14 @@ def read_hf_tensor(path, file, name, rows=None, dtype=None):
     dtype (None: as stored). Only those bytes are read: safetensors' get_slice, a .bin memory-mapped (its zip
     layout, torch.save's since 1.6); the file is closed again, so that nothing else of it stays in memory."""
     start, stop = rows or (None, None)
-    if file.endswith('.safetensors'):
-        from safetensors import safe_open
-        with safe_open(str(Path(path) / file), 'pt') as f:
-            t = f.get_slice(name)[start:stop]  # a copy out of the file
-        return t if dtype in (None, t.dtype) else t.to(dtype)
-    t = torch.load(Path(path) / file, map_location='cpu', weights_only=True, mmap=True)[name][start:stop]
-    return torch.empty(t.shape, dtype=dtype or t.dtype).copy_(t)  # a copy, so that the mapping closes
+    with _reading(Path(path) / file):
+        if file.endswith('.safetensors'):
+            from safetensors import safe_open
+            with safe_open(str(Path(path) / file), 'pt') as f:
+                t = f.get_slice(name)[start:stop]  # a copy out of the file
+            return t if dtype in (None, t.dtype) else t.to(dtype)
+        t = torch.load(Path(path) / file, map_location='cpu', weights_only=True, mmap=True)[name][start:stop]
+        return torch.empty(t.shape, dtype=dtype or t.dtype).copy_(t)  # a copy, so that the mapping closes
 
 
 def shard_rows(p):

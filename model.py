@@ -457,22 +457,34 @@ class MPT(nn.Module):
         if not (path / 'config.json').is_file():
             raise FileNotFoundError(f"{path}/config.json not found: from_hf wants a directory written by "
                                     f"save_pretrained (or a downloaded MPT checkpoint)")
-        hf = json.loads((path / 'config.json').read_text())
+        try:
+            hf = json.loads((path / 'config.json').read_text())
+        except ValueError as e:
+            raise ValueError(f"{path / 'config.json'} is not valid JSON ({e}): download it again") from None
         config = MPTConfig(**{**config_from_hf(hf), **overrides})
         # the whole model in memory, as nanoGPT's from_pretrained; hf.py reads each process's rows of a big one
         from safetensors.torch import load_file  # safetensors: in requirements.txt; imported only here
         for name in ('model.safetensors', 'pytorch_model.bin'):
             index = path / f'{name}.index.json'
-            files = sorted(set(json.loads(index.read_text())['weight_map'].values())) if index.is_file() else \
-                [name] if (path / name).is_file() else []
+            try:
+                files = sorted(set(json.loads(index.read_text())['weight_map'].values())) if index.is_file() else \
+                    [name] if (path / name).is_file() else []
+            except (ValueError, KeyError, TypeError, AttributeError) as e:
+                raise ValueError(f"{index} is damaged ({type(e).__name__}: {e}): download it again") from None
             if files:
                 break
         else:
             raise FileNotFoundError(f"{path}: no model.safetensors, pytorch_model.bin or their .index.json")
         state = {}
         for file in files:
-            state.update(load_file(path / file) if file.endswith('.safetensors') else
-                         torch.load(path / file, map_location='cpu', weights_only=True))
+            if not (path / file).is_file():
+                raise FileNotFoundError(f"{path / file} is missing ({name}.index.json names it): download it again")
+            try:
+                state.update(load_file(path / file) if file.endswith('.safetensors') else
+                             torch.load(path / file, map_location='cpu', weights_only=True))
+            except Exception as e:  # truncated, another format: safetensors' and torch's own errors name no file
+                raise ValueError(f"{path / file} cannot be read ({type(e).__name__}: {str(e).strip()[:200]}): it is "
+                                 f"truncated or damaged; download it again") from None
         return cls.from_state_dict(config, state, source=str(path))
 
     @classmethod

@@ -329,8 +329,11 @@ def start_point(s, shards):
         if not os.path.isfile(os.path.join(init_from, 'config.json')):
             fail(f"init_from={init_from!r}: use 'scratch', 'resume', a Hugging Face MPT directory (with config.json) "
                  f"or a checkpoint of ours (out_dir/ckpt-NNNNNN, with train.json)")
-        with open(os.path.join(init_from, 'config.json')) as f:
-            hf = json.load(f)
+        try:
+            with open(os.path.join(init_from, 'config.json')) as f:
+                hf = json.load(f)
+        except (OSError, ValueError) as e:
+            fail(f"{os.path.join(init_from, 'config.json')} is unreadable ({e}): download it again")
         try:
             # a setting given explicitly wins over the checkpoint's: MPT-7B-StoryWriter was MPT-7B fine-tuned
             # with alibi_bias_max 8 -> 16

@@ -1357,3 +1357,40 @@ def test_masked_loss_is_the_mean_over_counted_targets(group_of_one, released_sft
             total, count = total - logp[y != -1].sum().item(), count + int((y != -1).sum())
     model.train()
     assert 0 < count < 5 * 16 and train.evaluate(model, split, batches, 16, 512, torch.device('cpu')) == pytest.approx(total / count, rel=1e-5)
+
+
+def broken_hf(kind, released, d):
+    """A copy of a Hugging Face MPT directory, broken one way: config.json not JSON, model.safetensors cut short,
+    or sharded with a shard that its index names gone. Returns (the directory, the file the line must name)."""
+    hf = d / 'hf'
+    shutil.copytree(released, hf)
+    if kind == 'config':
+        (hf / 'config.json').write_text('{"model_type": "mpt",\n')
+        return hf, hf / 'config.json'
+    weights = hf / 'model.safetensors'
+    if kind == 'truncated':
+        weights.write_bytes(weights.read_bytes()[:weights.stat().st_size // 2])
+        return hf, weights
+    names = sorted(MPT.from_hf(released).state_dict())
+    (hf / 'model.safetensors.index.json').write_text(json.dumps({'metadata': {}, 'weight_map': {
+        n: f'model-0000{1 + (i % 2)}-of-00002.safetensors' for i, n in enumerate(names)}}))
+    weights.rename(hf / 'model-00001-of-00002.safetensors')
+    return hf, hf / 'model-00002-of-00002.safetensors'
+
+
+@pytest.mark.parametrize('kind', ['config', 'truncated', 'missing_shard'])
+def test_broken_hugging_face_inputs_are_one_line_naming_the_file(released_mpt, released_sft, tmp_path, kind):
+    # train.py (full fine-tune and a LoRA run's base) and sample.py on a broken Hugging Face directory: one line,
+    # naming the file, no traceback
+    hf, culprit = broken_hf(kind, released_mpt, tmp_path)
+    runs = {'train': [sys.executable, str(ROOT / 'train.py'), f'--init_from={hf}', f'--data_dir={released_sft}',
+                      f'--out_dir={tmp_path / "out"}', '--max_iters=1', '--batch_size=2', '--gradient_accumulation_steps=1',
+                      '--eval_iters=1', '--compile=False', '--device=cpu', '--dtype=float32'],
+            'sample': [sys.executable, str(ROOT / 'sample.py'), f'--init_from={hf}', '--max_new_tokens=2',
+                       '--device=cpu', '--dtype=float32', '--compile=False']}
+    runs['lora'] = [*runs['train'][:4], f'--out_dir={tmp_path / "out_lora"}', *runs['train'][5:], '--lora_rank=4']
+    for name, cmd in runs.items():
+        r = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env={**os.environ, 'OMP_NUM_THREADS': '1'})
+        errors = [line for line in r.stderr.splitlines() if line.startswith('error:')]
+        assert r.returncode == 1 and 'Traceback' not in r.stderr and len(errors) == 1, (name, r.stderr[-2000:])
+        assert str(culprit) in errors[0], (name, errors[0])
