@@ -28,6 +28,7 @@ import json
 import os
 import re
 import shutil
+import signal
 import sys
 import warnings
 from pathlib import Path
@@ -133,9 +134,18 @@ def check_destination(path, what):
         if other:
             fail(f"{what}={path} holds {', '.join(other[:3])}{', ...' if len(other) > 3 else ''}, which export.py does "
                  f"not write: --overwrite replaces an earlier export only; choose another folder")
-    staging = path.parent / f'.{path.name}.export-tmp'
+    staging, old = path.parent / f'.{path.name}.export-tmp', path.parent / f'.{path.name}.export-old'
     try:
-        shutil.rmtree(staging, ignore_errors=True)  # an export cut short
+        if old.is_dir():  # an export killed while it swapped (commit): the earlier one back, or its leftovers gone
+            if path.exists():
+                shutil.rmtree(old)
+                print(f"note: removed {old}, an earlier export that a killed export had set aside", file=sys.stderr)
+            else:
+                os.rename(old, path)
+                print(f"note: {path} put back from {old}, where a killed export had set it aside", file=sys.stderr)
+        if staging.exists():
+            shutil.rmtree(staging)
+            print(f"note: removed {staging}, left by an export cut short", file=sys.stderr)
         staging.mkdir(parents=True)
     except OSError as e:
         fail(f"{what}={path}: cannot write there ({e.strerror or e})")
@@ -143,10 +153,20 @@ def check_destination(path, what):
 
 
 def commit(staging, path):
-    """The finished export takes path's place (an empty folder, or an earlier export: check_destination)."""
-    if path.exists():
-        shutil.rmtree(path)
-    os.rename(staging, path)
+    """The finished export takes path's place (an empty folder, or an earlier export: check_destination) with no
+    moment where neither is whole: the earlier one is renamed aside, the new one renamed in, and only then is the
+    old one deleted; SIGTERM and Ctrl-C wait for the two renames. Killed between them (SIGKILL), the next export
+    puts the earlier one back first; killed while deleting, it removes what is left."""
+    old = path.parent / f'.{path.name}.export-old'
+    held = {signal.SIGTERM, signal.SIGINT}
+    signal.pthread_sigmask(signal.SIG_BLOCK, held)
+    try:
+        if path.exists():
+            os.rename(path, old)
+        os.rename(staging, path)
+    finally:
+        signal.pthread_sigmask(signal.SIG_UNBLOCK, held)
+    shutil.rmtree(old, ignore_errors=True)
 
 
 def write_peft(path, adapters, lora, base_path):
@@ -237,4 +257,6 @@ def main():
 
 
 if __name__ == '__main__':
+    # SIGTERM as Ctrl-C: the staging folder is removed on the way out (main's finally), not left behind
+    signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(143))
     main()

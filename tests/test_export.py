@@ -211,3 +211,49 @@ def test_a_lora_checkpoint_is_no_stage_to_start_from(released_sft, lora_run_dirs
                            '--max_iters=1'], expect_ok=False)
     assert code == 1 and 'Traceback' not in stderr and stderr.count('error:') == 1, stderr
     assert "a LoRA run's checkpoint holds only its adapters: export the checkpoint with `python export.py" in stderr
+
+
+KILL_AT = """
+import os, shutil, signal
+what = os.environ['KILL_AT']
+rename, rmtree = os.rename, shutil.rmtree
+def killing_rename(src, dst):
+    if what == 'between' and str(src).endswith('.export-tmp'):  # the earlier export is aside, the new one not in
+        os.kill(os.getpid(), signal.SIGKILL)
+    return rename(src, dst)
+def killing_rmtree(path, *a, **k):
+    if what == 'deleting' and str(path).endswith('.export-old'):
+        for f in sorted(os.listdir(path))[:1]:  # one file gone, then killed
+            os.unlink(os.path.join(path, f))
+        os.kill(os.getpid(), signal.SIGKILL)
+    return rmtree(path, *a, **k)
+os.rename, shutil.rmtree = killing_rename, killing_rmtree
+"""
+
+
+def test_an_overwrite_killed_during_its_swap_loses_nothing(released_mpt, released_sft, tmp_path):
+    # export --overwrite swaps with no gap: killed (SIGKILL) between its two renames, the earlier export is whole
+    # aside and the next export puts it back; killed while deleting the earlier one, the new one is whole in place
+    # and the next export removes the leftovers. Each leftover is named when it is cleaned up
+    run_dir, hf = tmp_path / 'run', tmp_path / 'hf'
+    run([*SMALL, f'--init_from={released_mpt}', f'--data_dir={released_sft}', f'--out_dir={run_dir}', '--max_iters=2'])
+    assert export(f'--out_dir={run_dir}', f'--hf_dir={hf}').returncode == 0
+    files = lambda d: {p.name: p.read_bytes() for p in d.iterdir()}
+    first = files(hf)
+    (tmp_path / 'kill').mkdir()
+    (tmp_path / 'kill' / 'sitecustomize.py').write_text(KILL_AT)
+    killed = lambda at, *extra: subprocess.run(
+        [sys.executable, str(ROOT / 'export.py'), f'--out_dir={run_dir}', f'--hf_dir={hf}', '--overwrite=True', *extra],
+        capture_output=True, text=True, timeout=300, env={**os.environ, 'OMP_NUM_THREADS': '1', 'KILL_AT': at,
+                                                           'PYTHONPATH': str(tmp_path / 'kill')})
+    assert killed('between').returncode == -9
+    assert not hf.exists() and files(tmp_path / '.hf.export-old') == first
+    r = export(f'--out_dir={tmp_path / "nowhere"}', f'--hf_dir={hf}', '--overwrite=True')  # fails after the clean-up
+    assert r.returncode == 1 and f"note: {hf} put back from {tmp_path / '.hf.export-old'}" in r.stderr
+    assert f"note: removed {tmp_path / '.hf.export-tmp'}" in r.stderr and files(hf) == first
+    assert killed('deleting', '--dtype=float32').returncode == -9
+    second = files(hf)
+    assert second != first and second.keys() == first.keys() and (tmp_path / '.hf.export-old').is_dir()
+    r = export(f'--out_dir={run_dir}', f'--hf_dir={hf}', '--overwrite=True', '--dtype=float32')
+    assert r.returncode == 0 and f"note: removed {tmp_path / '.hf.export-old'}" in r.stderr
+    assert files(hf) == second and sorted(p.name for p in tmp_path.iterdir()) == ['hf', 'kill', 'run']
