@@ -17,8 +17,9 @@ Continue from the newest checkpoint in out_dir, on any number of processes that 
     torchrun ... train.py config/mpt_1b.py --init_from=resume
 Fine-tune a Hugging Face MPT: --init_from=path/to/mpt-7b (a save_pretrained directory); with --lora_rank, LoRA
 (lora.py). Each process reads only its own shards of it.
-Preemption: on SIGTERM the run finishes its step, saves a checkpoint and exits 0. The scheduler's grace
-period must cover a step and a save; torchrun, itself sent SIGTERM, gives its workers 30 seconds.
+Preemption: on SIGTERM the run finishes its step (an evaluation stops at once), saves a checkpoint and exits 0.
+The scheduler's grace period must cover a step and a save; torchrun, itself sent SIGTERM, gives its workers 30
+seconds, and then exits 1 with its own traceback after they have saved.
 
 NCCL connects the processes on CUDA, gloo on CPU; a plain `python train.py` is a group of one, so the
 same code (FSDP2, DCP) runs everywhere. Settings are the variables below; config files (Python) and
@@ -505,14 +506,23 @@ def train_step(model, exp_avgs, batches, lr, peak_lr, weight_decay, beta1, beta2
 
 
 @torch.no_grad()
-def evaluate(model, split, batches, seq_len, vocab_size, device, eot_token=None):
+def evaluate(model, split, batches, seq_len, vocab_size, device, eot_token=None, stopping=lambda: False):
     """Mean loss over a fixed list of micro-batches (window ids), batch j on rank j % world_size. Every
     rank runs the same number of forwards (each all-gathers weights), padding with batches weighted 0.
-    With loss masks, the mean over the counted targets."""
+    With loss masks, the mean over the counted targets. stopping(): whether this rank was asked to stop (SIGTERM);
+    the ranks agree on it before each forward, and then all return None at once."""
     rank, world = dist.get_rank(), dist.get_world_size()
     model.eval()
     total = torch.zeros(2, device=device)
     for k in range(-(-len(batches) // world)):
+        asked = stopping()
+        if world > 1:  # one small all-reduce per forward, in evaluation only
+            flag = torch.tensor(float(asked), device=device)
+            dist.all_reduce(flag)
+            asked = flag.item() > 0
+        if asked:
+            model.train()
+            return None
         j = k * world + rank
         ids = batches[min(j, len(batches) - 1)]
         x, y, *sequence_id = to_device(read_windows(split, ids, seq_len, vocab_size), device,
@@ -663,8 +673,11 @@ if __name__ == '__main__':
 
     def run_evals(**extra):
         """Val loss at every eval length: printed, logged, and returned at max_seq_len (what ckpt.pt follows)."""
-        losses = {L: evaluate(model, split, batches, L, config.vocab_size, device, eot_token)
-                  for L, (split, batches) in evals.items()}
+        losses = {}
+        for L, (split, batches) in evals.items():  # None: a signal stopped it (evaluate), the run saves and ends
+            losses[L] = evaluate(model, split, batches, L, config.vocab_size, device, eot_token, lambda: bool(preempted))
+            if losses[L] is None:
+                return None
         print0(f"iter {iter_num}: val loss {losses[max_seq_len]:.4f}")
         record = {'iter': iter_num, 'val_loss': losses[max_seq_len], **extra}
         if len(losses) > 1:
@@ -734,6 +747,7 @@ if __name__ == '__main__':
             stop = settle() or stop  # every step before this evaluation is finite
             pending = None
             val_loss = run_evals() if eval_iters and not stop else None
+            stop = stop or bool(eval_iters and val_loss is None)  # a signal stopped the evaluation: save, end
             improved = val_loss is None or val_loss < best_val_loss
             best_val_loss = val_loss if val_loss is not None and improved else best_val_loss
             if iter_num > start_iter:  # not the random init, nor the checkpoint just resumed

@@ -523,6 +523,46 @@ def test_sigterm_saves_a_checkpoint_that_resumes(shakespeare, tmp_path):
     assert {step, step + 1} <= set(losses) and all(math.isfinite(v) for v in losses.values())
 
 
+@pytest.mark.parametrize('procs', [1, 2])
+def test_sigterm_during_an_evaluation_stops_it_at_once(straight, shakespeare, tmp_path, procs):
+    # resumed at step 6, the run's last evaluation (step 9) is long; SIGTERM during it: the evaluation stops at
+    # once (all processes together), the checkpoint of step 9 (the last finished step) is saved, no step after it
+    # is trained, and the run exits 0 with no traceback
+    out = tmp_path / 'out'
+    shutil.copytree(straight, out)
+    proc = start([*TINY, f'--data_dir={shakespeare}', f'--out_dir={out}', '--init_from=resume', '--max_iters=9',
+                  '--eval_iters=100000'], procs)
+    deadline, seen = time.time() + 120, ''
+    while 'iter 8: loss' not in seen:  # settle's line for step 8 comes just before the evaluation at step 9
+        line = proc.stdout.readline()
+        assert line and time.time() < deadline, seen
+        seen += line
+    time.sleep(1)
+    signalled = time.time()
+    # under torchrun the workers get it (torchrun itself, signalled, exits 1 with its own traceback whatever its
+    # workers do: see the README)
+    for pid in [proc.pid] if procs == 1 else _children(proc.pid):
+        os.kill(pid, signal.SIGTERM)
+    stdout, stderr = proc.communicate(timeout=120)
+    assert proc.returncode == 0 and 'Traceback' not in stderr, stderr[-3000:]
+    assert time.time() - signalled < 20 and 'SIGTERM: saved' in stdout
+    assert [Path(d).name for d in checkpoints.checkpoint_dirs(out)][-1] == 'ckpt-000009'
+    rows = [json.loads(line) for line in (out / 'metrics.jsonl').read_text().splitlines()]
+    assert not [r for r in rows if r['iter'] >= 9 and 'loss' in r] and not [r for r in rows if r['iter'] == 9 and 'val_loss' in r]
+
+
+def _children(pid):
+    """The pids of a process's children (torchrun's workers), from /proc."""
+    found = []
+    for d in os.listdir('/proc'):
+        try:
+            if d.isdigit() and open(f'/proc/{d}/stat').read().rsplit(')', 1)[1].split()[1] == str(pid):
+                found.append(int(d))
+        except OSError:
+            pass
+    return found
+
+
 def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(straight, shakespeare, tmp_path):
     out = tmp_path / 'out'
     shutil.copytree(straight, out)
