@@ -10,11 +10,12 @@ import glob
 import json
 import os
 import sys
+import threading
 
 import numpy as np
 import torch
 
-from common import fail
+from common import fail, file_crc
 
 # -----------------------------------------------------------------------------
 # data: a split is a list of token files, each cut into windows of seq_len + 1 tokens that overlap by one
@@ -176,13 +177,44 @@ def read_meta(data_dir):
         fail(f"{meta_path} is unreadable ({e}): re-run prepare.py, or delete it if the .bin files are yours")
 
 
-def open_data(data_dir, train_files, val_files, config, batch_size, eval_iters, eval_seq_lens, started_from):
+def check_files(data_dir, meta, meta_path):
+    """The token files of data_dir against meta.json: their sizes now (a second prepare.py into the same folder
+    leaves a train.bin of another length), their CRC-32s in a thread. Returns a function that waits for that
+    thread and returns its problem (one line) or None."""
+    recorded, problem = meta.get('files') or {}, {}
+    redo = f"re-run prepare.py for {data_dir} (another prepare.py into the same folder?)"
+    for split in ('train', 'val'):  # a meta.json from before files were recorded: its token counts
+        if f'{split}.bin' not in recorded and meta.get(f'{split}_tokens') is not None:
+            recorded[f'{split}.bin'] = [meta[f'{split}_tokens'] * 2, None]
+    for name, (size, _) in sorted(recorded.items()):
+        path = os.path.join(data_dir, name)
+        if os.path.exists(path) and os.path.getsize(path) != size:
+            fail(f"{path} has {os.path.getsize(path):,} bytes, but {meta_path} records {size:,}: it changed after "
+                 f"prepare.py wrote it; {redo}")
+
+    def check():
+        for name, (_, crcs) in sorted(recorded.items()):
+            path = os.path.join(data_dir, name)
+            if crcs is not None and os.path.exists(path) and file_crc(path)[1] != crcs:
+                problem['line'] = (f"{path} does not match the CRC-32 {meta_path} records: its bytes changed after "
+                                   f"prepare.py wrote it; {redo}")
+                return
+    thread = threading.Thread(target=check, daemon=True)
+    thread.start()
+    return lambda: thread.join() or problem.get('line')
+
+
+def open_data(data_dir, train_files, val_files, config, batch_size, eval_iters, eval_seq_lens, started_from,
+              trained_on=None, data_changed=''):
     """(splits, meta, eot_token, evals) of a run, every problem one line before any work: splits {'train': split,
-    'val': split, 'val_pattern': ...} (load_split), the data's meta.json, the end-of-text id that separates packed
-    documents (None unless attn_uses_sequence_id), and evals {seq_len: (split, micro-batches of window ids)}: a
-    fixed set of val windows per eval length, the same for every evaluation and world size (at max_seq_len
-    eval_iters micro-batches of batch_size; at other lengths as many tokens, in micro-batches of about as many).
-    started_from: a Hugging Face model's directory, whose tokenizer the data must have been made with."""
+    'val': split, 'val_pattern': ..., 'identity': what a checkpoint records of the train files, 'problem': a
+    function that returns their CRC-32s' problem or None (check_files)} (load_split), the data's meta.json, the
+    end-of-text id that separates packed documents (None unless attn_uses_sequence_id), and evals {seq_len:
+    (split, micro-batches of window ids)}: a fixed set of val windows per eval length, the same for every
+    evaluation and world size (at max_seq_len eval_iters micro-batches of batch_size; at other lengths as many
+    tokens, in micro-batches of about as many). started_from: a Hugging Face model's directory, whose tokenizer
+    the data must have been made with. trained_on: the identity a resumed checkpoint recorded, refused when the
+    data is other now unless data_changed='ok'."""
     meta_path, meta = os.path.join(data_dir, 'meta.json'), read_meta(data_dir)
     if meta.get('loss_mask') and not os.path.exists(os.path.join(data_dir, 'train.mask')) and not train_files:
         fail(f"{meta_path} says the data is prompt/response with loss masks, but {data_dir}/train.mask is "
@@ -212,6 +244,15 @@ def open_data(data_dir, train_files, val_files, config, batch_size, eval_iters, 
                 fail(f"{pattern} not found: run `python prepare.py <dataset>` (it writes data/<dataset>/train.bin, "
                      f"val.bin and meta.json) and set data_dir to its folder, or set {split}_files to a glob of shards")
         data[split], data[f'{split}_pattern'] = load_split(pattern, config.vocab_size, seq_len), pattern
+    data['problem'] = check_files(data_dir, meta, meta_path) if not train_files else lambda: None
+    recorded = meta.get('files') or {}
+    data['identity'] = {os.path.basename(p): recorded.get(os.path.basename(p), [os.path.getsize(p), None])
+                        for p in data['train'][0]}  # names, sizes and CRC-32s: another dataset is other
+    if trained_on is not None and trained_on != data['identity'] and data_changed != 'ok':
+        fail(f"the train data is not what the checkpoint trained on ({data['train_pattern']}: "
+             f"{_describe(data['identity'])} now, {_describe(trained_on)} then), so the data order would not go on as "
+             f"it would have: point data_dir at that data, or, for a deliberate new stage of data, add "
+             f"--data_changed=ok")
     evals = {}
     for L in sorted({seq_len, *eval_seq_lens}) if eval_iters else []:
         if L > min(len(a) for a in data['val'][1]) - 1:
@@ -222,3 +263,7 @@ def open_data(data_dir, train_files, val_files, config, batch_size, eval_iters, 
         val_ids = sample_windows(0, int(split[2][-1]), 0, max(1, eval_iters * batch_size * seq_len // L))
         evals[L] = (split, [val_ids[i:i + per_batch] for i in range(0, len(val_ids), per_batch)])
     return data, meta, eot_token, evals
+
+
+def _describe(identity):
+    return ', '.join(f"{name} {size:,} bytes" for name, (size, _) in sorted(identity.items()))

@@ -600,6 +600,10 @@ def prepare(cfg):
     )
     if chars is not None:
         meta["chars"] = chars
+    # what proves the files are these: each one's size and CRC-32s (common.file_crc, as checkpoints' manifests),
+    # checked by train.py before it trains on them
+    names = ["train.bin", "val.bin"] + (["train.mask", "val.mask"] if pairs else [])
+    meta["files"] = {name: common.file_crc(out_dir / name) for name in names}
     try:
         (out_dir / "meta.json.tmp").write_text(json.dumps(meta, indent=2) + "\n")  # \u escapes: any character survives
         os.replace(out_dir / "meta.json.tmp", out_dir / "meta.json")

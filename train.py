@@ -56,7 +56,7 @@ from torch.distributed.tensor import DTensor
 from checkpoints import (ARCH_FIELDS, RUN_FIELDS, SHAPE_FIELDS, choose_resume, is_checkpoint, load_checkpoint,
                          load_weights, resume_metrics, save_checkpoint, save_for_sampling, take_out_dir,
                          verify_checkpoint)
-from common import fail, print0, release_out_dir
+from common import fail, from_rank0, print0, release_out_dir
 from data import open_data, rank_windows, read_masks, read_windows, sample_windows, to_device
 from hf import load_hf_weights as load_hf_rows
 from lora import (add_lora, base_fingerprint, check_base, describe_lora, init_lora, is_adapter, is_nf4, linear_shapes,
@@ -82,6 +82,7 @@ wandb_project = 'mpt'
 wandb_run_name = 'mpt'
 # data: data_dir/train.bin and val.bin (raw uint16, from prepare.py or nanoGPT), or llm.c shards
 data_dir = 'data/openwebtext'
+data_changed = ''  # 'ok': resume on train data other than the checkpoint's (a deliberate new stage of data)
 train_files = ''  # a glob of llm.c / modded-nanogpt shards instead, e.g. 'fineweb10B/fineweb_train_*.bin'
 val_files = ''  # likewise, e.g. 'fineweb10B/fineweb_val_*.bin'
 batch_size = 16  # micro-batch: sequences per process in one forward/backward
@@ -135,7 +136,7 @@ def setting_problems(s, world_size=1):
         at_least=dict(learning_rate=0, min_lr=0, weight_decay=0, grad_clip=0, peak_flops=0),
         positive=('clip_qkv', 'softmax_scale', 'layer_norm_epsilon'),
         fraction=('beta1', 'beta2', 'attn_pdrop', 'resid_pdrop', 'emb_pdrop'),
-        choices=dict(init_device=('auto', 'cpu', 'meta')))
+        choices=dict(init_device=('auto', 'cpu', 'meta'), data_changed=('', 'ok')))
     problems += [p for p in [device_problem(s['device'])] if p] + lora_problems(s)
     if s['dtype'] not in ('bfloat16', 'float32'):
         problems.append(f"dtype={s['dtype']!r}: use 'bfloat16' (bf16 matmuls, fp32 master weights) or 'float32'")
@@ -603,8 +604,9 @@ if __name__ == '__main__':
     global_batch = batch_size * gradient_accumulation_steps  # sequences per step, for any world size
     torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
     config, lora, base, started_from, resume, stage, hf_dir = start_point(globals(), shards)
-    data, meta, eot_token, evals = open_data(data_dir, train_files, val_files, config, batch_size, eval_iters,
-                                             eval_seq_lens, started_from)
+    data, meta, eot_token, evals = open_data(
+        data_dir, train_files, val_files, config, batch_size, eval_iters, eval_seq_lens, started_from,
+        resume and resume[1].get('data'), data_changed)  # a resume refuses other data, unless data_changed='ok'
 
     # the model and Lion's state: from the seed, or loaded
     model = setup_model(config, mesh, dtype, activation_checkpointing, compile, seed,
@@ -745,6 +747,9 @@ if __name__ == '__main__':
         last = iter_num >= max_iters
         if (iter_num % eval_interval == 0 or last or stop) and iter_num != last_saved:
             stop = settle() or stop  # every step before this evaluation is finite
+            problem = from_rank0(data['problem']())  # the CRC-32s of the token files, read in a thread
+            if problem:
+                fail(problem)
             pending = None
             val_loss = run_evals() if eval_iters and not stop else None
             stop = stop or bool(eval_iters and val_loss is None)  # a signal stopped the evaluation: save, end
@@ -753,7 +758,7 @@ if __name__ == '__main__':
             if iter_num > start_iter:  # not the random init, nor the checkpoint just resumed
                 info = dict(iter_num=iter_num, data_position=position, best_val_loss=best_val_loss, seed=seed,
                             world_size=world_size, model=asdict(config), settings=settings,
-                            started_from=started_from, lora=lora, base=base)  # train.json: what a resume needs
+                            started_from=started_from, lora=lora, base=base, data=data['identity'])  # train.json
                 path = last_good = save_checkpoint(out_dir, model, exp_avgs, info, keep_checkpoints)
                 last_saved = iter_num
                 if improved and not stop and sampling_ckpt:  # ckpt.pt keeps the best val loss: small data overfits

@@ -1434,3 +1434,39 @@ def test_broken_hugging_face_inputs_are_one_line_naming_the_file(released_mpt, r
         errors = [line for line in r.stderr.splitlines() if line.startswith('error:')]
         assert r.returncode == 1 and 'Traceback' not in r.stderr and len(errors) == 1, (name, r.stderr[-2000:])
         assert str(culprit) in errors[0], (name, errors[0])
+
+
+def test_data_that_disagrees_with_its_meta_json_is_refused(tmp_path):
+    # prepare.py's meta.json records each file's size and CRC-32s: a train.bin of another length is refused at the
+    # start, one of the same length with other bytes before the first step; a resume on data other than the
+    # checkpoint's is refused unless --data_changed=ok; each one line, nothing saved
+    def prepare(text, out):
+        (tmp_path / 'text.txt').write_text(text)
+        r = subprocess.run([sys.executable, str(ROOT / 'prepare.py'), f'--input={tmp_path / "text.txt"}',
+                            '--tokenizer=char', f'--out_dir={out}', '--overwrite=True'], capture_output=True, text=True)
+        assert r.returncode == 0, r.stderr
+        return json.loads((out / 'meta.json').read_text())
+    text = SHAKESPEARE.read_text()
+    data = tmp_path / 'data'
+    meta = prepare(text[:300_000], data)
+    assert meta['files']['train.bin'][0] == (data / 'train.bin').stat().st_size
+    args = lambda out, *extra: [*TINY, f'--data_dir={data}', f'--out_dir={out}', '--max_iters=3', *extra]
+    good = (data / 'train.bin').read_bytes()
+    (data / 'train.bin').write_bytes(good + b'\0\0')
+    returncode, _, stderr = run(args(tmp_path / 'a'), expect_ok=False)
+    assert returncode == 1 and re.search(rf"error: {re.escape(str(data / 'train.bin'))} has {len(good) + 2:,} bytes, "
+                                         rf"but .*meta\.json records {len(good):,}: it changed after prepare\.py", stderr)
+    (data / 'train.bin').write_bytes(good[:1000] + bytes([good[1000] ^ 1]) + good[1001:])
+    returncode, _, stderr = run(args(tmp_path / 'b'), expect_ok=False)
+    assert returncode == 1 and 'does not match the CRC-32' in stderr and 'Traceback' not in stderr, stderr
+    assert not checkpoints.checkpoint_dirs(tmp_path / 'b')
+    (data / 'train.bin').write_bytes(good)
+    run(args(tmp_path / 'c'))  # a good run: checkpoint at step 3 records the data
+    assert json.loads((tmp_path / 'c' / 'ckpt-000003' / 'train.json').read_text())['data'] == {
+        'train.bin': meta['files']['train.bin']}
+    prepare(text[:300_000] + text[:1000], data)  # another dataset in its place (the same characters)
+    returncode, _, stderr = run(args(tmp_path / 'c', '--init_from=resume', '--max_iters=5'), expect_ok=False)
+    assert returncode == 1 and 'is not what the checkpoint trained on' in stderr and '--data_changed=ok' in stderr
+    assert stderr.count('error:') == 1
+    run(args(tmp_path / 'c', '--init_from=resume', '--max_iters=5', '--data_changed=ok'))
+    assert checkpoints.checkpoint_dirs(tmp_path / 'c')[-1].endswith('ckpt-000005')
