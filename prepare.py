@@ -351,8 +351,9 @@ def hf_tokenizer(path):
 def init_encoder(tokenizer, chars, eot=None):
     """Set this process's encoder (text -> uint16 ids) and the ids that end a document."""
     global encode, eot_ids
-    if multiprocessing.parent_process():  # a worker: Ctrl-C is for the main process to handle
+    if multiprocessing.parent_process():  # a worker: Ctrl-C and SIGTERM are for the main process to handle
         signal.signal(signal.SIGINT, signal.SIG_IGN)
+        signal.signal(signal.SIGTERM, signal.SIG_DFL)  # the pool's own way to end its workers
     if tokenizer not in ("gpt2", "char"):  # a tokenizer.json
         from tokenizers import Tokenizer
         tok = Tokenizer.from_file(tokenizer)
@@ -625,8 +626,17 @@ def prepare(cfg):
     return meta
 
 
+def interrupted(signum, frame):
+    raise KeyboardInterrupt(signum)  # SIGTERM as Ctrl-C: what the run made goes on the way out
+
+
 if __name__ == "__main__":
+    signal.signal(signal.SIGTERM, interrupted)
     try:
         prepare(configured(sys.argv[1:]))
-    except KeyboardInterrupt:
-        fail("interrupted; nothing was written")
+    except KeyboardInterrupt as e:
+        term = e.args == (signal.SIGTERM,)
+        try:
+            fail(f"{'SIGTERM' if term else 'interrupted (Ctrl-C)'}; nothing was written")
+        except SystemExit:
+            sys.exit(143 if term else 130)  # the shell's 128 + the signal's number

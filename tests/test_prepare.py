@@ -4,8 +4,10 @@ np.fromfile on the .bin files."""
 import json
 import os
 import random
+import signal
 import subprocess
 import sys
+import time
 import types
 from pathlib import Path
 
@@ -446,3 +448,25 @@ def test_task_sources_write_what_eval_py_reads(tmp_path, task):
     r = run(task, f"--out_dir={tmp_path / 'again'}", env={"PYTHONPATH": str(tmp_path / "fake")})
     assert r.returncode == 1 and "Traceback" not in r.stderr and len(r.stderr.strip().splitlines()) == 1, r.stderr
     assert "give it to eval.py as --tasks=" in r.stderr and not (tmp_path / "again").exists()
+
+
+@pytest.mark.parametrize("sig, code", [(signal.SIGTERM, 143), (signal.SIGINT, 130)])
+def test_a_signal_mid_run_leaves_nothing(tmp_path, sig, code):
+    # SIGTERM as Ctrl-C: one line, the usual exit status (128 + the signal), and nothing left of the run: not its
+    # token files' .tmp, not the out_dir it made
+    text = shakespeare.read_text(encoding="utf-8")
+    (tmp_path / "big.txt").write_text(text * 40)  # ~45 MB: long enough to be caught mid-run
+    out = tmp_path / "new" / "out"
+    proc = subprocess.Popen([sys.executable, str(repo / "prepare.py"), f"--input={tmp_path / 'big.txt'}",
+                             f"--out_dir={out}", "--num_proc=1"], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            text=True)
+    deadline = time.time() + 120
+    while not (out / "train.bin.tmp").exists() or (out / "train.bin.tmp").stat().st_size < 1 << 20:
+        assert proc.poll() is None and time.time() < deadline
+        time.sleep(0.05)
+    proc.send_signal(sig)
+    _, stderr = proc.communicate(timeout=60)
+    assert proc.returncode == code and "Traceback" not in stderr, stderr[-2000:]
+    assert [line for line in stderr.splitlines() if "error" in line] == [
+        f"prepare.py: error: {'SIGTERM' if sig == signal.SIGTERM else 'interrupted (Ctrl-C)'}; nothing was written"]
+    assert not (tmp_path / "new").exists()
