@@ -275,12 +275,30 @@ def memory_plan(config, lora, batch_size, seq_len, activation_checkpointing, dty
 # the base of a LoRA run: train.json records its directory and a fingerprint, and a run's checkpoints hold only
 # the adapters, so resuming, sampling and exporting re-read it from there
 
+FINGERPRINT_PIECES, FINGERPRINT_PIECE = 16, 1 << 20  # bytes of each weight file read for its fingerprint
+
+
+def sampled_crc(file, size):
+    """CRC-32 of FINGERPRINT_PIECES pieces of FINGERPRINT_PIECE bytes spread evenly over a file, its first (a
+    safetensors header) and last included: weights changed in place, at the same size, change it (unless the
+    change misses every piece), at 16 MB a file read (MPT-30B's 60 GB in 7 files: 112 MB)."""
+    crc, step = 0, max(size - FINGERPRINT_PIECE, 0) / max(FINGERPRINT_PIECES - 1, 1)
+    with open(file, 'rb') as f:
+        for k in range(FINGERPRINT_PIECES):
+            f.seek(int(k * step))
+            crc = zlib.crc32(f.read(FINGERPRINT_PIECE), crc)
+    return crc
+
+
 def base_fingerprint(path):
-    """What identifies a Hugging Face model directory cheaply: its config.json and its weight files' sizes."""
+    """What identifies a Hugging Face model directory cheaply: its config.json, and each weight file's size and
+    sampled_crc."""
     path = os.path.abspath(path)
     files = sorted(f for f in os.listdir(path) if f.endswith(('.safetensors', '.bin', '.index.json')))
     with open(os.path.join(path, 'config.json')) as f:
-        return dict(path=path, config=json.load(f), files={f: os.path.getsize(os.path.join(path, f)) for f in files})
+        config = json.load(f)
+    sizes = {f: os.path.getsize(os.path.join(path, f)) for f in files}
+    return dict(path=path, config=config, files={f: [n, sampled_crc(os.path.join(path, f), n)] for f, n in sizes.items()})
 
 
 def check_base(base):
@@ -292,6 +310,8 @@ def check_base(base):
         raise FileNotFoundError(f"the LoRA run's base model {base['path']} cannot be read ({e}): its checkpoints "
                                 f"hold only the adapters, so the base must stay where the run started from "
                                 f"it") from None
+    if base.get('files') and all(isinstance(v, int) for v in base['files'].values()):  # from before the CRCs
+        now = {**now, 'files': {f: v[0] for f, v in now['files'].items()}}
     if now != base:
         raise ValueError(f"the LoRA run's base model {base['path']} has changed since the run started (config.json "
                          f"or weight files differ): the adapters were trained on the weights it held then")

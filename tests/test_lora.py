@@ -65,3 +65,21 @@ def test_torchao_imports_quietly():
     r = subprocess.run([sys.executable, '-c', 'import lora; assert lora.to_nf4() is not None'], cwd=ROOT,
                        capture_output=True, text=True, env={**os.environ, 'PYTHONPATH': str(ROOT)})
     assert r.returncode == 0 and r.stdout == '' and r.stderr == '', r.stderr
+
+
+def test_the_base_fingerprint_sees_weights_changed_in_place(released_mpt, tmp_path):
+    # a base whose weights changed at the same file size (the same tensors, other values) is refused; a
+    # fingerprint from before the CRCs (sizes alone) still passes for the same files
+    import shutil
+    from safetensors.torch import load_file, save_file
+    base_dir = tmp_path / 'base'
+    shutil.copytree(released_mpt, base_dir)
+    base = lora.base_fingerprint(base_dir)
+    lora.check_base(base)
+    lora.check_base({**base, 'files': {f: v[0] for f, v in base['files'].items()}})
+    weights = base_dir / 'model.safetensors'
+    size = weights.stat().st_size
+    save_file({k: v + 1 for k, v in load_file(weights).items()}, weights, metadata={'format': 'pt'})
+    assert weights.stat().st_size == size
+    with pytest.raises(ValueError, match='has changed since the run started'):
+        lora.check_base(base)
