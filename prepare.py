@@ -34,6 +34,7 @@ import codecs
 import collections
 import contextlib
 import difflib
+import errno
 import json
 import multiprocessing
 import os
@@ -62,6 +63,7 @@ input = []  # your files or folders: .txt/.md (one document per file), .jsonl, .
 text_field = "text"  # the .jsonl field / .parquet or hub column holding each document's text
 out_dir = ""  # empty: data/<source>, where train.py looks
 overwrite = False  # replace an out_dir that holds a different dataset
+binary_ok = False  # tokenize files that look binary (a NUL byte, or over 1% invalid UTF-8) instead of refusing them
 # split
 val_fraction = None  # None: 0.1 for small inputs (shakespeare, files < 100 MB), 0.0005 for large ones
 seed = 1337  # seeds which documents go to val
@@ -133,9 +135,14 @@ def input_files(paths):
     files = []
     for path in map(Path, paths):
         if path.is_dir():
-            found = sorted(f for f in path.rglob("*") if f.suffix.lower() in file_types and not f.is_dir())
+            every = sorted(f for f in path.rglob("*") if not f.is_dir())
+            found = [f for f in every if f.suffix.lower() in file_types]
             if not found:
                 fail(f"{path}: no {'/'.join(file_types)} files in this folder")
+            skipped = [str(f.relative_to(path)) for f in every if f.suffix.lower() not in file_types]
+            if skipped:
+                print(f"note: {path}: {len(skipped)} file(s) skipped, not {'/'.join(file_types)}: "
+                      f"{', '.join(skipped[:5])}{', ...' if len(skipped) > 5 else ''}", file=sys.stderr)
             files += found
         elif not path.exists():
             fail(f"{path}: no such file or folder")
@@ -146,11 +153,23 @@ def input_files(paths):
     return files
 
 
+allow_binary = [False]  # prepare()'s cfg["binary_ok"], for read_text
+
+
 def read_text(path):
-    """A .txt/.md file is one document, read a block at a time (newline='': \\r\\n stays as on disk)."""
+    """A .txt/.md file is one document, read a block at a time (newline='': \\r\\n stays as on disk). A file that
+    looks binary (a NUL byte, or more than 1% of it invalid UTF-8 once 4096 characters are read) is refused unless
+    --binary_ok=True: tokenized, it would train the model on noise."""
+    before, chars = replaced[0], 0
     try:
         with open(path, encoding="utf-8", errors="replace_and_count", newline="") as f:
             while block := f.read(piece_chars):
+                chars += len(block)
+                bad = "\0" in block or chars >= 4096 and replaced[0] - before > 0.01 * chars  # a few in a note: text
+                if bad and not allow_binary[0]:
+                    what = "a NUL byte" if "\0" in block else f"{replaced[0] - before:,} invalid UTF-8 sequences"
+                    fail(f"{path} looks binary ({what} in its first {chars:,} characters), not text: give text "
+                         f"files, or --binary_ok=True to tokenize it anyway")
                 yield block
     except OSError as e:
         fail(f"cannot read {path}: {e.strerror or e}")
@@ -304,8 +323,9 @@ def gpt2():
     try:  # r50k_base is GPT-2's BPE (same ranks, regex, <|endoftext|>), the name tiktoken serves from TIKTOKEN_CACHE_DIR
         return tiktoken.get_encoding("r50k_base")
     except Exception as e:
-        fail(f"cannot load the GPT-2 tokenizer (tiktoken r50k_base): {e}; it downloads once, "
-            "or set TIKTOKEN_CACHE_DIR to a tiktoken cache that holds it")
+        fail(f"cannot load the GPT-2 tokenizer (tiktoken r50k_base: {type(e).__name__}): tiktoken downloads it once, "
+             "and there is no network here; set TIKTOKEN_CACHE_DIR to a tiktoken cache that holds it, or give "
+             "--tokenizer=PATH (a Hugging Face model's directory or tokenizer.json)")
 
 
 def hf_tokenizer(path):
@@ -478,6 +498,7 @@ def prepare(cfg):
     """Tokenize the configured text into out_dir: train.bin, val.bin, meta.json. Returns the meta."""
     t0 = time.time()
     source, field, files = cfg["source"], cfg["text_field"], []
+    allow_binary[0] = cfg["binary_ok"]
     if source in task_sources:
         return prepare_task(source, cfg["out_dir"])
     if source and source not in sources:
@@ -584,7 +605,11 @@ def prepare(cfg):
                 os.replace(tmp_mask[split_name], out_dir / f"{split_name}.mask")
             else:  # an earlier prompt/response dataset's masks would not fit these tokens
                 (out_dir / f"{split_name}.mask").unlink(missing_ok=True)
-    except OSError as e:  # disk full, no write permission
+    except OSError as e:  # disk full (numpy's tofile says only "N requested and M written"), no write permission
+        free = shutil.disk_usage(out_dir).free
+        if e.errno in (errno.ENOSPC, errno.EDQUOT) or free < 1 << 20 or "requested and" in str(e):
+            fail(f"disk full while writing {out_dir}: {common.human(free)} free with the partial files removed; "
+                 f"nothing was written: free some space (the tokens take about 2 bytes each), then run again")
         fail(f"cannot write {out_dir}: {e.strerror or e}")
     finally:
         for path in [*tmp.values(), *tmp_mask.values()]:

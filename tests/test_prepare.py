@@ -4,6 +4,7 @@ np.fromfile on the .bin files."""
 import json
 import os
 import random
+import re
 import signal
 import subprocess
 import sys
@@ -470,3 +471,64 @@ def test_a_signal_mid_run_leaves_nothing(tmp_path, sig, code):
     assert [line for line in stderr.splitlines() if "error" in line] == [
         f"prepare.py: error: {'SIGTERM' if sig == signal.SIGTERM else 'interrupted (Ctrl-C)'}; nothing was written"]
     assert not (tmp_path / "new").exists()
+
+
+def test_binary_input_a_folders_skipped_files_and_an_offline_gpt2_are_one_line(tmp_path, monkeypatch):
+    # an ELF binary named .txt, or text with over 1% invalid UTF-8: refused (one line) unless --binary_ok=True;
+    # a folder input names what it skipped; offline with the default GPT-2 BPE: one line saying what to do
+    elf = tmp_path / "tool.txt"
+    elf.write_bytes(b"\x7fELF\x02\x01\x01\0" + bytes(range(256)) * 40)
+    r = run(f"--input={elf}", f"--out_dir={tmp_path / 'out'}", "--tokenizer=char")
+    assert r.returncode == 1 and "Traceback" not in r.stderr and len(r.stderr.strip().splitlines()) == 1, r.stderr
+    assert f"{elf} looks binary (a NUL byte" in r.stderr and "--binary_ok=True" in r.stderr
+    assert not (tmp_path / "out").exists()
+    latin = tmp_path / "latin1.txt"
+    latin.write_bytes("é à ü ".encode("latin-1") * 2000)
+    r = run(f"--input={latin}", f"--out_dir={tmp_path / 'out'}", "--tokenizer=char")
+    assert r.returncode == 1 and "invalid UTF-8 sequences" in r.stderr and "looks binary" in r.stderr, r.stderr
+    r = run(f"--input={elf}", f"--out_dir={tmp_path / 'out'}", "--tokenizer=char", "--binary_ok=True")
+    assert r.returncode == 0, r.stderr
+    folder = tmp_path / "notes"
+    (folder / "sub").mkdir(parents=True)
+    (folder / "a.txt").write_text(shakespeare.read_text()[:20_000])
+    (folder / "sub" / "slides.pdf").write_bytes(b"%PDF")
+    (folder / "logo.png").write_bytes(b"\x89PNG")
+    r = run(f"--input={folder}", f"--out_dir={tmp_path / 'notes_out'}", "--tokenizer=char")
+    assert r.returncode == 0, r.stderr
+    assert f"note: {folder}: 2 file(s) skipped, not .txt/.md/.jsonl/.parquet: logo.png, sub/slides.pdf" in r.stderr
+    (tmp_path / "offline").mkdir()
+    (tmp_path / "offline" / "sitecustomize.py").write_text(OFFLINE)
+    r = run(f"--input={folder / 'a.txt'}", f"--out_dir={tmp_path / 'gpt2'}",
+            env={"PYTHONPATH": str(tmp_path / "offline"), "TIKTOKEN_CACHE_DIR": str(tmp_path / "empty")})
+    assert r.returncode == 1 and len(r.stderr.strip().splitlines()) == 1 and "Traceback" not in r.stderr, r.stderr
+    assert "set TIKTOKEN_CACHE_DIR to a tiktoken cache" in r.stderr and "--tokenizer=PATH" in r.stderr
+    assert len(r.stderr) < 400 and not (tmp_path / "gpt2").exists()
+
+
+def test_a_full_disk_is_one_line_that_says_so(tmp_path, monkeypatch, capsys):
+    # numpy's tofile on a full disk says only "N requested and M written": the line says the disk is full, where,
+    # and how much is free; nothing of the run is left
+    (tmp_path / "a.txt").write_text(shakespeare.read_text()[:50_000])
+    # the tokenizer's output as train/val token arrays whose tofile fails
+    monkeypatch.setattr(prepare, "tokenize_all", lambda *a, **k: iter([([FullArray([1, 2]), FullArray([3])], None,
+                                                                         [1, 0], 3)]))
+    with pytest.raises(SystemExit):
+        prepare.prepare(prepare.configured([f"--input={tmp_path / 'a.txt'}", f"--out_dir={tmp_path / 'out'}",
+                                            "--tokenizer=char"]))
+    err = capsys.readouterr().err
+    assert re.fullmatch(rf"prepare\.py: error: disk full while writing {re.escape(str(tmp_path / 'out'))}: [\d.]+ "
+                        rf"[kMGT]?B(ytes)? free with the partial files removed; nothing was written: free some space.*\n",
+                        err), err
+    assert not (tmp_path / "out").exists()
+
+
+class FullArray:
+    """Token ids whose tofile fails as numpy's does on a full disk."""
+    def __init__(self, ids):
+        self.ids = ids
+
+    def __len__(self):
+        return len(self.ids)
+
+    def tofile(self, f):
+        raise OSError("635418 requested and 622177 written")
