@@ -27,7 +27,8 @@ Output in out_dir (default data/<source>):
     meta.json           tokenizer, vocab_size, dtype, eot_token, format (text or prompt_response), token and
                         document counts, source, split, seed; for char the vocabulary as `chars`, for a Hugging
                         Face tokenizer its tokenizer_file. Written last: it marks a finished dataset.
-A run that fails leaves nothing behind: the token files appear only when complete, and a folder it made is removed.
+One run at a time writes a dataset (a lock beside out_dir names the holder to a second one). It writes into a
+folder of its own beside out_dir and swaps it in whole at the end; a run that fails leaves nothing behind.
 Settings are --key=value as in the other scripts (values are Python literals); the defaults are below.
 """
 import codecs
@@ -100,18 +101,21 @@ piece_chars = 1 << 20  # text per tokenizer task: pickling it is cheap next to B
 small_input = 100 << 20  # files under this many bytes in all default to val_fraction 0.1
 
 
-made = []  # the folders this run has created (out_dir and any missing parents), deepest first
+made = []  # the parent folders of out_dir this run has created, deepest first
+staging = []  # the folder this run writes into, beside out_dir, until it swaps it in
 
 
 def fail(message):
     """Bad input ends the run with one line and exit status 1 (common.fail), never a traceback; what the run
-    made goes first."""
+    made goes first: its staging folder, its lock (and out_dir if the lock made it and it is still empty), the
+    parent folders it made. Never a folder that another run made or filled."""
     if multiprocessing.parent_process() is None:  # not from a tokenizer worker: the main process owns the folders
-        if made:  # out_dir, then the parents made for it (empty once it is gone)
-            shutil.rmtree(made[0], ignore_errors=True)
-            for path in made[1:]:
-                with contextlib.suppress(OSError):
-                    path.rmdir()
+        for path in staging:
+            shutil.rmtree(path, ignore_errors=True)
+        common.release_out_dir()
+        for path in made:  # the parents made for out_dir, deepest first (left alone unless empty)
+            with contextlib.suppress(OSError):
+                path.rmdir()
         made.clear()
     common.fail(message, prog="prepare.py")
 
@@ -449,6 +453,57 @@ def check_out_dir(out_dir, dataset):
     fail(f"{out_dir} already holds a different dataset ({what}); choose another --out_dir or add --overwrite")
 
 
+def hold(out_dir):
+    """One writer per dataset: the lock of out_dir (common.lock_out_dir, as train.py takes its out_dir's), refused
+    in one line naming the holder. The lock file lives in a folder beside out_dir (.NAME.prepare/), which the swap
+    (swap_in) never moves. Then what a killed run left is named and cleaned up: its staging folder, and an
+    out_dir it had set aside while swapping, put back. Returns the staging folder, made empty."""
+    lock = out_dir.parent / f".{out_dir.name}.prepare"
+    aside, stage = out_dir.parent / f".{out_dir.name}.prepare-old", out_dir.parent / f".{out_dir.name}.prepare-tmp"
+    made[:] = [p for p in out_dir.parents if not p.exists()]
+    problem, note = common.lock_out_dir(str(lock))
+    if problem:
+        made.clear()  # the holder's folders, not ours
+        fail(problem.replace(str(lock), str(out_dir)).replace("another out_dir", "another --out_dir"))
+    if note:
+        print(note, file=sys.stderr)
+    if aside.is_dir() and not out_dir.exists():
+        os.rename(aside, out_dir)
+        print(f"note: {out_dir} put back from {aside}, where a killed prepare.py had set it aside", file=sys.stderr)
+    for left, what in ((aside, "an earlier dataset a killed prepare.py had set aside"),
+                       (stage, "the partial output of a prepare.py that was killed")):
+        if left.exists():
+            shutil.rmtree(left)
+            print(f"note: removed {left}, {what}", file=sys.stderr)
+    stage.mkdir()
+    staging[:] = [stage]
+    return stage
+
+
+OUTPUTS = re.compile(r"(train|val)\.(bin|mask)(\.tmp)?|meta\.json(\.tmp)?")  # what a dataset folder's files are
+
+
+def swap_in(stage, out_dir):
+    """The finished dataset takes out_dir's place whole, with no moment where neither is: what else out_dir holds
+    (the user's own files) moves into the new one first; then out_dir is renamed aside, the new one renamed in
+    (SIGTERM and Ctrl-C wait for the two renames), and only then the old dataset is deleted. Killed between the
+    renames, the next run puts the old one back (hold)."""
+    aside = out_dir.parent / f".{out_dir.name}.prepare-old"
+    for f in os.listdir(out_dir) if out_dir.exists() else []:
+        if not OUTPUTS.fullmatch(f):
+            os.rename(out_dir / f, stage / f)
+    held = {signal.SIGTERM, signal.SIGINT}
+    signal.pthread_sigmask(signal.SIG_BLOCK, held)
+    try:
+        if out_dir.exists():
+            os.rename(out_dir, aside)
+        os.rename(stage, out_dir)
+    finally:
+        signal.pthread_sigmask(signal.SIG_UNBLOCK, held)
+    staging.clear()
+    shutil.rmtree(aside, ignore_errors=True)
+
+
 def split_by_position(tmp, ntok, val_fraction, itemsize=token_dtype.itemsize):
     """nanoGPT's split of one long text: the first 1 - val_fraction of the tokens train, the rest val.
     Used when the document split left a side empty (one document, or too few for val_fraction); the
@@ -535,6 +590,7 @@ def prepare(cfg):
     inputs = ([str(f.resolve()) for f in files] if files else
               [shakespeare_url] if source.startswith("shakespeare") else [hub_sources[source]["path"]])
     dataset = dict(source=source or "files", inputs=inputs, tokenizer=tokenizer)
+    stage = hold(out_dir)  # from here to the end, no other prepare.py (or train.py) writes into out_dir
     if not cfg["overwrite"]:
         check_out_dir(out_dir, dataset)
     if source.startswith("shakespeare") and not files:
@@ -559,15 +615,10 @@ def prepare(cfg):
         chars, vocab_size, eot = None, enc.n_vocab, enc.eot_token
     if vocab_size > np.iinfo(token_dtype).max + 1:
         fail(f"the {tokenizer} vocabulary has {vocab_size:,} symbols; uint16 token files hold at most 65,536")
-    made[:] = [p for p in (out_dir, *out_dir.parents) if not p.exists()]
-    try:
-        out_dir.mkdir(parents=True, exist_ok=True)
-    except OSError as e:
-        fail(f"cannot create {out_dir}: {e.strerror or e}")
 
-    # renamed only when complete
-    tmp = {split: out_dir / f"{split}.bin.tmp" for split in ("train", "val")}
-    tmp_mask = {split: out_dir / f"{split}.mask.tmp" for split in ("train", "val")}
+    # written into the staging folder, renamed only when complete; the folder is swapped in at the end
+    tmp = {split: stage / f"{split}.bin.tmp" for split in ("train", "val")}
+    tmp_mask = {split: stage / f"{split}.mask.tmp" for split in ("train", "val")}
     ntok, ndocs, nbytes, nloss, replaced[0] = [0, 0], [0, 0], 0, [0, 0], 0
     try:
         bar = tqdm(desc=f"tokenizing {source or 'files'}", unit=" tokens", unit_scale=True, disable=None)
@@ -598,15 +649,12 @@ def prepare(cfg):
                 nloss = [int(np.fromfile(tmp_mask[s], mask_dtype).sum()) for s in ("train", "val")]
         if 0 in ntok:
             fail(f"too little text to split: {sum(ntok)} tokens")
-        (out_dir / "meta.json").unlink(missing_ok=True)  # the old dataset stops looking finished first
         for split_name, path in tmp.items():
-            os.replace(path, out_dir / f"{split_name}.bin")
+            os.replace(path, stage / f"{split_name}.bin")
             if pairs:
-                os.replace(tmp_mask[split_name], out_dir / f"{split_name}.mask")
-            else:  # an earlier prompt/response dataset's masks would not fit these tokens
-                (out_dir / f"{split_name}.mask").unlink(missing_ok=True)
+                os.replace(tmp_mask[split_name], stage / f"{split_name}.mask")
     except OSError as e:  # disk full (numpy's tofile says only "N requested and M written"), no write permission
-        free = shutil.disk_usage(out_dir).free
+        free = shutil.disk_usage(out_dir.parent).free
         if e.errno in (errno.ENOSPC, errno.EDQUOT) or free < 1 << 20 or "requested and" in str(e):
             fail(f"disk full while writing {out_dir}: {common.human(free)} free with the partial files removed; "
                  f"nothing was written: free some space (the tokens take about 2 bytes each), then run again")
@@ -629,13 +677,14 @@ def prepare(cfg):
     # what proves the files are these: each one's size and CRC-32s (common.file_crc, as checkpoints' manifests),
     # checked by train.py before it trains on them
     names = ["train.bin", "val.bin"] + (["train.mask", "val.mask"] if pairs else [])
-    meta["files"] = {name: common.file_crc(out_dir / name) for name in names}
+    meta["files"] = {name: common.file_crc(stage / name) for name in names}
     try:
-        (out_dir / "meta.json.tmp").write_text(json.dumps(meta, indent=2) + "\n")  # \u escapes: any character survives
-        os.replace(out_dir / "meta.json.tmp", out_dir / "meta.json")
+        (stage / "meta.json").write_text(json.dumps(meta, indent=2) + "\n")  # \u escapes: any character survives
+        swap_in(stage, out_dir)
     except OSError as e:
-        fail(f"cannot write {out_dir}/meta.json: {e.strerror or e}")
+        fail(f"cannot write {out_dir}: {e.strerror or e}")
     made.clear()  # done: the folders stay
+    common.release_out_dir()
 
     seconds = time.time() - t0
     how = f"{ndocs[1]:,} of them val" if split == "document" else f"split by position: val is the last {val_fraction:.4g}"

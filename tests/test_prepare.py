@@ -20,6 +20,7 @@ repo = Path(__file__).resolve().parents[1]
 shared = Path(__file__).resolve().parents[2] / "shared"
 os.environ["TIKTOKEN_CACHE_DIR"] = str(shared / "tiktoken")  # for tiktoken here and in prepare.py's subprocesses
 sys.path.insert(0, str(repo))
+import common  # noqa: E402
 import prepare  # noqa: E402
 
 shakespeare = shared / "data" / "tinyshakespeare.txt"
@@ -462,7 +463,8 @@ def test_a_signal_mid_run_leaves_nothing(tmp_path, sig, code):
                              f"--out_dir={out}", "--num_proc=1"], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                             text=True)
     deadline = time.time() + 120
-    while not (out / "train.bin.tmp").exists() or (out / "train.bin.tmp").stat().st_size < 1 << 20:
+    partial = out.parent / ".out.prepare-tmp" / "train.bin.tmp"  # written beside out_dir, swapped in at the end
+    while not partial.exists() or partial.stat().st_size < 1 << 20:
         assert proc.poll() is None and time.time() < deadline
         time.sleep(0.05)
     proc.send_signal(sig)
@@ -532,3 +534,35 @@ class FullArray:
 
     def tofile(self, f):
         raise OSError("635418 requested and 622177 written")
+
+
+@pytest.mark.parametrize("existing", [False, True])
+def test_two_prepares_into_one_out_dir(tmp_path, existing):
+    # the same command started twice on one out_dir (two nodes over a shared filesystem, say), fresh or holding a
+    # dataset (--overwrite): the second, started while the first writes, is refused in one line naming the
+    # first's pid; the first's dataset is whole (its files agree with meta.json) and nothing else is left beside it
+    text = shakespeare.read_text(encoding="utf-8")
+    (tmp_path / "big.txt").write_text(text * 12)
+    out = tmp_path / "out"
+    cmd = [sys.executable, str(repo / "prepare.py"), f"--input={tmp_path / 'big.txt'}", f"--out_dir={out}",
+           "--num_proc=1", "--overwrite=True"]
+    if existing:
+        (tmp_path / "small.txt").write_text(text[:50_000])
+        assert run(f"--input={tmp_path / 'small.txt'}", f"--out_dir={out}").returncode == 0
+        (out / "notes.txt").write_text("mine")  # the user's own file in the dataset's folder
+    first = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    partial, deadline = tmp_path / ".out.prepare-tmp" / "train.bin.tmp", time.time() + 120
+    while not partial.exists():
+        assert first.poll() is None and time.time() < deadline
+        time.sleep(0.02)
+    second = subprocess.run(cmd, capture_output=True, text=True)
+    assert second.returncode == 1 and len(second.stderr.strip().splitlines()) == 1, second.stderr
+    assert f"{out} is in use by another run (host " in second.stderr and f"pid {first.pid}," in second.stderr
+    _, stderr = first.communicate(timeout=300)
+    assert first.returncode == 0, stderr
+    meta, train, val = load(out)
+    assert meta["train_tokens"] == len(train) and meta["val_tokens"] == len(val)
+    assert all(common.file_crc(out / name) == v
+               for name, v in meta["files"].items())
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(["big.txt", "out"] + ["small.txt"] * existing)
+    assert sorted(p.name for p in out.iterdir()) == sorted(["meta.json", "train.bin", "val.bin"] + ["notes.txt"] * existing)
