@@ -342,8 +342,11 @@ def save_checkpoint(out_dir, model, exp_avgs, info, keep):
         if error:
             problem = _save_failed(out_dir, path + '.tmp', f"checkpoint {os.path.basename(path)}", need, *error)
         else:
-            for old in checkpoint_dirs(out_dir)[:-max(keep, 1)] + glob.glob(os.path.join(out_dir, 'ckpt-*.tmp')):
-                shutil.rmtree(old)  # older checkpoints, and saves that a crash cut short
+            for old in checkpoint_dirs(out_dir)[:-max(keep, 1)]:
+                shutil.rmtree(old)  # older checkpoints
+            for old in glob.glob(os.path.join(out_dir, 'ckpt-*.tmp')):  # saves that a crash cut short
+                shutil.rmtree(old)
+                print(f"note: removed {old}, a save that a killed run had cut short", flush=True)
     problem = from_rank0(problem)
     if problem:
         fail(problem)
