@@ -99,8 +99,8 @@ def _apply_file(settings, keys, path, verbose, prog=None):
         print(f"config: {path}", file=sys.stderr)
     exec(compile(source, path, 'exec'), settings)
     for key, value in settings.items():
-        if key.startswith('_') or not isinstance(value, SETTING_TYPES):
-            continue  # helper names (_x), imported modules and functions are not settings
+        if key.startswith('_') or key.isupper() or not isinstance(value, SETTING_TYPES):
+            continue  # helper names (_x), CONSTANTS, imported modules and functions are not settings (settings_in)
         if key not in keys:
             _check_known(key, keys, f"{path}: {key} = ...", prog)
         elif before[key] is not None and value is not None:
