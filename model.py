@@ -21,15 +21,21 @@ import os
 import sys
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Optional
 
 import torch
 import torch.nn as nn
 import triton
 import triton.language as tl
 from torch.nn import functional as F
+from triton.tools.tensor_descriptor import TensorDescriptor  # Triton >= 3.4
 
 
 ATTN_IMPLS = ('torch', 'triton', 'flash')
+
+# Triton reads TRITON_INTERPRET when @triton.jit runs (for tl.zeros & co. at `import triton`), not at launch:
+# CPU runs need it set before triton is first imported. Snapshot it with the kernels' own decoration.
+_INTERPRET = bool(triton.knobs.runtime.interpret)
 
 
 @dataclass
@@ -78,6 +84,31 @@ class MPTConfig:
     @property
     def head_dim(self):
         return self.d_model // self.n_heads
+
+
+def config_from_hf(hf):
+    """MPTConfig fields from a Hugging Face / llm-foundry MPT config.json; refuses what MPT here lacks."""
+    if hf.get('model_type') != 'mpt':
+        raise ValueError(f"config.json has model_type={hf.get('model_type')!r}, not 'mpt'")
+    attn = hf.get('attn_config') or {}
+    ffn = hf.get('ffn_config') or {}
+    problems = [what for what, bad in [
+        ("learned positional embeddings instead of ALiBi (attn_config.alibi=false)", attn.get('alibi', True) is False),
+        ("biases (no_bias=false)", hf.get('no_bias', True) is False),
+        ("prefix-LM attention", attn.get('prefix_lm', False)),
+        (f"ffn_type={ffn.get('ffn_type')!r}", ffn.get('ffn_type', 'mptmlp') != 'mptmlp'),
+        (f"norm_type={hf.get('norm_type')!r}", 'layernorm' not in hf.get('norm_type', 'layernorm')),
+    ] if bad]
+    if problems:
+        raise ValueError(f"this MPT checkpoint uses {'; '.join(problems)}, which model.py does not implement")
+    kv_n_heads = {'multiquery_attention': 1, 'grouped_query_attention': attn.get('kv_n_heads')}.get(
+        attn.get('attn_type'), hf['n_heads'])
+    return dict(vocab_size=hf['vocab_size'], d_model=hf['d_model'], n_heads=hf['n_heads'],
+                n_layers=hf['n_layers'], expansion_ratio=ffn.get('expansion_ratio', hf.get('expansion_ratio', 4)),
+                max_seq_len=hf.get('max_seq_len', 2048), alibi_bias_max=attn.get('alibi_bias_max', 8),
+                clip_qkv=attn.get('clip_qkv'), qk_ln=attn.get('qk_ln', False),
+                softmax_scale=attn.get('softmax_scale'), kv_n_heads=kv_n_heads,
+                logit_scale=hf.get('logit_scale'), layer_norm_epsilon=hf.get('layer_norm_epsilon', 1e-5))
 
 
 def alibi_slopes(n_heads, alibi_bias_max=8):
@@ -129,11 +160,7 @@ def flash_package_attention(q, k, v, slopes=None, causal=True, softmax_scale=Non
     """The flash-attn package (CUDA only). Its layout is (B, T, H, D) and it aligns the causal mask
     bottom-right like ours; it computes the ALiBi bias as -slope * |i - j|, equal to ours wherever
     the causal mask lets a score through."""
-    try:
-        from flash_attn import flash_attn_func
-    except ImportError:
-        raise RuntimeError("attn_impl='flash' needs the flash-attn package: "
-                           "pip install flash-attn --no-build-isolation (or use attn_impl='triton')") from None
+    from flash_attn import flash_attn_func  # attention_problem checks it is installed
     if not causal and slopes is not None:
         raise ValueError("attn_impl='flash' computes ALiBi as -slope*|i-j|, which differs from MPT's "
                          "slope*(j-i) without the causal mask: use attn_impl='triton' or 'torch'")
@@ -153,30 +180,36 @@ def notice(message):
     _notes_shown.add(message)
 
 
-def check_attention(config, device, dtype):
-    """What the chosen attention cannot run, as one clear ValueError before any work starts: inside the
-    forward the same problems would surface mid-step, deep in a traceback. Scripts call this first."""
-    impl, on_cuda = config.attn_impl, torch.device(device).type == 'cuda'
-    if impl == 'triton' and on_cuda:
-        if dtype not in (torch.bfloat16, torch.float16):
-            raise ValueError(f"attn_impl='triton' computes in bfloat16 or float16 on CUDA, not {dtype}: "
-                             f"use dtype='bfloat16', or attn_impl='torch'")
-        if config.head_dim > 128:
-            raise ValueError(f"head_dim = d_model / n_heads = {config.head_dim}, but attn_impl='triton' takes "
-                             f"head dims up to 128: use more heads, or attn_impl='torch'")
-    if impl == 'triton' and config.attn_pdrop > 0 and (on_cuda or _INTERPRET):
-        raise ValueError("attn_pdrop > 0 needs attn_impl='torch': the Triton kernel has no dropout")
-    if impl == 'flash' and config.attn_uses_sequence_id:
-        raise ValueError("attn_uses_sequence_id=True needs attn_impl='triton' or 'torch': the 'flash' path does "
-                         "not take document ids")
+def attention_problem(impl, device, dtype, head_dim, dropout_p=0.0, sequence_id=False):
+    """What attn_impl `impl` cannot run, as one line, or None. Every attention guard is here, once:
+    check_attention asks it of the settings before any work, attention() of each call."""
+    on_cuda = torch.device(device).type == 'cuda'
+    if impl == 'triton':
+        if dropout_p > 0 and (on_cuda or _INTERPRET):
+            return "attn_pdrop > 0 needs attn_impl='torch': the Triton kernel has no dropout"
+        if on_cuda:  # (on a CPU it falls back to 'torch'; under TRITON_INTERPRET=1 flash_attn_alibi checks)
+            return flash_problem(device, dtype, head_dim)  # the kernel's own limits, beside it further down
     if impl == 'flash':
+        if sequence_id:
+            return ("attn_uses_sequence_id=True needs attn_impl='triton' or 'torch': the 'flash' path does not "
+                    "take document ids (flash-attn's variable-length API is not wired up)")
         if not on_cuda:
-            raise ValueError("attn_impl='flash' (the flash-attn package) runs on CUDA only: use attn_impl='torch'")
+            return "attn_impl='flash' (the flash-attn package) runs on CUDA only: use attn_impl='torch'"
         try:
             import flash_attn  # noqa: F401
         except ImportError:
-            raise ValueError("attn_impl='flash' needs the flash-attn package: pip install flash-attn "
-                             "--no-build-isolation (or use attn_impl='triton')") from None
+            return ("attn_impl='flash' needs the flash-attn package: pip install flash-attn --no-build-isolation "
+                    "(or use attn_impl='triton')")
+    return None
+
+
+def check_attention(config, device, dtype):
+    """What the chosen attention cannot run, as one clear ValueError before any work starts: inside the
+    forward the same problems would surface mid-step. Scripts call this first."""
+    problem = attention_problem(config.attn_impl, device, dtype, config.head_dim, config.attn_pdrop,
+                                config.attn_uses_sequence_id)
+    if problem:
+        raise ValueError(problem)
 
 
 def attention(q, k, v, slopes, config, causal=True, dropout_p=0.0, key_start=None, sequence_id=None):
@@ -189,15 +222,13 @@ def attention(q, k, v, slopes, config, causal=True, dropout_p=0.0, key_start=Non
         notice(f"prompts of unequal length need a padding mask, which only attn_impl='torch' takes: "
                f"generate uses it instead of attn_impl={impl!r}")
         impl = 'torch'
+    if impl != 'torch' and (problem := attention_problem(impl, q.device, q.dtype, q.size(-1), dropout_p,
+                                                         sequence_id is not None)):
+        raise ValueError(problem)
     if impl == 'triton':
-        if dropout_p > 0:
-            raise ValueError("attn_pdrop > 0 needs attn_impl='torch': the Triton kernel has no dropout")
         return flash_attn_alibi(q, k, v, slopes, causal, config.softmax_scale, config.attn_deterministic,
                                 sequence_id)
     if impl == 'flash':
-        if sequence_id is not None:
-            raise ValueError("attn_uses_sequence_id=True needs attn_impl='triton' or 'torch': the 'flash' path "
-                             "does not take document ids (flash-attn's variable-length API is not wired up)")
         return flash_package_attention(q, k, v, slopes, causal, config.softmax_scale, dropout_p)
     return torch_attention(q, k, v, slopes, causal, config.softmax_scale, dropout_p, key_start, sequence_id)
 
@@ -272,6 +303,78 @@ class Block(nn.Module):
         x = x + self.resid_drop(self.attn(self.norm_1(x), slopes, kv_cache, sequence_id))
         x = x + self.resid_drop(self.ffn(self.norm_2(x)))
         return x
+
+
+# -----------------------------------------------------------------------------
+# what MPT's methods use: generate's KV cache, sampler and memory check; estimate_mfu's peak FLOP/s
+
+class KVCache:
+    """One layer's keys and values, preallocated for a whole generation: (B, n_kv, max_len, hs)."""
+
+    def __init__(self, batch_size, max_len, config, dtype, device, key_start=None):
+        shape = (batch_size, config.kv_n_heads, max_len, config.head_dim)
+        self.k = torch.empty(shape, dtype=dtype, device=device)
+        self.v = torch.empty(shape, dtype=dtype, device=device)
+        self.len = 0
+        self.key_start = key_start  # (B,) where each row's tokens start (left padding), or None
+
+    def update(self, k, v):
+        """Append (B, n_kv, T, hs) keys and values; return all of them so far."""
+        T = k.size(2)
+        self.k[:, :, self.len:self.len + T] = k
+        self.v[:, :, self.len:self.len + T] = v
+        self.len += T
+        return self.k[:, :, :self.len], self.v[:, :, :self.len]
+
+
+def sample_next(logits, temperature=1.0, top_k=None, top_p=None, generator=None):
+    """(B, V) logits -> (B,) token ids: greedy at temperature 0, else sampled within top_k / top_p."""
+    if temperature == 0:
+        return logits.argmax(dim=-1)
+    logits = logits / temperature
+    if top_k is not None:
+        kth = torch.topk(logits, min(top_k, logits.size(-1))).values[:, [-1]]
+        logits = logits.masked_fill(logits < kth, float('-inf'))
+    if top_p is not None:
+        sorted_logits, order = torch.sort(logits, dim=-1, descending=True)
+        probs = F.softmax(sorted_logits, dim=-1)
+        # drop a token when the likelier ones before it already hold top_p (the first is always kept)
+        drop = probs.cumsum(dim=-1) - probs >= top_p
+        logits = logits.scatter(-1, order, sorted_logits.masked_fill(drop, float('-inf')))
+    probs = F.softmax(logits, dim=-1)
+    return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
+
+
+def check_memory(nbytes, device, what):
+    """A clear error before allocating more than the device has free (CUDA, or Linux RAM)."""
+    device = torch.device(device)
+    if device.type == 'cuda':
+        free = torch.cuda.mem_get_info(device)[0]
+    else:  # Linux's estimate of what can be allocated without swapping (MemFree omits the page cache)
+        try:
+            with open('/proc/meminfo') as f:
+                free = next(int(line.split()[1]) * 1024 for line in f if line.startswith('MemAvailable:'))
+        except (OSError, StopIteration):
+            return
+    if nbytes > free:
+        raise ValueError(f"{what} needs {nbytes / 2**30:.1f} GiB but only {free / 2**30:.1f} GiB is free on "
+                         f"{device}: generate fewer samples at once or lower max_len")
+
+
+# peak dense bf16 tensor-core FLOP/s, from the vendors' datasheets; first match in the device name wins
+PEAK_FLOPS = [
+    ('GH200', 989e12), ('H200', 989e12), ('H100 NVL', 835e12), ('H100 PCIe', 756e12), ('H100', 989e12),
+    ('B200', 2250e12), ('A100', 312e12), ('A10', 125e12), ('L40S', 362e12), ('L40', 181e12), ('L4', 121e12),
+    ('V100', 125e12),  # fp16: V100 has no bf16
+]
+
+
+def peak_flops_per_device(device=None):
+    """The peak bf16 FLOP/s of a CUDA device from PEAK_FLOPS, or None (CPU, unknown GPU)."""
+    if not torch.cuda.is_available() or (device is not None and torch.device(device).type != 'cuda'):
+        return None
+    name = torch.cuda.get_device_name(device)
+    return next((flops for key, flops in PEAK_FLOPS if key in name), None)
 
 
 class MPT(nn.Module):
@@ -547,100 +650,6 @@ class MPT(nn.Module):
                   path / 'model.safetensors', metadata={'format': 'pt'})
 
 
-class KVCache:
-    """One layer's keys and values, preallocated for a whole generation: (B, n_kv, max_len, hs)."""
-
-    def __init__(self, batch_size, max_len, config, dtype, device, key_start=None):
-        shape = (batch_size, config.kv_n_heads, max_len, config.head_dim)
-        self.k = torch.empty(shape, dtype=dtype, device=device)
-        self.v = torch.empty(shape, dtype=dtype, device=device)
-        self.len = 0
-        self.key_start = key_start  # (B,) where each row's tokens start (left padding), or None
-
-    def update(self, k, v):
-        """Append (B, n_kv, T, hs) keys and values; return all of them so far."""
-        T = k.size(2)
-        self.k[:, :, self.len:self.len + T] = k
-        self.v[:, :, self.len:self.len + T] = v
-        self.len += T
-        return self.k[:, :, :self.len], self.v[:, :, :self.len]
-
-
-def sample_next(logits, temperature=1.0, top_k=None, top_p=None, generator=None):
-    """(B, V) logits -> (B,) token ids: greedy at temperature 0, else sampled within top_k / top_p."""
-    if temperature == 0:
-        return logits.argmax(dim=-1)
-    logits = logits / temperature
-    if top_k is not None:
-        kth = torch.topk(logits, min(top_k, logits.size(-1))).values[:, [-1]]
-        logits = logits.masked_fill(logits < kth, float('-inf'))
-    if top_p is not None:
-        sorted_logits, order = torch.sort(logits, dim=-1, descending=True)
-        probs = F.softmax(sorted_logits, dim=-1)
-        # drop a token when the likelier ones before it already hold top_p (the first is always kept)
-        drop = probs.cumsum(dim=-1) - probs >= top_p
-        logits = logits.scatter(-1, order, sorted_logits.masked_fill(drop, float('-inf')))
-    probs = F.softmax(logits, dim=-1)
-    return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
-
-
-def check_memory(nbytes, device, what):
-    """A clear error before allocating more than the device has free (CUDA, or Linux RAM)."""
-    device = torch.device(device)
-    if device.type == 'cuda':
-        free = torch.cuda.mem_get_info(device)[0]
-    else:  # Linux's estimate of what can be allocated without swapping (MemFree omits the page cache)
-        try:
-            with open('/proc/meminfo') as f:
-                free = next(int(line.split()[1]) * 1024 for line in f if line.startswith('MemAvailable:'))
-        except (OSError, StopIteration):
-            return
-    if nbytes > free:
-        raise ValueError(f"{what} needs {nbytes / 2**30:.1f} GiB but only {free / 2**30:.1f} GiB is free on "
-                         f"{device}: generate fewer samples at once or lower max_len")
-
-
-def config_from_hf(hf):
-    """MPTConfig fields from a Hugging Face / llm-foundry MPT config.json; refuses what MPT here lacks."""
-    if hf.get('model_type') != 'mpt':
-        raise ValueError(f"config.json has model_type={hf.get('model_type')!r}, not 'mpt'")
-    attn = hf.get('attn_config') or {}
-    ffn = hf.get('ffn_config') or {}
-    problems = [what for what, bad in [
-        ("learned positional embeddings instead of ALiBi (attn_config.alibi=false)", attn.get('alibi', True) is False),
-        ("biases (no_bias=false)", hf.get('no_bias', True) is False),
-        ("prefix-LM attention", attn.get('prefix_lm', False)),
-        (f"ffn_type={ffn.get('ffn_type')!r}", ffn.get('ffn_type', 'mptmlp') != 'mptmlp'),
-        (f"norm_type={hf.get('norm_type')!r}", 'layernorm' not in hf.get('norm_type', 'layernorm')),
-    ] if bad]
-    if problems:
-        raise ValueError(f"this MPT checkpoint uses {'; '.join(problems)}, which model.py does not implement")
-    kv_n_heads = {'multiquery_attention': 1, 'grouped_query_attention': attn.get('kv_n_heads')}.get(
-        attn.get('attn_type'), hf['n_heads'])
-    return dict(vocab_size=hf['vocab_size'], d_model=hf['d_model'], n_heads=hf['n_heads'],
-                n_layers=hf['n_layers'], expansion_ratio=ffn.get('expansion_ratio', hf.get('expansion_ratio', 4)),
-                max_seq_len=hf.get('max_seq_len', 2048), alibi_bias_max=attn.get('alibi_bias_max', 8),
-                clip_qkv=attn.get('clip_qkv'), qk_ln=attn.get('qk_ln', False),
-                softmax_scale=attn.get('softmax_scale'), kv_n_heads=kv_n_heads,
-                logit_scale=hf.get('logit_scale'), layer_norm_epsilon=hf.get('layer_norm_epsilon', 1e-5))
-
-
-# peak dense bf16 tensor-core FLOP/s, from the vendors' datasheets; first match in the device name wins
-PEAK_FLOPS = [
-    ('GH200', 989e12), ('H200', 989e12), ('H100 NVL', 835e12), ('H100 PCIe', 756e12), ('H100', 989e12),
-    ('B200', 2250e12), ('A100', 312e12), ('A10', 125e12), ('L40S', 362e12), ('L40', 181e12), ('L4', 121e12),
-    ('V100', 125e12),  # fp16: V100 has no bf16
-]
-
-
-def peak_flops_per_device(device=None):
-    """The peak bf16 FLOP/s of a CUDA device from PEAK_FLOPS, or None (CPU, unknown GPU)."""
-    if not torch.cuda.is_available() or (device is not None and torch.device(device).type != 'cuda'):
-        return None
-    name = torch.cuda.get_device_name(device)
-    return next((flops for key, flops in PEAK_FLOPS if key in name), None)
-
-
 # -----------------------------------------------------------------------------
 # Flash attention with ALiBi computed in-kernel, in Triton (attn_impl='triton')
 #
@@ -662,14 +671,7 @@ def peak_flops_per_device(device=None):
 # Grids are 1-D (CUDA caps grid axes 1 and 2 at 65,535; axis 0 takes 2^31 - 1 programs), and every
 # block's offset from its tensor's base is computed in int64 (see _tile).
 
-from typing import Optional  # noqa: E402
-
-from triton.tools.tensor_descriptor import TensorDescriptor  # noqa: E402  (Triton >= 3.4)
-
 LOG2E = 1.4426950408889634  # exp(x) == exp2(x * LOG2E)
-# Triton reads TRITON_INTERPRET when @triton.jit runs (for tl.zeros & co. at `import triton`), not at launch:
-# CPU runs need it set before triton is first imported. Snapshot it with the kernels' own decoration.
-_INTERPRET = bool(triton.knobs.runtime.interpret)
 # Under the interpreter the kernels take the pointer path unless a test sets this to run the sm_90 path
 # (host-side tensor descriptors) on the CPU.
 INTERPRET_TMA = False
@@ -1361,6 +1363,24 @@ def _bucket(t):
     return min(triton.next_power_of_2(t), 16384)
 
 
+def flash_problem(device, dtype, head_dim):
+    """What this kernel cannot take, as one line, or None (model.attention_problem asks it too)."""
+    if not 1 <= head_dim <= 128:
+        return (f"head dim {head_dim}: attn_impl='triton' takes head dims up to 128 (head_dim = d_model / "
+                f"n_heads): use more heads, or attn_impl='torch'")
+    if torch.device(device).type == 'cuda':
+        if dtype not in (torch.float16, torch.bfloat16):
+            return (f"attn_impl='triton' computes in bfloat16 or float16 on CUDA, not {dtype} (its dtype): "
+                    f"use dtype='bfloat16', or attn_impl='torch' for float32")
+    elif _INTERPRET:  # the interpreter's tl.dot multiplies the raw bits of bf16 values: no bf16 there
+        if dtype not in (torch.float16, torch.float32):
+            return f"the dtype must be float16 or float32 under TRITON_INTERPRET=1, not {dtype}"
+    else:
+        return (f"needs CUDA tensors (got {torch.device(device).type}); use attn_impl='torch', or set "
+                f"TRITON_INTERPRET=1 before importing this module to run the kernels on the CPU")
+    return None
+
+
 def _check_inputs(q, k, v, alibi_slopes):
     if q.dim() != 4 or k.dim() != 4 or v.dim() != 4:
         raise ValueError("flash_attn_alibi: q, k, v must be 4-D (B, H, T, D)")
@@ -1371,28 +1391,34 @@ def _check_inputs(q, k, v, alibi_slopes):
         raise ValueError(f"flash_attn_alibi: batch sizes differ: q has {B}, k/v have {Bk}")
     if D != Dk:
         raise ValueError(f"flash_attn_alibi: q and k/v head dims differ ({D} vs {Dk})")
-    if not 1 <= D <= 128:
-        raise ValueError(f"flash_attn_alibi: head dim must be at most 128, got {D}")
     if H_kv == 0 or H % H_kv != 0:
         raise ValueError(f"flash_attn_alibi: n_heads ({H}) must be a multiple of n_kv_heads ({H_kv})")
     if not (q.dtype == k.dtype == v.dtype):
         raise ValueError(f"flash_attn_alibi: q, k, v dtypes differ ({q.dtype}, {k.dtype}, {v.dtype})")
     if not (q.device == k.device == v.device):
         raise ValueError("flash_attn_alibi: q, k, v must be on the same device")
-    if q.device.type == "cuda" and not _INTERPRET:
-        if q.dtype not in (torch.float16, torch.bfloat16):
-            raise ValueError(f"flash_attn_alibi: dtype must be float16 or bfloat16 on CUDA, got {q.dtype}: "
-                             f"train with dtype='bfloat16', or use attn_impl='torch' for float32")
-    elif _INTERPRET:  # the interpreter's tl.dot multiplies the raw bits of bf16 values: no bf16 there
-        if q.dtype not in (torch.float16, torch.float32):
-            raise ValueError(f"flash_attn_alibi: dtype must be float16 or float32 under TRITON_INTERPRET=1, "
-                             f"got {q.dtype}")
-    else:
-        raise ValueError(f"flash_attn_alibi: needs CUDA tensors (got {q.device.type}); use attn_impl='torch', "
-                         "or set TRITON_INTERPRET=1 before importing this module to run the kernels on the CPU")
+    if problem := flash_problem(q.device, q.dtype, D):
+        raise ValueError(f"flash_attn_alibi: {problem}")
     if alibi_slopes is not None and tuple(alibi_slopes.shape) != (H,):
         raise ValueError(f"flash_attn_alibi: alibi_slopes must have shape (n_heads,) = ({H},), "
                          f"got {tuple(alibi_slopes.shape)}")
+
+
+def _check_sequence_id(sequence_id, q, k):
+    (B, _, Tq, _), Tk = q.shape, k.shape[2]
+    if tuple(sequence_id.shape) != (B, Tk):
+        raise ValueError(f"flash_attn_alibi: sequence_id must have shape (batch, keys) = ({B}, {Tk}), "
+                         f"got {tuple(sequence_id.shape)}")
+    if sequence_id.dtype.is_floating_point or sequence_id.dtype == torch.bool:
+        raise ValueError(f"flash_attn_alibi: sequence_id must be an integer tensor, got {sequence_id.dtype}")
+    if Tq > Tk:
+        raise ValueError(f"flash_attn_alibi: with sequence_id the queries are the last Tq of the Tk keys: "
+                         f"Tq = {Tq} > Tk = {Tk}")
+    # checked where it costs nothing (a CPU tensor, not while tracing); on CUDA it would be a device sync
+    if sequence_id.device.type == 'cpu' and not torch.compiler.is_compiling() and Tk > 1 and \
+            bool((sequence_id[:, 1:] < sequence_id[:, :-1]).any()):
+        raise ValueError("flash_attn_alibi: sequence_id must be non-decreasing along each row (packed "
+                         "documents, one id per document)")
 
 
 def _kernel_layout(x):
@@ -1424,6 +1450,37 @@ def _doc_bounds(sequence_id, like):
         return like, like
     ids = sequence_id.to(device=like.device).contiguous()
     return (torch.searchsorted(ids, ids, out_int32=True), torch.searchsorted(ids, ids, right=True, out_int32=True))
+
+
+def _lpt_group(x, row_elements):
+    # (batch x head) rows per group of the causal longest-first schedule (_block_ids): as many as keep the
+    # tensors the programs of a row share (row_elements elements of x's dtype) in half the L2 cache
+    if not x.is_cuda:
+        return 3  # the interpreter: odd, so that the tests' few heads also make a smaller last group
+    return max(1, _l2_bytes(x.device) // 2 // (row_elements * x.element_size()))
+
+
+@functools.lru_cache
+def _l2_bytes(device):
+    return torch.cuda.get_device_properties(device).L2_cache_size
+
+
+def _stats_empty(B, H, T, like):
+    # (B, H, T) fp32 per-row statistics (LSE, delta), rows padded to a multiple of 4 elements: 16-byte
+    # strides, as TMA descriptors over them need
+    return like.new_empty(B, H, (T + 3) // 4 * 4, dtype=torch.float32)[:, :, :T]
+
+
+def _empty_bhtd(B, H, T, D, like):
+    # (B, T, H, D) memory seen as (B, H, T, D): the model's y.transpose(1, 2).reshape(B, T, C) is then free,
+    # and so are the views back to the fused qkv gradient
+    return torch.empty(B, T, H, D, device=like.device, dtype=like.dtype).transpose(1, 2)
+
+
+def _meta(D, causal, slopes, dtype, sequence_id=None):
+    return dict(HEAD_DIM=D, BLOCK_D=max(16, triton.next_power_of_2(D)), CAUSAL=bool(causal),
+                HAS_ALIBI=slopes is not None, HAS_SEQ=sequence_id is not None,
+                DOT_PREC="ieee" if dtype == torch.float32 else "tf32")
 
 
 def _launch(kernel, grid, *args, fixed=False, **meta):
@@ -1496,37 +1553,6 @@ def _attn_backward(do, q, k, v, o, lse, slopes, causal, sm_scale, deterministic,
     return dq, dk, dv
 
 
-def _lpt_group(x, row_elements):
-    # (batch x head) rows per group of the causal longest-first schedule (_block_ids): as many as keep the
-    # tensors the programs of a row share (row_elements elements of x's dtype) in half the L2 cache
-    if not x.is_cuda:
-        return 3  # the interpreter: odd, so that the tests' few heads also make a smaller last group
-    return max(1, _l2_bytes(x.device) // 2 // (row_elements * x.element_size()))
-
-
-@functools.lru_cache
-def _l2_bytes(device):
-    return torch.cuda.get_device_properties(device).L2_cache_size
-
-
-def _stats_empty(B, H, T, like):
-    # (B, H, T) fp32 per-row statistics (LSE, delta), rows padded to a multiple of 4 elements: 16-byte
-    # strides, as TMA descriptors over them need
-    return like.new_empty(B, H, (T + 3) // 4 * 4, dtype=torch.float32)[:, :, :T]
-
-
-def _empty_bhtd(B, H, T, D, like):
-    # (B, T, H, D) memory seen as (B, H, T, D): the model's y.transpose(1, 2).reshape(B, T, C) is then free,
-    # and so are the views back to the fused qkv gradient
-    return torch.empty(B, T, H, D, device=like.device, dtype=like.dtype).transpose(1, 2)
-
-
-def _meta(D, causal, slopes, dtype, sequence_id=None):
-    return dict(HEAD_DIM=D, BLOCK_D=max(16, triton.next_power_of_2(D)), CAUSAL=bool(causal),
-                HAS_ALIBI=slopes is not None, HAS_SEQ=sequence_id is not None,
-                DOT_PREC="ieee" if dtype == torch.float32 else "tf32")
-
-
 # torch.compile: the kernels are custom ops (opaque to the compiler, which sees their fake versions: the
 # output shapes and strides), with a registered autograd formula, so a compiled block is one graph.
 # The ops take q, k, v with the last dim contiguous (flash_attn_alibi sees to it).
@@ -1581,23 +1607,6 @@ def _flash_backward(ctx, do, _dlse):
 
 
 _flash_fwd.register_autograd(_flash_backward, setup_context=_flash_setup_context)
-
-
-def _check_sequence_id(sequence_id, q, k):
-    (B, _, Tq, _), Tk = q.shape, k.shape[2]
-    if tuple(sequence_id.shape) != (B, Tk):
-        raise ValueError(f"flash_attn_alibi: sequence_id must have shape (batch, keys) = ({B}, {Tk}), "
-                         f"got {tuple(sequence_id.shape)}")
-    if sequence_id.dtype.is_floating_point or sequence_id.dtype == torch.bool:
-        raise ValueError(f"flash_attn_alibi: sequence_id must be an integer tensor, got {sequence_id.dtype}")
-    if Tq > Tk:
-        raise ValueError(f"flash_attn_alibi: with sequence_id the queries are the last Tq of the Tk keys: "
-                         f"Tq = {Tq} > Tk = {Tk}")
-    # checked where it costs nothing (a CPU tensor, not while tracing); on CUDA it would be a device sync
-    if sequence_id.device.type == 'cpu' and not torch.compiler.is_compiling() and Tk > 1 and \
-            bool((sequence_id[:, 1:] < sequence_id[:, :-1]).any()):
-        raise ValueError("flash_attn_alibi: sequence_id must be non-decreasing along each row (packed "
-                         "documents, one id per document)")
 
 
 def flash_attn_alibi(q, k, v, alibi_slopes=None, causal=True, softmax_scale=None, deterministic=False,
