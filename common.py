@@ -1,6 +1,6 @@
 """
 What the scripts and libraries share: one clear line instead of a traceback, printing once per job, moving
-small objects between processes, a file's CRC-32s, and the lock that keeps a second run (train.py, prepare.py)
+small objects between processes, a file's CRC-32s, a folder swapped in with no gap, and the lock that keeps a second run (train.py, prepare.py)
 off a folder in use. It sits below every other file of the repository (it imports none of them, and torch only
 inside the functions that need it: prepare.py uses it without torch), so any of them may import it.
 """
@@ -10,6 +10,7 @@ import contextlib
 import fcntl
 import json
 import os
+import signal
 import socket
 import sys
 import time
@@ -103,6 +104,20 @@ def file_crc(path):
 # silent interleaving of two runs' checkpoints and metrics
 
 _lock = None  # (file descriptor, lock file, out_dir if this run created it) while this process holds out_dir
+
+
+def swap_folder(new, path, aside):
+    """new takes path's place with no moment where neither is whole: path (where it exists) is renamed to
+    aside, then new renamed to path; SIGTERM and Ctrl-C wait for the two renames. The caller deletes aside
+    afterwards; a run killed (SIGKILL) between the renames leaves aside for the next run to put back."""
+    held = {signal.SIGTERM, signal.SIGINT}
+    signal.pthread_sigmask(signal.SIG_BLOCK, held)
+    try:
+        if os.path.exists(path):
+            os.rename(path, aside)
+        os.rename(new, path)
+    finally:
+        signal.pthread_sigmask(signal.SIG_UNBLOCK, held)
 
 
 def lock_out_dir(out_dir):

@@ -39,7 +39,7 @@ import torch
 from torch.distributed.checkpoint.api import CheckpointException
 
 from checkpoints import checkpoint_dirs, verify
-from common import fail
+from common import fail, swap_folder
 from configurator import configure
 from lora import merged_weights
 from hf import save_hf_weights
@@ -158,14 +158,7 @@ def commit(staging, path):
     old one deleted; SIGTERM and Ctrl-C wait for the two renames. Killed between them (SIGKILL), the next export
     puts the earlier one back first; killed while deleting, it removes what is left."""
     old = path.parent / f'.{path.name}.export-old'
-    held = {signal.SIGTERM, signal.SIGINT}
-    signal.pthread_sigmask(signal.SIG_BLOCK, held)
-    try:
-        if path.exists():
-            os.rename(path, old)
-        os.rename(staging, path)
-    finally:
-        signal.pthread_sigmask(signal.SIG_UNBLOCK, held)
+    swap_folder(staging, path, old)
     shutil.rmtree(old, ignore_errors=True)
 
 

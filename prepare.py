@@ -492,14 +492,7 @@ def swap_in(stage, out_dir):
     for f in os.listdir(out_dir) if out_dir.exists() else []:
         if not OUTPUTS.fullmatch(f):
             os.rename(out_dir / f, stage / f)
-    held = {signal.SIGTERM, signal.SIGINT}
-    signal.pthread_sigmask(signal.SIG_BLOCK, held)
-    try:
-        if out_dir.exists():
-            os.rename(out_dir, aside)
-        os.rename(stage, out_dir)
-    finally:
-        signal.pthread_sigmask(signal.SIG_UNBLOCK, held)
+    common.swap_folder(stage, out_dir, aside)
     staging.clear()
     shutil.rmtree(aside, ignore_errors=True)
 
