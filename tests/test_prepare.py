@@ -8,6 +8,7 @@ import re
 import signal
 import subprocess
 import sys
+import threading
 import time
 import types
 from pathlib import Path
@@ -564,5 +565,41 @@ def test_two_prepares_into_one_out_dir(tmp_path, existing):
     assert meta["train_tokens"] == len(train) and meta["val_tokens"] == len(val)
     assert all(common.file_crc(out / name) == v
                for name, v in meta["files"].items())
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(["big.txt", "out"] + ["small.txt"] * existing)
+    assert sorted(p.name for p in out.iterdir()) == sorted(["meta.json", "train.bin", "val.bin"] + ["notes.txt"] * existing)
+
+
+@pytest.mark.parametrize("existing", [False, True])
+def test_two_prepares_started_at_once_by_threads(tmp_path, existing):
+    # the race at its tightest: two threads start the same command at the same instant (a barrier), so neither
+    # is yet writing when the other starts. One run takes out_dir; the other is refused in one line, or (had the
+    # first already finished) redoes it whole; either way the dataset agrees with meta.json and nothing is left
+    text = shakespeare.read_text(encoding="utf-8")
+    (tmp_path / "big.txt").write_text(text * 12)
+    out = tmp_path / "out"
+    cmd = [sys.executable, str(repo / "prepare.py"), f"--input={tmp_path / 'big.txt'}", f"--out_dir={out}",
+           "--num_proc=1", "--overwrite=True"]
+    if existing:
+        (tmp_path / "small.txt").write_text(text[:50_000])
+        assert run(f"--input={tmp_path / 'small.txt'}", f"--out_dir={out}").returncode == 0
+        (out / "notes.txt").write_text("mine")
+    barrier, results = threading.Barrier(2), [None, None]
+
+    def race(i):
+        barrier.wait()
+        results[i] = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+
+    threads = [threading.Thread(target=race, args=(i,)) for i in range(2)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert sorted(r.returncode for r in results) in ([0, 1], [0, 0]), [r.stderr for r in results]
+    for r in results:
+        if r.returncode:
+            assert len(r.stderr.strip().splitlines()) == 1 and f"{out} is in use by another run (host " in r.stderr
+    meta, train, val = load(out)
+    assert meta["train_tokens"] == len(train) and meta["val_tokens"] == len(val)
+    assert all(common.file_crc(out / name) == v for name, v in meta["files"].items())
     assert sorted(p.name for p in tmp_path.iterdir()) == sorted(["big.txt", "out"] + ["small.txt"] * existing)
     assert sorted(p.name for p in out.iterdir()) == sorted(["meta.json", "train.bin", "val.bin"] + ["notes.txt"] * existing)

@@ -551,6 +551,29 @@ def test_sigterm_during_an_evaluation_stops_it_at_once(straight, shakespeare, tm
     assert not [r for r in rows if r['iter'] >= 9 and 'loss' in r] and not [r for r in rows if r['iter'] == 9 and 'val_loss' in r]
 
 
+def test_sigterm_to_torchrun_itself_saves_the_last_step(shakespeare, tmp_path):
+    # the signal sent to torchrun (a cluster's scheduler may signal only the launcher): it forwards SIGTERM to the
+    # workers and waits for them; they save the last finished step, which resumes. torchrun itself then exits 1
+    # with its own SignalException traceback (torch.distributed.launcher.api re-raises it; nothing a worker can
+    # change), which is why this test checks the saved state, not torchrun's exit status
+    out = tmp_path / 'out'
+    proc = start([*TINY, f'--data_dir={shakespeare}', f'--out_dir={out}', '--max_iters=100000',
+                  '--eval_interval=100000'], 2)
+    deadline, log = time.time() + 180, out / 'metrics.jsonl'
+    while not log.exists() or log.read_text().count('"loss"') < 3:
+        assert proc.poll() is None and time.time() < deadline
+        time.sleep(0.1)
+    proc.send_signal(signal.SIGTERM)
+    stdout, stderr = proc.communicate(timeout=120)
+    assert 'SIGTERM: saved' in stdout, stderr[-3000:]
+    saved = checkpoints.checkpoint_dirs(out)
+    assert len(saved) == 1 and not list(out.glob('*.tmp'))
+    step = int(saved[0].rsplit('-', 1)[1])
+    _, stdout, _ = run([*TINY, f'--data_dir={shakespeare}', f'--out_dir={out}', '--init_from=resume',
+                        f'--max_iters={step + 2}'])
+    assert f'step {step}' in stdout
+
+
 def _children(pid):
     """The pids of a process's children (torchrun's workers), from /proc."""
     found = []
