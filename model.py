@@ -253,6 +253,7 @@ class Attention(nn.Module):
             self.k_ln = LayerNorm(kv_dim, config.layer_norm_epsilon)
         self.out_proj = nn.Linear(config.d_model, config.d_model, bias=False)
         self.out_proj._is_residual = True
+        self.ring = None  # context parallelism: context.enable() puts its ring attention here
 
     def forward(self, x, slopes, kv_cache=None, sequence_id=None):
         B, T, C = x.size()
@@ -271,8 +272,11 @@ class Attention(nn.Module):
             k, v = kv_cache.update(k, v)  # (B, n_kv, T_past + T, hs)
             key_start = kv_cache.key_start
         dropout_p = cfg.attn_pdrop if self.training else 0.0
-        y = attention(q, k, v, slopes, cfg, dropout_p=dropout_p, key_start=key_start,
-                      sequence_id=sequence_id)  # (B, nh, T, hs)
+        if self.ring is not None and kv_cache is None:  # this rank's zigzag chunks of each sequence
+            y = self.ring(q, k, v, slopes, sequence_id)  # (B, nh, T, hs)
+        else:
+            y = attention(q, k, v, slopes, cfg, dropout_p=dropout_p, key_start=key_start,
+                          sequence_id=sequence_id)  # (B, nh, T, hs)
         y = y.transpose(1, 2).reshape(B, T, C)
         return self.out_proj(y)
 
@@ -692,9 +696,9 @@ _MAX_ROW_STRIDE = 2 ** 24
 # sm_90 kernels without wgmma, sm_90 wgmma with N < 64, and an sm_90 forward without TMA loads.
 # Under the interpreter a single small config keeps the tests fast while lengths like 100 and 257 still
 # span several blocks in both dimensions.
-FWD_KEY = ["HEAD_DIM", "CAUSAL", "HAS_SEQ", "tq_bucket", "TMA"]
-DKDV_KEY = ["HEAD_DIM", "CAUSAL", "HAS_SEQ", "tq_bucket", "FUSE_DQ", "TMA", "DQ_TMA"]
-DQ_KEY = ["HEAD_DIM", "CAUSAL", "HAS_SEQ", "tq_bucket"]
+FWD_KEY = ["HEAD_DIM", "CAUSAL", "HAS_SEQ", "tq_bucket", "TMA", "SHIFTED"]
+DKDV_KEY = ["HEAD_DIM", "CAUSAL", "HAS_SEQ", "tq_bucket", "FUSE_DQ", "TMA", "DQ_TMA", "SHIFTED"]
+DQ_KEY = ["HEAD_DIM", "CAUSAL", "HAS_SEQ", "tq_bucket", "SHIFTED"]
 DECODE_MAX_TQ = 16
 
 
@@ -980,21 +984,26 @@ def _fwd_pipelined(acc, l_i, m_i, q, K, V, b, hk, stride_kn, stride_vn, lo, hi, 
 
 
 @_autotune(FWD_TUNING, FWD_KEY)
-@triton.jit(do_not_specialize=["Tk"])  # decoding: Tk grows every step, specializing on it would recompile
+@triton.jit(do_not_specialize=["Tk", "off_shift"])  # decoding: Tk grows every step; specialized, it would recompile
 def _attn_fwd(Q, K, V, O, LSE, SLOPES, DOC_START, DOC_END, qk_scale,
               stride_qb, stride_qh, stride_qm, stride_kb, stride_kh, stride_kn,
               stride_vb, stride_vh, stride_vn, stride_ob, stride_oh, stride_om, stride_lb, stride_lh,
-              B, H, G, Tq, Tk, tq_bucket, group,
+              B, H, G, Tq, Tk, off_shift, tq_bucket, group,
               HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, CAUSAL: tl.constexpr, HAS_ALIBI: tl.constexpr,
-              HAS_SEQ: tl.constexpr, DOT_PREC: tl.constexpr, TMA: tl.constexpr, BLOCK_M: tl.constexpr,
-              BLOCK_N: tl.constexpr, PIPELINE: tl.constexpr):
-    # Q, K, V, O are pointers, or with TMA host-side tensor descriptors over the (B, H, T, D) views
+              HAS_SEQ: tl.constexpr, DOT_PREC: tl.constexpr, TMA: tl.constexpr, SHIFTED: tl.constexpr,
+              BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, PIPELINE: tl.constexpr):
+    # Q, K, V, O are pointers, or with TMA host-side tensor descriptors over the (B, H, T, D) views.
+    # i_abs = i + off_shift is query row i's position among the keys: Tk - Tq (the queries are the last Tq keys:
+    # training, prefill, decode), or with SHIFTED any offset (context.py's chunk pairs). Only SHIFTED takes the
+    # argument: computed here, the other kernels' registers stay as they were (the dK/dV pointer path spills more
+    # bytes when off_shift arrives as an argument)
+    if not SHIFTED:
+        off_shift = Tk - Tq
     tl.static_assert(LSE_FRAME % BLOCK_M == 0)
     bh, pid_m = _block_ids(tl.cdiv(Tq, BLOCK_M), B * H, group, "last" if CAUSAL else "")
     b, h = bh // H, bh % H
     hk = h // G  # GQA: query head h reads kv head h // G
     start_m = pid_m * BLOCK_M
-    off_shift = Tk - Tq  # i_abs = i + off_shift (bottom-right aligned causal mask)
     offs_m = start_m + tl.arange(0, BLOCK_M)
     if TMA:
         q = Q.load([b, h, start_m, 0]).reshape(BLOCK_M, BLOCK_D)
@@ -1208,22 +1217,24 @@ def _dkdv_pipelined(dk, dv, k, v, Q, DO, DQ, LSE, DELTA, SLOPES, b, stride_qh, s
 
 
 @_autotune(DKDV_TUNING, DKDV_KEY)
-@triton.jit
+@triton.jit(do_not_specialize=["off_shift"])
 def _attn_bwd_dkdv(Q, K, V, DO, LSE, DELTA, DK, DV, DQ, SLOPES, DOC_START, DOC_END, qk_scale, sm_scale,
                    stride_qb, stride_qh, stride_qm, stride_kb, stride_kh, stride_kn, stride_vb, stride_vh, stride_vn,
                    stride_dob, stride_doh, stride_dom, stride_lb, stride_lh, stride_dkb, stride_dkh, stride_dkn,
-                   stride_dqb, stride_dqh, stride_dqm, B, H, G, Tq, Tk, tq_bucket, group,
+                   stride_dqb, stride_dqh, stride_dqm, B, H, G, Tq, Tk, off_shift, tq_bucket, group,
                    HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, CAUSAL: tl.constexpr, HAS_ALIBI: tl.constexpr,
                    HAS_SEQ: tl.constexpr, DOT_PREC: tl.constexpr, FUSE_DQ: tl.constexpr, TMA: tl.constexpr,
-                   DQ_TMA: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, PIPELINE: tl.constexpr):
+                   DQ_TMA: tl.constexpr, SHIFTED: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                   PIPELINE: tl.constexpr):
     # One program per (batch, kv head, key block), covering the G query heads that share the kv head:
     # every dK/dV row has a single owner, so GQA needs no atomics for them. DK and DV share strides.
     # With TMA (sm_90) the tensors are host-side descriptors: no pointer tiles to hold in registers.
+    if not SHIFTED:  # (as in _attn_fwd)
+        off_shift = Tk - Tq
     tl.static_assert(LSE_FRAME % BLOCK_M == 0)
     bhk, pid_n = _block_ids(tl.cdiv(Tk, BLOCK_N), B * (H // G), group, "first" if CAUSAL else "")
     b, hk = bhk // (H // G), bhk % (H // G)
     start_n = pid_n * BLOCK_N
-    off_shift = Tk - Tq
     b64, hk64 = b.to(tl.int64), hk.to(tl.int64)
     k, v = 0, 0  # with TMA and not PIPELINE, loaded inside the loop (_dkdv_inner)
     if not TMA:
@@ -1317,20 +1328,22 @@ def _dq_inner(dq, q, do, lse, delta, K, V, stride_kn, stride_vn, lo, hi, Tk, fir
 
 
 @_autotune(DQ_TUNING, DQ_KEY)
-@triton.jit
+@triton.jit(do_not_specialize=["off_shift"])
 def _attn_bwd_dq(Q, K, V, DO, LSE, DELTA, DQ, SLOPES, DOC_START, DOC_END, qk_scale, sm_scale,
                  stride_qb, stride_qh, stride_qm, stride_kb, stride_kh, stride_kn, stride_vb, stride_vh, stride_vn,
                  stride_dob, stride_doh, stride_dom, stride_lb, stride_lh, stride_dqb, stride_dqh, stride_dqm,
-                 B, H, G, Tq, Tk, tq_bucket, group,
+                 B, H, G, Tq, Tk, off_shift, tq_bucket, group,
                  HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, CAUSAL: tl.constexpr, HAS_ALIBI: tl.constexpr,
-                 HAS_SEQ: tl.constexpr, DOT_PREC: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+                 HAS_SEQ: tl.constexpr, DOT_PREC: tl.constexpr, SHIFTED: tl.constexpr, BLOCK_M: tl.constexpr,
+                 BLOCK_N: tl.constexpr):
     # deterministic=True only: one program per (batch, query head, query block), walking the same key
     # blocks as the forward, so each dQ element is summed in one fixed order
+    if not SHIFTED:  # (as in _attn_fwd)
+        off_shift = Tk - Tq
     tl.static_assert(LSE_FRAME % BLOCK_M == 0)
     bh, pid_m = _block_ids(tl.cdiv(Tq, BLOCK_M), B * H, group, "last" if CAUSAL else "")
     b, h = (bh // H).to(tl.int64), (bh % H).to(tl.int64)
     start_m = pid_m * BLOCK_M
-    off_shift = Tk - Tq
     offs_m = start_m + tl.arange(0, BLOCK_M)
     q_ptrs, io_mask = _tile(Q + b * stride_qb + h * stride_qh, start_m, Tq, stride_qm, BLOCK_M, BLOCK_D, HEAD_DIM)
     do_ptrs, _ = _tile(DO + b * stride_dob + h * stride_doh, start_m, Tq, stride_dom, BLOCK_M, BLOCK_D, HEAD_DIM)
@@ -1477,10 +1490,10 @@ def _empty_bhtd(B, H, T, D, like):
     return torch.empty(B, T, H, D, device=like.device, dtype=like.dtype).transpose(1, 2)
 
 
-def _meta(D, causal, slopes, dtype, sequence_id=None):
+def _meta(D, causal, slopes, dtype, sequence_id=None, shifted=False):
     return dict(HEAD_DIM=D, BLOCK_D=max(16, triton.next_power_of_2(D)), CAUSAL=bool(causal),
                 HAS_ALIBI=slopes is not None, HAS_SEQ=sequence_id is not None,
-                DOT_PREC="ieee" if dtype == torch.float32 else "tf32")
+                DOT_PREC="ieee" if dtype == torch.float32 else "tf32", SHIFTED=shifted)
 
 
 def _launch(kernel, grid, *args, fixed=False, **meta):
@@ -1496,38 +1509,47 @@ def _launch(kernel, grid, *args, fixed=False, **meta):
     return kernel.fn[grid](*args, **meta, **config.all_kwargs())
 
 
-def _attn_forward(q, k, v, slopes, causal, sm_scale, sequence_id=None, deterministic=False):
+def _attn_forward(q, k, v, slopes, causal, sm_scale, sequence_id=None, deterministic=False, off_shift=None):
+    """(o, lse) with lse in the kernel's frames (LSE_FRAME). off_shift: query row i sits at key position
+    i + off_shift; None aligns the queries with the last Tq keys (Tk - Tq). Context parallelism (context.py)
+    gives a (query chunk, key chunk) pair's offset here, and the merged LSE and delta to _attn_backward."""
     B, H, Tq, D = q.shape
     H_kv, Tk = k.shape[1], k.shape[2]
+    meta = _meta(D, causal, slopes, q.dtype, sequence_id, shifted=off_shift is not None)
+    off_shift = Tk - Tq if off_shift is None else off_shift
     o = _empty_bhtd(B, H, Tq, D, q)
     lse = _stats_empty(B, H, Tq, q)  # base-2, true ALiBi frame
-    meta = _meta(D, causal, slopes, q.dtype, sequence_id)
     tma = _use_tma(q, k, v, o)
     tiles = [_descriptor(x, meta["BLOCK_D"]) for x in (q, k, v, o)] if tma else [q, k, v, o]
     grid = lambda META: (triton.cdiv(Tq, META["BLOCK_M"]) * B * H,)
     _launch(_attn_fwd, grid, *tiles, lse, slopes if slopes is not None else q, *_doc_bounds(sequence_id, lse),
             sm_scale * LOG2E, *q.stride()[:3], *k.stride()[:3], *v.stride()[:3], *o.stride()[:3], *lse.stride()[:2],
-            B, H, H // H_kv, Tq, Tk, _bucket(Tq), _lpt_group(q, 2 * Tk * D // (H // H_kv)), fixed=deterministic,
+            B, H, H // H_kv, Tq, Tk, off_shift, _bucket(Tq), _lpt_group(q, 2 * Tk * D // (H // H_kv)), fixed=deterministic,
             TMA=tma, **meta)
     return o, lse
 
 
-def _attn_backward(do, q, k, v, o, lse, slopes, causal, sm_scale, deterministic, sequence_id=None):
+def _attn_backward(do, q, k, v, o, lse, slopes, causal, sm_scale, deterministic, sequence_id=None, off_shift=None,
+                   delta=None):
+    """(dq, dk, dv). delta: rowsum(dO * O) with lse's strides, when the caller has it (context.py's pairs, whose
+    o is the merged output); else computed here from o."""
     B, H, Tq, D = q.shape
     H_kv, Tk = k.shape[1], k.shape[2]
-    meta = _meta(D, causal, slopes, q.dtype, sequence_id)
-    delta = _stats_empty(B, H, Tq, q)  # lse's strides
-    pre_block = 32 if _INTERPRET else 128
-    _bwd_preprocess[(triton.cdiv(Tq, pre_block) * B * H,)](o, do, delta, *o.stride()[:3], *do.stride()[:3],
-                                                           *delta.stride()[:2], H, Tq, HEAD_DIM=D,
-                                                           BLOCK_D=meta["BLOCK_D"], BLOCK_M=pre_block)
+    meta = _meta(D, causal, slopes, q.dtype, sequence_id, shifted=off_shift is not None)
+    off_shift = Tk - Tq if off_shift is None else off_shift
+    if delta is None:
+        delta = _stats_empty(B, H, Tq, q)  # lse's strides
+        pre_block = 32 if _INTERPRET else 128
+        _bwd_preprocess[(triton.cdiv(Tq, pre_block) * B * H,)](o, do, delta, *o.stride()[:3], *do.stride()[:3],
+                                                               *delta.stride()[:2], H, Tq, HEAD_DIM=D,
+                                                               BLOCK_D=meta["BLOCK_D"], BLOCK_M=pre_block)
     docs = _doc_bounds(sequence_id, lse)
     dk, dv = _empty_bhtd(B, H_kv, Tk, D, q), _empty_bhtd(B, H_kv, Tk, D, q)
     # dQ: fp32 atomics in the dK/dV kernel (zeroed here), or the separate dQ kernel when deterministic
     dq_acc = lse.new_zeros(1) if deterministic else _empty_bhtd(B, H, Tq, D, lse)  # zeroed by _dkdv_pre_hook
     args = (slopes if slopes is not None else q, *docs, sm_scale * LOG2E, sm_scale,
             *q.stride()[:3], *k.stride()[:3], *v.stride()[:3], *do.stride()[:3], *lse.stride()[:2])
-    tail = (B, H, H // H_kv, Tq, Tk, _bucket(Tq))
+    tail = (B, H, H // H_kv, Tq, Tk, off_shift, _bucket(Tq))
     dq_strides = (0, 0, 0) if deterministic else dq_acc.stride()[:3]
     tiles = [q, k, v, do, dk, dv]
     tma = _use_tma(*tiles)

@@ -56,6 +56,7 @@ from torch.distributed.tensor import DTensor
 from checkpoints import (ARCH_FIELDS, RUN_FIELDS, SHAPE_FIELDS, choose_resume, is_checkpoint, load_checkpoint,
                          load_weights, resume_metrics, save_checkpoint, save_for_sampling, take_out_dir,
                          verify_checkpoint)
+import context
 from common import fail, from_rank0, print0, release_out_dir
 from data import open_data, rank_windows, read_masks, read_windows, sample_windows, to_device
 from hf import load_hf_weights as load_hf_rows
@@ -122,6 +123,10 @@ peak_flops = 0.0  # one device's peak FLOP/s for MFU; 0: model.PEAK_FLOPS's figu
 # HSDP over many nodes: the processes form dp_replicate groups (e.g. one per node), each holding the model sharded
 # among its own processes; all-gathers stay inside a group, gradients are all-reduced across the groups
 dp_replicate = 1  # the groups, each with a sharded copy; 1: FSDP over all (torchtitan's dp_replicate_degree)
+# long contexts: context_parallel = N splits each sequence over N processes (consecutive ranks, e.g. one node's),
+# each holding 2 of its 2N chunks (zigzag), attention passed around them as a ring (context.py); max_seq_len and
+# eval_seq_lens must be multiples of 2N. FSDP shards over all the processes of a replica, the N included
+context_parallel = 1
 _defaults = settings_in(globals())
 
 
@@ -132,12 +137,12 @@ def setting_problems(s, world_size=1):
     problems = out_of_range(s, __file__, whole=dict(
         batch_size=1, gradient_accumulation_steps=1, eval_interval=1, log_interval=1, keep_checkpoints=1,
         max_iters=0, eval_iters=0, warmup_iters=0, lr_decay_iters=0, resume_step=-1, vocab_size=1, d_model=1, n_heads=1,
-        n_layers=1, expansion_ratio=1, max_seq_len=1, kv_n_heads=1, alibi_bias_max=0, seed=0),
+        n_layers=1, expansion_ratio=1, max_seq_len=1, kv_n_heads=1, alibi_bias_max=0, seed=0, context_parallel=1),
         at_least=dict(learning_rate=0, min_lr=0, weight_decay=0, grad_clip=0, peak_flops=0),
         positive=('clip_qkv', 'softmax_scale', 'layer_norm_epsilon'),
         fraction=('beta1', 'beta2', 'attn_pdrop', 'resid_pdrop', 'emb_pdrop'),
         choices=dict(init_device=('auto', 'cpu', 'meta'), data_changed=('', 'ok')))
-    problems += [p for p in [device_problem(s['device'])] if p] + lora_problems(s)
+    problems += [p for p in [device_problem(s['device'])] if p] + lora_problems(s) + context.context_problems(s, world_size)
     if s['dtype'] not in ('bfloat16', 'float32'):
         problems.append(f"dtype={s['dtype']!r}: use 'bfloat16' (bf16 matmuls, fp32 master weights) or 'float32'")
     if s['resume_step'] != -1 and s['init_from'] != 'resume':
@@ -147,9 +152,12 @@ def setting_problems(s, world_size=1):
         problems.append("eval_only=True needs eval_iters > 0")
     if not all(isinstance(L, int) and L >= 1 for L in s['eval_seq_lens']):
         problems.append(f"eval_seq_lens={s['eval_seq_lens']}: use positive whole numbers of tokens, e.g. [2048, 4096]")
-    if isinstance(s['gradient_accumulation_steps'], int) and s['gradient_accumulation_steps'] % world_size:
+    cp = s['context_parallel'] if isinstance(s['context_parallel'], int) and s['context_parallel'] >= 1 else 1
+    readers = max(world_size // cp, 1)  # the processes that read different rows (those of one cp group read the same)
+    if isinstance(s['gradient_accumulation_steps'], int) and s['gradient_accumulation_steps'] % readers:
+        what = f"{readers} processes" if cp == 1 else f"{readers} groups of context_parallel={cp} processes"
         problems.append(f"gradient_accumulation_steps={s['gradient_accumulation_steps']} (micro-batches per step over "
-                        f"all processes) does not divide among {world_size} processes: make it a multiple of {world_size}")
+                        f"all processes) does not divide among {what}: make it a multiple of {readers}")
     if is_checkpoint(s['init_from']):  # a stage keeps its checkpoint's architecture: a different one asked for is an error
         try:
             with open(os.path.join(s['init_from'], 'train.json')) as f:
@@ -507,17 +515,18 @@ def train_step(model, exp_avgs, batches, lr, peak_lr, weight_decay, beta1, beta2
 
 
 @torch.no_grad()
-def evaluate(model, split, batches, seq_len, vocab_size, device, eot_token=None, stopping=lambda: False):
-    """Mean loss over a fixed list of micro-batches (window ids), batch j on rank j % world_size. Every
+def evaluate(model, split, batches, seq_len, vocab_size, device, eot_token=None, stopping=lambda: False, cp=1):
+    """Mean loss over a fixed list of micro-batches (window ids), batch j on rank j % world_size (with
+    context_parallel = cp: on the j % (world_size / cp)-th cp group, each process scoring its chunks). Every
     rank runs the same number of forwards (each all-gathers weights), padding with batches weighted 0.
     With loss masks, the mean over the counted targets. stopping(): whether this rank was asked to stop (SIGTERM);
     the ranks agree on it before each forward, and then all return None at once."""
-    rank, world = dist.get_rank(), dist.get_world_size()
+    rank, world = dist.get_rank() // cp, dist.get_world_size() // cp  # the row readers
     model.eval()
     total = torch.zeros(2, device=device)
     for k in range(-(-len(batches) // world)):
         asked = stopping()
-        if world > 1:  # one small all-reduce per forward, in evaluation only
+        if dist.get_world_size() > 1:  # one small all-reduce per forward, in evaluation only
             flag = torch.tensor(float(asked), device=device)
             dist.all_reduce(flag)
             asked = flag.item() > 0
@@ -526,15 +535,15 @@ def evaluate(model, split, batches, seq_len, vocab_size, device, eot_token=None,
             return None
         j = k * world + rank
         ids = batches[min(j, len(batches) - 1)]
-        x, y, *sequence_id = to_device(read_windows(split, ids, seq_len, vocab_size), device,
-                                       read_masks(split, ids, seq_len), eot_token)
+        x, y, *sequence_id = context.local_chunks(to_device(read_windows(split, ids, seq_len, vocab_size), device,
+                                                 read_masks(split, ids, seq_len), eot_token), cp)
         if split[3] is not None:  # a sum over the counted targets, and their count
             _, loss_sum = model(x, y, *sequence_id, reduction='sum')
             total += torch.stack([loss_sum, (y != -1).sum().float()]) * (j < len(batches))
             continue
         _, loss = model(x, y, *sequence_id)
         total += torch.stack([loss.float(), torch.ones((), device=device)]) * (j < len(batches))
-    if world > 1:
+    if dist.get_world_size() > 1:
         dist.all_reduce(total)
     model.train()
     return (total[0] / total[1]).item()
@@ -599,6 +608,7 @@ if __name__ == '__main__':
     signal.signal(signal.SIGTERM, stop_soon)
     signal.signal(signal.SIGINT, stop_soon)
     rank, world_size, device, mesh = init_distributed(device, dp_replicate)
+    cp_group = context.context_group(context_parallel)
     shards, master = mesh.size(mesh.ndim - 1), rank == 0  # shards: the processes that split one copy of the model
     take_out_dir(out_dir, init_from, eval_only)  # one run per out_dir, from here to the end
     global_batch = batch_size * gradient_accumulation_steps  # sequences per step, for any world size
@@ -611,6 +621,8 @@ if __name__ == '__main__':
     # the model and Lion's state: from the seed, or loaded
     model = setup_model(config, mesh, dtype, activation_checkpointing, compile, seed,
                         init_weights=init_from == 'scratch', lora=lora)  # else loaded next
+    if cp_group:
+        context.enable(model, cp_group)
     if hf_dir:
         try:
             load_hf_weights(model, hf_dir)
@@ -668,8 +680,9 @@ if __name__ == '__main__':
         loss counts in the whole step (every rank's windows: each rank reads all the step's masks)."""
         split = data['train']
         ids = sample_windows(seed, int(split[2][-1]), position, global_batch)
-        batches = [to_device(read_windows(split, w, max_seq_len, config.vocab_size), device,
-                             read_masks(split, w, max_seq_len), eot_token) for w in rank_windows(ids, rank, world_size, batch_size)]
+        batches = [context.local_chunks(to_device(read_windows(split, w, max_seq_len, config.vocab_size), device,
+                                       read_masks(split, w, max_seq_len), eot_token), context_parallel)
+                   for w in rank_windows(ids, rank // context_parallel, world_size // context_parallel, batch_size)]
         loss_tokens = None if split[3] is None else int(read_masks(split, ids, max_seq_len)[:, 1:].sum())
         return batches, loss_tokens
 
@@ -677,7 +690,8 @@ if __name__ == '__main__':
         """Val loss at every eval length: printed, logged, and returned at max_seq_len (what ckpt.pt follows)."""
         losses = {}
         for L, (split, batches) in evals.items():  # None: a signal stopped it (evaluate), the run saves and ends
-            losses[L] = evaluate(model, split, batches, L, config.vocab_size, device, eot_token, lambda: bool(preempted))
+            losses[L] = evaluate(model, split, batches, L, config.vocab_size, device, eot_token, lambda: bool(preempted),
+                                 context_parallel)
             if losses[L] is None:
                 return None
         print0(f"iter {iter_num}: val loss {losses[max_seq_len]:.4f}")
@@ -687,7 +701,8 @@ if __name__ == '__main__':
                                                        for L, v in losses.items()))
             record['val_loss_by_seq_len'] = {str(L): v for L, v in losses.items()}
         if eval_tasks:  # eval.py's scores, of the model as it is now
-            record['tasks'] = zero_shot.evaluate_tasks(model, tasks, device, rank, world_size)
+            with context.off(model):  # each process scores whole items of its own
+                record['tasks'] = zero_shot.evaluate_tasks(model, tasks, device, rank, world_size)
             print0('  ' + ', '.join(f"{name}: acc {r['acc']:.4f}" + (f", acc_norm {r['acc_norm']:.4f}" if 'acc_norm'
                                     in r else '') for name, r in record['tasks'].items()))
         log(record)
@@ -774,8 +789,8 @@ if __name__ == '__main__':
         # dropout (if any) draws, for each micro-batch, from a generator seeded by (seed, step, the micro-batch's
         # place in the global batch): a resumed run, on any number of processes, draws the same masks; the RNG
         # state a checkpoint needs is then only the seed and the step
-        per_rank = gradient_accumulation_steps // world_size
-        seeds = [int(np.random.SeedSequence([seed, iter_num, rank * per_rank + i]).generate_state(1)[0])
+        per_rank = gradient_accumulation_steps // (world_size // context_parallel)
+        seeds = [int(np.random.SeedSequence([seed, iter_num, rank // context_parallel * per_rank + i]).generate_state(1)[0])
                  for i in range(per_rank)] if has_dropout else None
         lr = get_lr(iter_num, learning_rate, min_lr, warmup_iters, lr_decay_iters)
         t0 = time.time()

@@ -186,6 +186,40 @@ def test_hsdp_gives_the_losses_of_one_process_and_resumes_on_any_mesh(straight, 
         assert resumed_val[6] == pytest.approx(one_val[6], rel=1e-5, abs=1e-5), name
 
 
+def test_context_parallel_gives_the_losses_and_weights_of_one_process(no_dropout, shakespeare, tmp_path):
+    # each sequence split over 2 and over 4 processes (context.py's ring, zigzag chunks of 4 and 2 tokens): the
+    # one-process losses (train and val) within 1e-5, and after 6 steps the same weights and Lion state
+    for procs in (2, 4):
+        out = tmp_path / f'cp{procs}'
+        run([*TINY, '--resid_pdrop=0.0', f'--data_dir={shakespeare}', f'--out_dir={out}', '--max_iters=6',
+             f'--context_parallel={procs}', '--sampling_ckpt=False'], procs=procs)
+        (one, one_val), (cp, cp_val) = metrics(no_dropout), metrics(out)
+        assert sorted(cp) == sorted(one) and sorted(cp_val) == sorted(one_val) == [0, 3, 6]
+        for it in one:
+            assert cp[it] == pytest.approx(one[it], rel=1e-5, abs=1e-5), (procs, it)
+        for it in one_val:
+            assert cp_val[it] == pytest.approx(one_val[it], rel=1e-5, abs=1e-5), (procs, it)
+        a = checkpoint_tensors(no_dropout / 'ckpt-000006', tmp_path)
+        b = checkpoint_tensors(out / 'ckpt-000006', tmp_path)
+        for group in ('model', 'lion'):
+            for name, t in a[group].items():
+                assert torch.allclose(b[group][name], t, atol=1e-5), (procs, group, name)
+
+
+def test_context_parallel_with_packed_documents_and_hsdp(lines, tmp_path):
+    # documents (lines of about 40 characters) cross the chunks and the processes of a 16-token window: on 1
+    # process, and on 4 as 2 replicas (dp_replicate=2) of 2 context-parallel processes each, the same losses
+    common = [*TINY, '--resid_pdrop=0.0', f'--data_dir={lines}', '--max_iters=3', '--attn_uses_sequence_id=True']
+    both = [start([*common, f'--out_dir={tmp_path / "one"}']),
+            start([*common, f'--out_dir={tmp_path / "cp"}', '--context_parallel=2', '--dp_replicate=2'], procs=4)]
+    [finish(p) for p in both]
+    (one, one_val), (cp, cp_val) = metrics(tmp_path / 'one'), metrics(tmp_path / 'cp')
+    assert sorted(one) == sorted(cp) == [0, 1, 2] and sorted(one_val) == sorted(cp_val) == [0, 3]
+    for it in one:
+        assert cp[it] == pytest.approx(one[it], rel=1e-5, abs=1e-5), it
+    assert cp_val[3] == pytest.approx(one_val[3], rel=1e-5, abs=1e-5)
+
+
 SHARDS = """
 import json, sys
 import torch
