@@ -63,7 +63,8 @@ sample_batch_sizes = [1, 16]  # sample mode: prompts generated at once
 sample_prompt_len = 128  # sample mode: prompt tokens, then...
 sample_new_tokens = 256  # ...tokens generated per prompt
 # sass mode: which compiles. 'table': sm_90, bf16, D=128, causal, every config, TMA and pointer paths; 'aot':
-# tests/test_attention.py's set (sm_80 and sm_90, head dims, variants); 'full': every combination
+# tests/test_attention.py's set (sm_80 and sm_90, head dims, variants); 'full': every combination; 'pairs': 'table'
+# for context parallelism's chunk pairs (the kernels told the query offset, SHIFTED)
 sass_jobs = 'table'
 # sass mode: a second Triton (a pip --target folder) to compile with too, if it exists; the AOT test installs
 # the GPU machines' 3.6 here
@@ -469,7 +470,7 @@ def bench_sass():
     columns = ['kernel', 'config', 'path', 'triton', 'regs', 'smem', 'spill', 'loop_instructions', 'loop_hgmma',
                'loop_hgmma_shapes', 'loop_ex2', 'loop_ex2_in_flight', 'loop_waits', 'loop_bar_sync',
                'loop_tma_loads', 'loop_global_loads', 'loop_spill']
-    if sass_jobs != "table":
+    if sass_jobs not in ("table", "pairs"):
         columns[3:3] = ['arch', 'dtype', 'head_dim', 'causal', 'seq']
     print_table(rows, columns)
     print("loop: the kernel's main loop (its innermost wgmma loop with the fewest instructions), per warp and "

@@ -333,8 +333,10 @@ def ring_attention(q, k, v, slopes, group, softmax_scale=None, impl='torch', seq
 
 
 def enable(gpt, group):
-    """Context parallelism for an MPT: each block's attention becomes the ring over `group`. The model then takes
-    this rank's zigzag() of each row (tokens, targets, sequence_id) and gives this rank's logits."""
+    """Context parallelism for an MPT: each block's attention becomes the ring over `group` (None: nothing to do).
+    The model then takes this rank's zigzag() of each row (tokens, targets, sequence_id), gives its logits."""
+    if group is None:
+        return
     cfg = gpt.config
     if cfg.attn_impl == 'flash':
         raise ValueError("context_parallel > 1 needs attn_impl='triton' or 'torch': the flash-attn package cannot "

@@ -12,14 +12,14 @@ Several nodes: the same command on every node, all pointing at one rendezvous ho
 (torchrun numbers the processes; out_dir must be on a filesystem that every node sees):
     torchrun --nnodes=4 --nproc_per_node=8 --rdzv_backend=c10d --rdzv_endpoint=10.0.0.1:29500 \
         --rdzv_id=mpt-1b train.py config/mpt_1b.py
-and with --dp_replicate=4 (HSDP) each node shards one copy of the model and the nodes only all-reduce gradients.
+and with --dp_replicate=4 (HSDP) each node shards one copy of the model and the nodes only all-reduce gradients;
+with --context_parallel=8 each sequence is split over a node's 8 GPUs (context.py: long contexts).
 Continue from the newest checkpoint in out_dir, on any number of processes that divides the batch:
     torchrun ... train.py config/mpt_1b.py --init_from=resume
 Fine-tune a Hugging Face MPT: --init_from=path/to/mpt-7b (a save_pretrained directory); with --lora_rank, LoRA
 (lora.py). Each process reads only its own shards of it.
-Preemption: on SIGTERM the run finishes its step (an evaluation stops at once), saves a checkpoint and exits 0.
-The scheduler's grace period must cover a step and a save; torchrun, itself sent SIGTERM, gives its workers 30
-seconds, and then exits 1 with its own traceback after they have saved.
+Preemption: on SIGTERM the run finishes its step (an evaluation stops at once), saves a checkpoint and exits 0;
+the grace period must cover a step and a save (torchrun, itself signalled, waits 30 s for it, then exits 1).
 
 NCCL connects the processes on CUDA, gloo on CPU; a plain `python train.py` is a group of one, so the
 same code (FSDP2, DCP) runs everywhere. Settings are the variables below; config files (Python) and
@@ -123,9 +123,8 @@ peak_flops = 0.0  # one device's peak FLOP/s for MFU; 0: model.PEAK_FLOPS's figu
 # HSDP over many nodes: the processes form dp_replicate groups (e.g. one per node), each holding the model sharded
 # among its own processes; all-gathers stay inside a group, gradients are all-reduced across the groups
 dp_replicate = 1  # the groups, each with a sharded copy; 1: FSDP over all (torchtitan's dp_replicate_degree)
-# long contexts: context_parallel = N splits each sequence over N processes (consecutive ranks, e.g. one node's),
-# each holding 2 of its 2N chunks (zigzag), attention passed around them as a ring (context.py); max_seq_len and
-# eval_seq_lens must be multiples of 2N. FSDP shards over all the processes of a replica, the N included
+# long contexts: each sequence split over context_parallel = N consecutive processes (a node's), 2 of its 2N chunks
+# each (zigzag), attention a ring (context.py); sequence lengths must be multiples of 2N; FSDP shards over them too
 context_parallel = 1
 _defaults = settings_in(globals())
 
@@ -153,11 +152,10 @@ def setting_problems(s, world_size=1):
     if not all(isinstance(L, int) and L >= 1 for L in s['eval_seq_lens']):
         problems.append(f"eval_seq_lens={s['eval_seq_lens']}: use positive whole numbers of tokens, e.g. [2048, 4096]")
     cp = s['context_parallel'] if isinstance(s['context_parallel'], int) and s['context_parallel'] >= 1 else 1
-    readers = max(world_size // cp, 1)  # the processes that read different rows (those of one cp group read the same)
+    readers, groups = max(world_size // cp, 1), f"groups of context_parallel={cp} " if cp > 1 else ''  # reading rows
     if isinstance(s['gradient_accumulation_steps'], int) and s['gradient_accumulation_steps'] % readers:
-        what = f"{readers} processes" if cp == 1 else f"{readers} groups of context_parallel={cp} processes"
         problems.append(f"gradient_accumulation_steps={s['gradient_accumulation_steps']} (micro-batches per step over "
-                        f"all processes) does not divide among {what}: make it a multiple of {readers}")
+                        f"all processes) does not divide among {readers} {groups}processes: make it a multiple of {readers}")
     if is_checkpoint(s['init_from']):  # a stage keeps its checkpoint's architecture: a different one asked for is an error
         try:
             with open(os.path.join(s['init_from'], 'train.json')) as f:
@@ -516,11 +514,10 @@ def train_step(model, exp_avgs, batches, lr, peak_lr, weight_decay, beta1, beta2
 
 @torch.no_grad()
 def evaluate(model, split, batches, seq_len, vocab_size, device, eot_token=None, stopping=lambda: False, cp=1):
-    """Mean loss over a fixed list of micro-batches (window ids), batch j on rank j % world_size (with
-    context_parallel = cp: on the j % (world_size / cp)-th cp group, each process scoring its chunks). Every
-    rank runs the same number of forwards (each all-gathers weights), padding with batches weighted 0.
-    With loss masks, the mean over the counted targets. stopping(): whether this rank was asked to stop (SIGTERM);
-    the ranks agree on it before each forward, and then all return None at once."""
+    """Mean loss over a fixed list of micro-batches (window ids), batch j on rank j % world_size (cp > 1: on cp group
+    j % (world_size / cp), each process its chunks). Every rank runs the same number of forwards (each all-gathers
+    weights), padding with batches weighted 0. With loss masks, the mean over the counted targets. stopping():
+    whether this rank was asked to stop (SIGTERM); the ranks agree on it before each forward, then all return None."""
     rank, world = dist.get_rank() // cp, dist.get_world_size() // cp  # the row readers
     model.eval()
     total = torch.zeros(2, device=device)
@@ -550,10 +547,9 @@ def evaluate(model, split, batches, seq_len, vocab_size, device, eot_token=None,
 
 
 def leave(metrics=None, wandb=None):
-    """The end of a run: every rank leaves together, and without Python's finalization. On gloo a rank that had
-    finished everything, process group destroyed, was seen to abort while the interpreter tore down ("terminate
-    called without an active exception": C++ threads that torch.distributed leaves behind), in about 1 two-process
-    CPU run of 10 to 20. All is written by now: checkpoints synchronously, metrics.jsonl flushed line by line."""
+    """The end of a run: every rank leaves together, without Python's finalization (on gloo a finished rank was seen
+    to abort in the interpreter's teardown, "terminate called without an active exception", from C++ threads that
+    torch.distributed leaves behind, in 1 two-process CPU run of 10 to 20). All is written: checkpoints, metrics."""
     dist.barrier()
     dist.destroy_process_group()
     if metrics:
@@ -608,7 +604,6 @@ if __name__ == '__main__':
     signal.signal(signal.SIGTERM, stop_soon)
     signal.signal(signal.SIGINT, stop_soon)
     rank, world_size, device, mesh = init_distributed(device, dp_replicate)
-    cp_group = context.context_group(context_parallel)
     shards, master = mesh.size(mesh.ndim - 1), rank == 0  # shards: the processes that split one copy of the model
     take_out_dir(out_dir, init_from, eval_only)  # one run per out_dir, from here to the end
     global_batch = batch_size * gradient_accumulation_steps  # sequences per step, for any world size
@@ -621,8 +616,7 @@ if __name__ == '__main__':
     # the model and Lion's state: from the seed, or loaded
     model = setup_model(config, mesh, dtype, activation_checkpointing, compile, seed,
                         init_weights=init_from == 'scratch', lora=lora)  # else loaded next
-    if cp_group:
-        context.enable(model, cp_group)
+    context.enable(model, context.context_group(context_parallel))  # context_parallel > 1: ring attention
     if hf_dir:
         try:
             load_hf_weights(model, hf_dir)
@@ -680,9 +674,9 @@ if __name__ == '__main__':
         loss counts in the whole step (every rank's windows: each rank reads all the step's masks)."""
         split = data['train']
         ids = sample_windows(seed, int(split[2][-1]), position, global_batch)
+        mine = rank_windows(ids, rank // context_parallel, world_size // context_parallel, batch_size)  # cp: shared
         batches = [context.local_chunks(to_device(read_windows(split, w, max_seq_len, config.vocab_size), device,
-                                       read_masks(split, w, max_seq_len), eot_token), context_parallel)
-                   for w in rank_windows(ids, rank // context_parallel, world_size // context_parallel, batch_size)]
+                                                  read_masks(split, w, max_seq_len), eot_token), context_parallel) for w in mine]
         loss_tokens = None if split[3] is None else int(read_masks(split, ids, max_seq_len)[:, 1:].sum())
         return batches, loss_tokens
 
@@ -713,11 +707,10 @@ if __name__ == '__main__':
         run_evals(eval_only=True, init_from=init_from)
         leave(metrics, wandb)
 
-    # The loop: iter_num counts the steps queued; the weights after them are what evaluation sees. The host
-    # never waits for the step it just queued: it reads the step before's (loss, grad norm, ok, stop) only
-    # after queueing the next (settle, below), so the device always has work. Evaluations and saves settle
-    # first, so a non-finite step (skipped on the device: see train_step) stops the run before anything
-    # after it is saved.
+    # The loop: iter_num counts the steps queued; the weights after them are what evaluation sees. The host never
+    # waits for the step it just queued: it reads the step before's (loss, grad norm, ok, stop) only after queueing
+    # the next (settle, below), so the device always has work. Evaluations and saves settle first, so a non-finite
+    # step (skipped on the device: see train_step) stops the run before anything after it is saved.
     start_iter, last_saved = iter_num, iter_num if resume else -1
     healthy = torch.ones((), dtype=torch.bool, device=device)  # False from the first non-finite step on
     pending = None  # (iter, lr, the device tensor train_step returned, when it was queued), not read yet

@@ -31,7 +31,10 @@ def sass_job_list(which):
     serves (bf16, causal, the default variant), with sequence ids, and once more in fp16 at a padded head dim
     (masked loads, not causal, the deterministic dK/dV variant), on sm_80 and sm_90, the sm_90 pointer
     fallback at the largest head dim, and the preprocess kernel. 'full': every head dim in {64, 80, 112, 128}
-    a config serves x dtype x causal x sequence ids x path x dQ variant."""
+    a config serves x dtype x causal x sequence ids x path x dQ variant. 'pairs': 'table' for context.py's pairs
+    (SHIFTED: the query offset a kernel argument)."""
+    if which == "pairs":
+        return [dict(job, shifted=True) for job in sass_job_list("table")]
     import triton
 
     import model as fa
@@ -81,7 +84,8 @@ def compile_job(job):
 
     import model as fa
     name, cap, dt = job["kernel"], job["arch"], job["dtype"]
-    meta = fa._meta(job["head_dim"], job["causal"], slopes=True, dtype=None, sequence_id=True if job["seq"] else None)
+    meta = fa._meta(job["head_dim"], job["causal"], slopes=True, dtype=None, sequence_id=True if job["seq"] else None,
+                    shifted=job.get("shifted", False))
     if name == "_bwd_preprocess":  # launched as in _attn_backward, with Triton's default warps/stages
         fn, options, label = fa._bwd_preprocess, dict(num_warps=4, num_stages=3), "128 rows, 4 warps"
         meta = dict(HEAD_DIM=job["head_dim"], BLOCK_D=meta["BLOCK_D"], BLOCK_M=128)

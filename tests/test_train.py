@@ -498,6 +498,10 @@ BAD_RUNS = {  # name: (what write_bad writes, extra arguments, the message, a re
     'lora_alpha': ('nothing', ['--lora_rank=4', '--lora_alpha=None'], r"lora_alpha=None: a positive number"),
     'init_from': ('nothing', ['--init_from=somewhere'], r"init_from='somewhere': use 'scratch', 'resume', a Hugging Face"),
     'dp_replicate': ('nothing', ['--dp_replicate=3'], r"dp_replicate=3: the 1 processes must split into dp_replicate equal"),
+    'context_parallel': ('nothing', ['--context_parallel=3', '--attn_impl=flash'],
+                         r"error: context_parallel=3: the 1 processes of each replica do not split into groups of 3\n"
+                         r"error: context_parallel=3 cuts each sequence into 6 equal chunks: 16 tokens do not divide; "
+                         r"use multiples of 6\nerror: context_parallel=3 needs attn_impl='triton' or 'torch'"),
     # settings out of range: each one line, all of them, before any work
     'ranges': ('nothing', ['--batch_size=0', '--eval_interval=0', '--learning_rate=-1', '--warmup_iters=-5',
                            '--device=gpu'],
