@@ -27,6 +27,7 @@ import torch
 import torch.distributed as dist
 
 import model
+from common import print0
 
 LOG2E = 1.4426950408889634
 
@@ -72,6 +73,50 @@ def local_chunks(batch, cp):
     if cp == 1:
         return batch
     return tuple(zigzag(t, dist.get_rank() % cp, cp) for t in batch)
+
+
+def memory_plan(config, batch_size, seq_len, cp, shards, activation_checkpointing=True, dtype='bfloat16'):
+    """(total bytes, one line): one process's memory for full training with context parallelism, estimated from
+    the shapes (GB = 1e9 bytes). Sharded over the `shards` processes of a replica (cp's included): fp32 weights,
+    gradients and Lion's momentum, 12 bytes a parameter. Whole: the blocks FSDP has all-gathered (this one and the
+    one prefetched, with their gradients while the backward runs), in the compute dtype. The activations of this
+    process's batch_size x seq_len / cp tokens: with checkpointing each block's input, plus one block's inside while
+    it is recomputed (Korthikanti et al. 2022: about 17 values per token per d_model with flash attention), and the
+    logits three times (compute dtype, fp32, gradient). The ring: two chunks' keys and values in flight, and in the
+    backward their fp32 gradients; the fp32 output and LSE accumulators of one layer."""
+    d, L, V, H = config.d_model, config.n_layers, config.vocab_size, config.n_heads
+    kv = config.kv_n_heads * config.head_dim
+    act = 2 if dtype == 'bfloat16' else 4
+    block = d * (d + 2 * kv) + d * d + 2 * config.expansion_ratio * d * d + 2 * d
+    params = L * block + V * d + d
+    states = 12 * params / shards
+    gathered = 4 * block * act
+    tokens = batch_size * seq_len // cp
+    per_block = tokens * d * 17 * act
+    acts = (L * tokens * d * act + per_block if activation_checkpointing else L * per_block) + tokens * V * (act + 8)
+    ring = tokens * kv * 2 * (2 * act + 2 * 4) + tokens * (d + H) * 4
+    total = states + gathered + acts + ring
+    gb = lambda n: f"{n / 1e9:.1f} GB"  # noqa: E731
+    return total, (f"memory plan per process (estimate): weights, gradients and Lion {gb(states)} ({params / 1e9:.2f}B "
+                   f"parameters x 12 bytes over {shards}), gathered blocks {gb(gathered)}, activations {gb(acts)} "
+                   f"({tokens:,} tokens: {batch_size} x {seq_len:,} / context_parallel={cp}"
+                   f"{', checkpointed' if activation_checkpointing else ''}; logits {gb(tokens * V * (act + 8))}), "
+                   f"ring {gb(ring)}; total {gb(total)}")
+
+
+def plan_table():
+    """The README's table: MPT-7B and MPT-30B at 64k, 256k and 1M tokens a sequence on 8 and 64 GPUs, one
+    sequence per context-parallel group (context_parallel = the GPUs), bf16, activation checkpointing."""
+    models = {'MPT-7B': model.MPTConfig(d_model=4096, n_heads=32, n_layers=32, vocab_size=50432),
+              'MPT-30B': model.MPTConfig(d_model=7168, n_heads=64, n_layers=48, vocab_size=50432)}
+    rows = ["| model | tokens a sequence | GPUs (= context_parallel) | tokens a GPU | per-GPU memory (estimate) |",
+            "|---|---|---|---|---|"]
+    for name, config in models.items():
+        for T in (65536, 262144, 1048576):
+            for gpus in (8, 64):
+                total, _ = memory_plan(config, 1, T, gpus, gpus)
+                rows.append(f"| {name} | {T // 1024}k | {gpus} | {T // gpus:,} | {total / 1e9:.0f} GB |")
+    return "\n".join(rows)
 
 
 # -----------------------------------------------------------------------------
@@ -332,11 +377,14 @@ def ring_attention(q, k, v, slopes, group, softmax_scale=None, impl='torch', seq
     return _Ring.apply(q, k, v, slopes, sequence_id, group, float(scale), impl)
 
 
-def enable(gpt, group):
-    """Context parallelism for an MPT: each block's attention becomes the ring over `group` (None: nothing to do).
-    The model then takes this rank's zigzag() of each row (tokens, targets, sequence_id), gives its logits."""
+def enable(gpt, cp, batch_size, seq_len, shards, activation_checkpointing=True, dtype='bfloat16'):
+    """Context parallelism for an MPT (train.py's): each block's attention becomes the ring over this process's
+    group of cp (context_group); cp = 1 changes nothing. The model then takes this rank's zigzag() of each row
+    (tokens, targets, sequence_id) and gives its logits. Rank 0 prints the memory plan."""
+    group = context_group(cp)
     if group is None:
         return
+    print0(memory_plan(gpt.config, batch_size, seq_len, cp, shards, activation_checkpointing, dtype)[1])
     cfg = gpt.config
     if cfg.attn_impl == 'flash':
         raise ValueError("context_parallel > 1 needs attn_impl='triton' or 'torch': the flash-attn package cannot "
@@ -361,3 +409,7 @@ def off(gpt):
     finally:
         for block, ring in zip(gpt.transformer.blocks, rings):
             block.attn.ring = ring
+
+
+if __name__ == '__main__':  # python context.py: the memory plan table (README, "Long contexts")
+    print(plan_table())

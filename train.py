@@ -616,7 +616,7 @@ if __name__ == '__main__':
     # the model and Lion's state: from the seed, or loaded
     model = setup_model(config, mesh, dtype, activation_checkpointing, compile, seed,
                         init_weights=init_from == 'scratch', lora=lora)  # else loaded next
-    context.enable(model, context.context_group(context_parallel))  # context_parallel > 1: ring attention
+    context.enable(model, context_parallel, batch_size, max_seq_len, shards, activation_checkpointing, dtype)  # cp > 1
     if hf_dir:
         try:
             load_hf_weights(model, hf_dir)

@@ -1170,6 +1170,21 @@ def test_eval_only_at_several_lengths(straight, shakespeare, tmp_path):
         assert record['val_loss_by_seq_len'][str(L)] == pytest.approx(np.mean(losses), rel=1e-5), L
 
 
+
+def test_eval_only_at_long_lengths_over_context_parallel_processes(straight, shakespeare, tmp_path):
+    # the long-context evaluation: a checkpoint scored at 32 and 64 tokens (2 and 4 times its training length) on
+    # 4 processes that each hold 1/4 of every sequence gives the losses of one process holding it whole
+    losses = {}
+    for procs in (1, 4):
+        out = tmp_path / f'eval{procs}'
+        run([*TINY, f'--data_dir={shakespeare}', f'--out_dir={out}', f'--init_from={straight / "ckpt-000006"}',
+             '--eval_only=True', '--eval_seq_lens=[32, 64]', f'--context_parallel={procs}'], procs=procs)
+        losses[procs] = json.loads((out / 'metrics.jsonl').read_text().splitlines()[-1])['val_loss_by_seq_len']
+    assert sorted(losses[4]) == ['16', '32', '64']
+    for L, loss in losses[1].items():
+        assert losses[4][L] == pytest.approx(loss, rel=1e-5), L
+
+
 # ---- packed documents (attn_uses_sequence_id) ---------------------------------------------------------
 
 def test_document_ids_count_the_end_of_texts_before_each_token():
@@ -1307,6 +1322,28 @@ def test_lora_learns_and_agrees_across_world_sizes_and_resumes(lora_runs, kind, 
     assert info['lora'] == dict(rank=4, alpha=8.0, dropout=0.0, targets=['Wqkv', 'out_proj', 'up_proj', 'down_proj'],
                                 quantize_base='nf4' if kind == 'qlora' else '')
     assert info['base']['path'] and 'config.json' not in info['base']['files']
+
+
+def test_context_parallel_lora_and_qlora_with_loss_masks(lora_runs, released_mpt, released_sft, tmp_path):
+    # LoRA (with activation checkpointing) and QLoRA on SFT data (loss masks: prompt targets ignored, so the
+    # processes of a sequence count different numbers of targets), each sequence over 2 processes: the losses,
+    # adapters and Lion state of the 1-process runs
+    common = [f'--init_from={released_mpt}', f'--data_dir={released_sft}', '--max_iters=6', '--context_parallel=2']
+    procs = {kind: start([*settings, *common, f'--out_dir={tmp_path / kind}', *extra], 2)
+             for kind, settings, extra in (('lora', LORA, ['--activation_checkpointing=True']), ('qlora', QLORA, []))}
+    [finish(p) for p in procs.values()]
+    for kind in procs:
+        (one, one_val), (cp, cp_val) = metrics(lora_runs / f'{kind}1'), metrics(tmp_path / kind)
+        assert sorted(cp) == sorted(one) and sorted(cp_val) == sorted(one_val), kind
+        for it in one:
+            assert cp[it] == pytest.approx(one[it], rel=1e-5, abs=1e-5), (kind, it)
+        for it in one_val:
+            assert cp_val[it] == pytest.approx(one_val[it], rel=1e-5, abs=1e-5), (kind, it)
+        ref_model, ref_lion = adapters_and_lion(lora_runs / f'{kind}1' / 'ckpt-000006', tmp_path)
+        model, lion = adapters_and_lion(tmp_path / kind / 'ckpt-000006', tmp_path)
+        for name in ref_model:
+            assert torch.allclose(model[name], ref_model[name], atol=1e-5), (kind, name)
+            assert torch.allclose(lion[name], ref_lion[name], atol=1e-6), (kind, name)
 
 
 @pytest.mark.parametrize('dtype', ['float32', 'bfloat16'])
