@@ -150,7 +150,12 @@ def test_chunks_merged_equal_the_whole_sequence(impl, n, docs):
                 o[:, :, sl(qh)], lse[:, :, sl(qh)] = context.merge(o[:, :, sl(qh)], lse[:, :, sl(qh)], op, lp)
         outs.append(o)
         lses.append(lse)
-    assert torch.allclose(context.unzigzag([o.cpu() for o in outs], dim=2), want.detach(), atol=1e-5)
+    merged = context.unzigzag([o.cpu() for o in outs], dim=2)
+    assert torch.allclose(merged, want.detach(), atol=1e-5)
+    if impl == 'triton':  # and the kernel on the whole sequence
+        whole = model.flash_attn_alibi(*(x.to(DEVICE) for x in (q, k, v)), s, softmax_scale=scale,
+                                       sequence_id=None if ids is None else ids.to(DEVICE))
+        assert torch.allclose(merged, whole.cpu(), atol=1e-5)
     dq = [torch.zeros(B, H, 2 * c, D) for _ in range(n)]
     dk = [torch.zeros(B, H_kv, 2 * c, D) for _ in range(n)]
     dv = [torch.zeros(B, H_kv, 2 * c, D) for _ in range(n)]
