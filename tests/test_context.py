@@ -152,10 +152,12 @@ def test_chunks_merged_equal_the_whole_sequence(impl, n, docs):
         lses.append(lse)
     merged = context.unzigzag([o.cpu() for o in outs], dim=2)
     assert torch.allclose(merged, want.detach(), atol=1e-5)
-    if impl == 'triton':  # and the kernel on the whole sequence
-        whole = model.flash_attn_alibi(*(x.to(DEVICE) for x in (q, k, v)), s, softmax_scale=scale,
+    if impl == 'triton':  # and the kernel on the whole sequence: its outputs, and below its gradients
+        kernel_leaves = [x.to(DEVICE).requires_grad_() for x in (q, k, v)]
+        whole = model.flash_attn_alibi(*kernel_leaves, s, softmax_scale=scale,
                                        sequence_id=None if ids is None else ids.to(DEVICE))
-        assert torch.allclose(merged, whole.cpu(), atol=1e-5)
+        whole.backward(do.to(DEVICE))
+        assert torch.allclose(merged, whole.detach().cpu(), atol=1e-5)
     dq = [torch.zeros(B, H, 2 * c, D) for _ in range(n)]
     dk = [torch.zeros(B, H_kv, 2 * c, D) for _ in range(n)]
     dv = [torch.zeros(B, H_kv, 2 * c, D) for _ in range(n)]
@@ -170,8 +172,10 @@ def test_chunks_merged_equal_the_whole_sequence(impl, n, docs):
                 dq[r][:, :, sl(qh)] += g[0].float().cpu()
                 dk[kr][:, :, sl(kh)] += g[1].float().cpu()
                 dv[kr][:, :, sl(kh)] += g[2].float().cpu()
-    for got, leaf in zip((dq, dk, dv), leaves):
+    for i, (got, leaf) in enumerate(zip((dq, dk, dv), leaves)):
         assert torch.allclose(context.unzigzag(got, dim=2), leaf.grad, atol=1e-4)
+        if impl == 'triton':
+            assert torch.allclose(context.unzigzag(got, dim=2), kernel_leaves[i].grad.cpu(), atol=1e-4)
 
 
 # ---- the ring over gloo processes ----------------------------------------------------------------------------
