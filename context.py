@@ -96,8 +96,8 @@ def memory_plan(config, batch_size, seq_len, cp, shards, activation_checkpointin
     acts = (L * tokens * d * act + per_block if activation_checkpointing else L * per_block) + tokens * V * (act + 8)
     ring = tokens * kv * 2 * (2 * act + 2 * 4) + tokens * (d + H) * 4
     total = states + gathered + acts + ring
-    gb = lambda n: f"{n / 1e9:.1f} GB"  # noqa: E731
-    return total, (f"memory plan per process (estimate): weights, gradients and Lion {gb(states)} ({params / 1e9:.2f}B "
+    gb = lambda n: f"{n / 1e9:.1f} GB" if n >= 1e8 else f"{n / 1e6:.1f} MB"  # noqa: E731
+    return total, (f"memory plan per process (estimate): weights, gradients and Lion {gb(states)} ({params:,} "
                    f"parameters x 12 bytes over {shards}), gathered blocks {gb(gathered)}, activations {gb(acts)} "
                    f"({tokens:,} tokens: {batch_size} x {seq_len:,} / context_parallel={cp}"
                    f"{', checkpointed' if activation_checkpointing else ''}; logits {gb(tokens * V * (act + 8))}), "
