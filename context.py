@@ -33,93 +33,6 @@ LOG2E = 1.4426950408889634
 
 
 # -----------------------------------------------------------------------------
-# train.py's: the settings' problems, the process groups, each process's chunks of a micro-batch
-
-def context_problems(s, world_size):
-    """context_parallel's problems with train.py's settings s, one line each (train.setting_problems asks)."""
-    cp, problems = s['context_parallel'], []
-    if not isinstance(cp, int) or cp <= 1:
-        return problems  # (< 1 and non-integers: out_of_range's line)
-    replicas = s['dp_replicate'] if isinstance(s['dp_replicate'], int) and s['dp_replicate'] >= 1 else 1
-    if world_size % (cp * replicas):
-        problems.append(f"context_parallel={cp}: the {world_size // replicas} processes of each replica do not split "
-                        f"into groups of {cp}")
-    uneven = [L for L in [s['max_seq_len'], *s['eval_seq_lens']] if isinstance(L, int) and L % (2 * cp)]
-    if uneven:
-        problems.append(f"context_parallel={cp} cuts each sequence into {2 * cp} equal chunks: "
-                        f"{', '.join(map(str, uneven))} tokens do not divide; use multiples of {2 * cp}")
-    if s['attn_impl'] == 'flash':
-        problems.append(f"context_parallel={cp} needs attn_impl='triton' or 'torch': the flash-attn package cannot "
-                        f"be told where a chunk sits (its ALiBi assumes the whole sequence)")
-    if s['attn_pdrop'] > 0:
-        problems.append(f"context_parallel={cp} needs attn_pdrop=0: the ring attention has no dropout")
-    return problems
-
-
-def context_group(cp):
-    """The processes that share this one's sequences, or None for cp = 1: cp consecutive ranks, the innermost
-    dimension of the mesh (replicate, shard, cp), so that one node's NVLink carries the ring. FSDP shards over
-    shard x cp flattened, which is train.init_distributed's 'shard' dimension as it is (consecutive ranks)."""
-    if cp == 1:
-        return None
-    rank, world = dist.get_rank(), dist.get_world_size()
-    groups = [dist.new_group(list(range(g, g + cp))) for g in range(0, world, cp)]  # every rank makes every group
-    return groups[rank // cp]
-
-
-def local_chunks(batch, cp):
-    """This process's zigzag chunks of a micro-batch's (B, T) tensors (x, y[, sequence_id]): the cp processes of a
-    group read the same rows, x and y shifted and document ids counted on the whole row, then each takes its own."""
-    if cp == 1:
-        return batch
-    return tuple(zigzag(t, dist.get_rank() % cp, cp) for t in batch)
-
-
-def memory_plan(config, batch_size, seq_len, cp, shards, activation_checkpointing=True, dtype='bfloat16'):
-    """(total bytes, one line): one process's memory for full training with context parallelism, estimated from
-    the shapes (GB = 1e9 bytes). Sharded over the `shards` processes of a replica (cp's included): fp32 weights,
-    gradients and Lion's momentum, 12 bytes a parameter. Whole: the blocks FSDP has all-gathered (this one and the
-    one prefetched, with their gradients while the backward runs), in the compute dtype. The activations of this
-    process's batch_size x seq_len / cp tokens: with checkpointing each block's input, plus one block's inside while
-    it is recomputed (Korthikanti et al. 2022: about 17 values per token per d_model with flash attention), and the
-    logits three times (compute dtype, fp32, gradient). The ring: two chunks' keys and values in flight, and in the
-    backward their fp32 gradients; the fp32 output and LSE accumulators of one layer."""
-    d, L, V, H = config.d_model, config.n_layers, config.vocab_size, config.n_heads
-    kv = config.kv_n_heads * config.head_dim
-    act = 2 if dtype == 'bfloat16' else 4
-    block = d * (d + 2 * kv) + d * d + 2 * config.expansion_ratio * d * d + 2 * d
-    params = L * block + V * d + d
-    states = 12 * params / shards
-    gathered = 4 * block * act
-    tokens = batch_size * seq_len // cp
-    per_block = tokens * d * 17 * act
-    acts = (L * tokens * d * act + per_block if activation_checkpointing else L * per_block) + tokens * V * (act + 8)
-    ring = tokens * kv * 2 * (2 * act + 2 * 4) + tokens * (d + H) * 4
-    total = states + gathered + acts + ring
-    gb = lambda n: f"{n / 1e9:.1f} GB" if n >= 1e8 else f"{n / 1e6:.1f} MB"  # noqa: E731
-    return total, (f"memory plan per process (estimate): weights, gradients and Lion {gb(states)} ({params:,} "
-                   f"parameters x 12 bytes over {shards}), gathered blocks {gb(gathered)}, activations {gb(acts)} "
-                   f"({tokens:,} tokens: {batch_size} x {seq_len:,} / context_parallel={cp}"
-                   f"{', checkpointed' if activation_checkpointing else ''}; logits {gb(tokens * V * (act + 8))}), "
-                   f"ring {gb(ring)}; total {gb(total)}")
-
-
-def plan_table():
-    """The README's table: MPT-7B and MPT-30B at 64k, 256k and 1M tokens a sequence on 8 and 64 GPUs, one
-    sequence per context-parallel group (context_parallel = the GPUs), bf16, activation checkpointing."""
-    models = {'MPT-7B': model.MPTConfig(d_model=4096, n_heads=32, n_layers=32, vocab_size=50432),
-              'MPT-30B': model.MPTConfig(d_model=7168, n_heads=64, n_layers=48, vocab_size=50432)}
-    rows = ["| model | tokens a sequence | GPUs (= context_parallel) | tokens a GPU | per-GPU memory (estimate) |",
-            "|---|---|---|---|---|"]
-    for name, config in models.items():
-        for T in (65536, 262144, 1048576):
-            for gpus in (8, 64):
-                total, _ = memory_plan(config, 1, T, gpus, gpus)
-                rows.append(f"| {name} | {T // 1024}k | {gpus} | {T // gpus:,} | {total / 1e9:.0f} GB |")
-    return "\n".join(rows)
-
-
-# -----------------------------------------------------------------------------
 # the zigzag layout
 
 def chunk_ids(rank, n):
@@ -334,6 +247,7 @@ class _Ring(torch.autograd.Function):
         group, scale, impl = ctx.group, ctx.scale, ctx.impl
         rank, n = dist.get_rank(group), dist.get_world_size(group)
         c = q.size(2) // 2
+        do = model._kernel_layout(do) if impl == 'triton' else do
         delta = (do.float() * out.float()).sum(-1)  # (B, H, 2c)
         dq = torch.zeros(q.shape, dtype=torch.float32, device=q.device)
         dk, dv = (torch.zeros(x.shape, dtype=torch.float32, device=x.device) for x in (k, v))
@@ -375,6 +289,94 @@ def ring_attention(q, k, v, slopes, group, softmax_scale=None, impl='torch', seq
     if impl == 'triton':
         q, k, v = (model._kernel_layout(x) for x in (q, k, v))
     return _Ring.apply(q, k, v, slopes, sequence_id, group, float(scale), impl)
+
+
+# -----------------------------------------------------------------------------
+# for train.py: the settings' problems, the process groups, each process's chunks of a micro-batch, the
+# memory plan, and the model's attention switched to the ring
+
+def context_problems(s, world_size):
+    """context_parallel's problems with train.py's settings s, one line each (train.setting_problems asks)."""
+    cp, problems = s['context_parallel'], []
+    if not isinstance(cp, int) or cp <= 1:
+        return problems  # (< 1 and non-integers: out_of_range's line)
+    replicas = s['dp_replicate'] if isinstance(s['dp_replicate'], int) and s['dp_replicate'] >= 1 else 1
+    if world_size % (cp * replicas):
+        problems.append(f"context_parallel={cp}: the {world_size // replicas} processes of each replica do not split "
+                        f"into groups of {cp}")
+    uneven = [L for L in [s['max_seq_len'], *s['eval_seq_lens']] if isinstance(L, int) and L % (2 * cp)]
+    if uneven:
+        problems.append(f"context_parallel={cp} cuts each sequence into {2 * cp} equal chunks: "
+                        f"{', '.join(map(str, uneven))} tokens do not divide; use multiples of {2 * cp}")
+    if s['attn_impl'] == 'flash':
+        problems.append(f"context_parallel={cp} needs attn_impl='triton' or 'torch': the flash-attn package cannot "
+                        f"be told where a chunk sits (its ALiBi assumes the whole sequence)")
+    if s['attn_pdrop'] > 0:
+        problems.append(f"context_parallel={cp} needs attn_pdrop=0: the ring attention has no dropout")
+    return problems
+
+
+def context_group(cp):
+    """The processes that share this one's sequences, or None for cp = 1: cp consecutive ranks, the innermost
+    dimension of the mesh (replicate, shard, cp), so that one node's NVLink carries the ring. FSDP shards over
+    shard x cp flattened, which is train.init_distributed's 'shard' dimension as it is (consecutive ranks)."""
+    if cp == 1:
+        return None
+    rank, world = dist.get_rank(), dist.get_world_size()
+    groups = [dist.new_group(list(range(g, g + cp))) for g in range(0, world, cp)]  # every rank makes every group
+    return groups[rank // cp]
+
+
+def local_chunks(batch, cp):
+    """This process's zigzag chunks of a micro-batch's (B, T) tensors (x, y[, sequence_id]): the cp processes of a
+    group read the same rows, x and y shifted and document ids counted on the whole row, then each takes its own."""
+    if cp == 1:
+        return batch
+    return tuple(zigzag(t, dist.get_rank() % cp, cp) for t in batch)
+
+
+def memory_plan(config, batch_size, seq_len, cp, shards, activation_checkpointing=True, dtype='bfloat16'):
+    """(total bytes, one line): one process's memory for full training with context parallelism, estimated from
+    the shapes (GB = 1e9 bytes). Sharded over the `shards` processes of a replica (cp's included): fp32 weights,
+    gradients and Lion's momentum, 12 bytes a parameter. Whole: the blocks FSDP has all-gathered (this one and the
+    one prefetched, with their gradients while the backward runs), in the compute dtype. The activations of this
+    process's batch_size x seq_len / cp tokens: with checkpointing each block's input, plus one block's inside while
+    it is recomputed (Korthikanti et al. 2022: about 17 values per token per d_model with flash attention), and the
+    logits three times (compute dtype, fp32, gradient). The ring: two chunks' keys and values in flight, and in the
+    backward their fp32 gradients; the fp32 output and LSE accumulators of one layer."""
+    d, L, V, H = config.d_model, config.n_layers, config.vocab_size, config.n_heads
+    kv = config.kv_n_heads * config.head_dim
+    act = 2 if dtype == 'bfloat16' else 4
+    block = d * (d + 2 * kv) + d * d + 2 * config.expansion_ratio * d * d + 2 * d
+    params = L * block + V * d + d
+    states = 12 * params / shards
+    gathered = 4 * block * act
+    tokens = batch_size * seq_len // cp
+    per_block = tokens * d * 17 * act
+    acts = (L * tokens * d * act + per_block if activation_checkpointing else L * per_block) + tokens * V * (act + 8)
+    ring = tokens * kv * 2 * (2 * act + 2 * 4) + tokens * (d + H) * 4
+    total = states + gathered + acts + ring
+    gb = lambda n: f"{n / 1e9:.1f} GB" if n >= 1e8 else f"{n / 1e6:.1f} MB"  # noqa: E731
+    return total, (f"memory plan per process (estimate): weights, gradients and Lion {gb(states)} ({params:,} "
+                   f"parameters x 12 bytes over {shards}), gathered blocks {gb(gathered)}, activations {gb(acts)} "
+                   f"({tokens:,} tokens: {batch_size} x {seq_len:,} / context_parallel={cp}"
+                   f"{', checkpointed' if activation_checkpointing else ''}; logits {gb(tokens * V * (act + 8))}), "
+                   f"ring {gb(ring)}; total {gb(total)}")
+
+
+def plan_table():
+    """The README's table: MPT-7B and MPT-30B at 64k, 256k and 1M tokens a sequence on 8 and 64 GPUs, one
+    sequence per context-parallel group (context_parallel = the GPUs), bf16, activation checkpointing."""
+    models = {'MPT-7B': model.MPTConfig(d_model=4096, n_heads=32, n_layers=32, vocab_size=50432),
+              'MPT-30B': model.MPTConfig(d_model=7168, n_heads=64, n_layers=48, vocab_size=50432)}
+    rows = ["| model | tokens a sequence | GPUs (= context_parallel) | tokens a GPU | per-GPU memory (estimate) |",
+            "|---|---|---|---|---|"]
+    for name, config in models.items():
+        for T in (65536, 262144, 1048576):
+            for gpus in (8, 64):
+                total, _ = memory_plan(config, 1, T, gpus, gpus)
+                rows.append(f"| {name} | {T // 1024}k | {gpus} | {T // gpus:,} | {total / 1e9:.0f} GB |")
+    return "\n".join(rows)
 
 
 def enable(gpt, cp, batch_size, seq_len, shards, activation_checkpointing=True, dtype='bfloat16'):
