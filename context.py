@@ -215,27 +215,36 @@ def _exchange(tensors, group):
     return [(w, sends) for w in dist.batch_isend_irecv(ops)], bufs  # (sends: alive until the transfer ends)
 
 
+def _steps(visiting, group):
+    """The ring's steps: yields (kv_rank, the visiting tensors: kv_rank's keys, values[, document ids]); meanwhile
+    they are sent on to the next rank and the previous rank's received, awaited when the caller comes back."""
+    rank, n = dist.get_rank(group), dist.get_world_size(group)
+    for step in range(n):
+        reqs, nxt = _exchange(visiting, group) if step < n - 1 else ([], None)
+        yield (rank - step) % n, visiting
+        for w, _ in reqs:
+            w.wait()
+        visiting = nxt
+
+
+def _slices(rank, kv_rank, n, c):
+    """pairs() as (query rows, key rows, off_shift, causal) of the two ranks' 2c-token halves."""
+    for qh, kh, off, causal in pairs(rank, kv_rank, n, c):
+        yield slice(qh * c, (qh + 1) * c), slice(kh * c, (kh + 1) * c), off, causal
+
+
 class _Ring(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, q, k, v, slopes, ids, group, scale, impl):
-        rank, n = dist.get_rank(group), dist.get_world_size(group)
-        c = q.size(2) // 2
+        rank, n, c = dist.get_rank(group), dist.get_world_size(group), q.size(2) // 2
         o = q.new_zeros(q.shape, dtype=torch.float32)
         lse = q.new_full(q.shape[:3], -math.inf, dtype=torch.float32)
-        travel = [k, v] + ([ids] if ids is not None else [])
-        for step in range(n):
-            reqs, nxt = _exchange(travel, group) if step < n - 1 else ([], None)
-            kv_rank = (rank - step) % n
-            k_, v_, ids_ = travel[0], travel[1], travel[2] if ids is not None else None
-            for qh, kh, off, causal in pairs(rank, kv_rank, n, c):
-                qs, ks = slice(qh * c, (qh + 1) * c), slice(kh * c, (kh + 1) * c)
+        for kv_rank, (k_, v_, *ids_) in _steps([k, v] + ([ids] if ids is not None else []), group):
+            for qs, ks, off, causal in _slices(rank, kv_rank, n, c):
                 op, lp = _pair_forward(impl, q[:, :, qs], k_[:, :, ks], v_[:, :, ks], slopes, off, causal, scale,
-                                       None if ids is None else ids[:, qs], None if ids is None else ids_[:, ks])
+                                       ids[:, qs] if ids_ else None, ids_[0][:, ks] if ids_ else None)
                 o[:, :, qs], lse[:, :, qs] = merge(o[:, :, qs], lse[:, :, qs], op, lp)
-            for w, _ in reqs:
-                w.wait()
-            travel = nxt
         out = o.to(q.dtype)
         ctx.save_for_backward(q, k, v, slopes, ids, out, lse)
         ctx.group, ctx.scale, ctx.impl = group, scale, impl
@@ -245,34 +254,24 @@ class _Ring(torch.autograd.Function):
     def backward(ctx, do):
         q, k, v, slopes, ids, out, lse = ctx.saved_tensors
         group, scale, impl = ctx.group, ctx.scale, ctx.impl
-        rank, n = dist.get_rank(group), dist.get_world_size(group)
-        c = q.size(2) // 2
+        rank, n, c = dist.get_rank(group), dist.get_world_size(group), q.size(2) // 2
         do = model._kernel_layout(do) if impl == 'triton' else do
         delta = (do.float() * out.float()).sum(-1)  # (B, H, 2c)
         dq = torch.zeros(q.shape, dtype=torch.float32, device=q.device)
         dk, dv = (torch.zeros(x.shape, dtype=torch.float32, device=x.device) for x in (k, v))
-        kv = [k, v] + ([ids] if ids is not None else [])
-        for step in range(n):
-            # keys, values (and ids) move on to the next rank while this step computes; their gradients follow
-            # once this step has added to them, so they arrive back at their owner after the last step
-            reqs, nxt = _exchange(kv, group) if step < n - 1 else ([], None)
-            kv_rank = (rank - step) % n
-            k_, v_, ids_ = kv[0], kv[1], kv[2] if ids is not None else None
-            for qh, kh, off, causal in pairs(rank, kv_rank, n, c):
-                qs, ks = slice(qh * c, (qh + 1) * c), slice(kh * c, (kh + 1) * c)
+        for kv_rank, (k_, v_, *ids_) in _steps([k, v] + ([ids] if ids is not None else []), group):
+            for qs, ks, off, causal in _slices(rank, kv_rank, n, c):
                 g = _pair_backward(impl, do[:, :, qs], q[:, :, qs], k_[:, :, ks], v_[:, :, ks], slopes, off, causal,
                                    scale, lse[:, :, qs].contiguous(), delta[:, :, qs].contiguous(),
-                                   None if ids is None else ids[:, qs], None if ids is None else ids_[:, ks])
+                                   ids[:, qs] if ids_ else None, ids_[0][:, ks] if ids_ else None)
                 dq[:, :, qs] += g[0].float()
                 dk[:, :, ks] += g[1].float()
                 dv[:, :, ks] += g[2].float()
-            for w, _ in reqs:
-                w.wait()
-            # this step's key gradients go to the rank that gets these keys next (the last step: their owner)
+            # the visiting keys' gradients follow them to the next rank once this step has added to them, so they
+            # arrive back at their owner after the last step
             greqs, (dk, dv) = _exchange([dk, dv], group)
             for w, _ in greqs:
                 w.wait()
-            kv = nxt
         return dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype), None, None, None, None, None
 
 

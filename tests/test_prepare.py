@@ -537,11 +537,9 @@ class FullArray:
         raise OSError("635418 requested and 622177 written")
 
 
-@pytest.mark.parametrize("existing", [False, True])
-def test_two_prepares_into_one_out_dir(tmp_path, existing):
-    # the same command started twice on one out_dir (two nodes over a shared filesystem, say), fresh or holding a
-    # dataset (--overwrite): the second, started while the first writes, is refused in one line naming the
-    # first's pid; the first's dataset is whole (its files agree with meta.json) and nothing else is left beside it
+def race_setup(tmp_path, existing):
+    """The racing runs' command (a 13 MB input, --overwrite=True) and out_dir; with existing, out_dir already
+    holds a dataset and the user's own notes.txt."""
     text = shakespeare.read_text(encoding="utf-8")
     (tmp_path / "big.txt").write_text(text * 12)
     out = tmp_path / "out"
@@ -551,6 +549,24 @@ def test_two_prepares_into_one_out_dir(tmp_path, existing):
         (tmp_path / "small.txt").write_text(text[:50_000])
         assert run(f"--input={tmp_path / 'small.txt'}", f"--out_dir={out}").returncode == 0
         (out / "notes.txt").write_text("mine")  # the user's own file in the dataset's folder
+    return cmd, out
+
+
+def assert_whole_and_alone(tmp_path, out, existing):
+    """out_dir's dataset agrees with its meta.json, and nothing else is left beside it or in it."""
+    meta, train, val = load(out)
+    assert meta["train_tokens"] == len(train) and meta["val_tokens"] == len(val)
+    assert all(common.file_crc(out / name) == v for name, v in meta["files"].items())
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(["big.txt", "out"] + ["small.txt"] * existing)
+    assert sorted(p.name for p in out.iterdir()) == sorted(["meta.json", "train.bin", "val.bin"] + ["notes.txt"] * existing)
+
+
+@pytest.mark.parametrize("existing", [False, True])
+def test_two_prepares_into_one_out_dir(tmp_path, existing):
+    # the same command started twice on one out_dir (two nodes over a shared filesystem, say), fresh or holding a
+    # dataset (--overwrite): the second, started while the first writes, is refused in one line naming the
+    # first's pid; the first's dataset is whole (its files agree with meta.json) and nothing else is left beside it
+    cmd, out = race_setup(tmp_path, existing)
     first = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     partial, deadline = tmp_path / ".out.prepare-tmp" / "train.bin.tmp", time.time() + 120
     while not partial.exists():
@@ -561,12 +577,7 @@ def test_two_prepares_into_one_out_dir(tmp_path, existing):
     assert f"{out} is in use by another run (host " in second.stderr and f"pid {first.pid}," in second.stderr
     _, stderr = first.communicate(timeout=300)
     assert first.returncode == 0, stderr
-    meta, train, val = load(out)
-    assert meta["train_tokens"] == len(train) and meta["val_tokens"] == len(val)
-    assert all(common.file_crc(out / name) == v
-               for name, v in meta["files"].items())
-    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(["big.txt", "out"] + ["small.txt"] * existing)
-    assert sorted(p.name for p in out.iterdir()) == sorted(["meta.json", "train.bin", "val.bin"] + ["notes.txt"] * existing)
+    assert_whole_and_alone(tmp_path, out, existing)
 
 
 @pytest.mark.parametrize("existing", [False, True])
@@ -574,15 +585,7 @@ def test_two_prepares_started_at_once_by_threads(tmp_path, existing):
     # the race at its tightest: two threads start the same command at the same instant (a barrier), so neither
     # is yet writing when the other starts. One run takes out_dir; the other is refused in one line, or (had the
     # first already finished) redoes it whole; either way the dataset agrees with meta.json and nothing is left
-    text = shakespeare.read_text(encoding="utf-8")
-    (tmp_path / "big.txt").write_text(text * 12)
-    out = tmp_path / "out"
-    cmd = [sys.executable, str(repo / "prepare.py"), f"--input={tmp_path / 'big.txt'}", f"--out_dir={out}",
-           "--num_proc=1", "--overwrite=True"]
-    if existing:
-        (tmp_path / "small.txt").write_text(text[:50_000])
-        assert run(f"--input={tmp_path / 'small.txt'}", f"--out_dir={out}").returncode == 0
-        (out / "notes.txt").write_text("mine")
+    cmd, out = race_setup(tmp_path, existing)
     barrier, results = threading.Barrier(2), [None, None]
 
     def race(i):
@@ -598,8 +601,4 @@ def test_two_prepares_started_at_once_by_threads(tmp_path, existing):
     for r in results:
         if r.returncode:
             assert len(r.stderr.strip().splitlines()) == 1 and f"{out} is in use by another run (host " in r.stderr
-    meta, train, val = load(out)
-    assert meta["train_tokens"] == len(train) and meta["val_tokens"] == len(val)
-    assert all(common.file_crc(out / name) == v for name, v in meta["files"].items())
-    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(["big.txt", "out"] + ["small.txt"] * existing)
-    assert sorted(p.name for p in out.iterdir()) == sorted(["meta.json", "train.bin", "val.bin"] + ["notes.txt"] * existing)
+    assert_whole_and_alone(tmp_path, out, existing)
