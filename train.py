@@ -31,6 +31,7 @@ full fp32 weights and MPTConfig, at the best val loss so far; sampling_ckpt), me
 """
 
 import functools
+import importlib.util
 import json
 import math
 import os
@@ -147,6 +148,8 @@ def setting_problems(s, world_size=1):
     if s['resume_step'] != -1 and s['init_from'] != 'resume':
         problems.append(f"resume_step={s['resume_step']} picks the checkpoint that init_from='resume' continues: add "
                         f"--init_from=resume")
+    if s['wandb_log'] and importlib.util.find_spec('wandb') is None:
+        problems.append("wandb_log=True needs wandb: pip install wandb (or --wandb_log=False)")
     if s['eval_only'] and not s['eval_iters']:
         problems.append("eval_only=True needs eval_iters > 0")
     if not all(isinstance(L, int) and L >= 1 for L in s['eval_seq_lens']):
@@ -652,11 +655,8 @@ if __name__ == '__main__':
     metrics = open(metrics_path, 'a' if resume or eval_only else 'w') if master else None
     last_good = resume[0] if resume and resume[2] else None  # the newest checkpoint known good: verified, or saved here
     wandb = None
-    if wandb_log and master:
-        try:
-            import wandb
-        except ImportError:
-            fail("wandb_log=True needs wandb: pip install wandb (or --wandb_log=False)")
+    if wandb_log and master:  # (setting_problems checked that wandb is installed)
+        import wandb
         wandb.init(project=wandb_project, name=wandb_run_name, config=settings)
 
     def log(record):

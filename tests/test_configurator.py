@@ -224,3 +224,12 @@ def test_help_renders_each_setting_as_itself():
     rows = help_text(os.path.join(ROOT, 'train.py')).splitlines()
     row = next(r for r in rows if r.startswith('    --dp_replicate=1'))
     assert "FSDP over all" in row and not any(r.startswith('  the model sharded') for r in rows)
+
+
+def test_wandb_missing_is_a_setting_problem(monkeypatch):
+    # checked with the other settings before any work (not in train.py's __main__), whether or not wandb is here
+    import importlib.util
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, 'find_spec', lambda name, *a: None if name == 'wandb' else real(name, *a))
+    s = {**train.default_settings(), 'device': 'cpu', 'wandb_log': True}
+    assert train.setting_problems(s) == ["wandb_log=True needs wandb: pip install wandb (or --wandb_log=False)"]
