@@ -258,20 +258,27 @@ class _Ring(torch.autograd.Function):
         do = model._kernel_layout(do) if impl == 'triton' else do
         delta = (do.float() * out.float()).sum(-1)  # (B, H, 2c)
         dq = torch.zeros(q.shape, dtype=torch.float32, device=q.device)
-        dk, dv = (torch.zeros(x.shape, dtype=torch.float32, device=x.device) for x in (k, v))
+        # The visiting keys' fp32 gradients (dkv) follow them around the ring, each rank adding its share, so they
+        # arrive back at their owner after the last step. They travel while the next step computes: its shares go
+        # into `mine` first, and are added once the accumulators have arrived.
+        in_flight = None
         for kv_rank, (k_, v_, *ids_) in _steps([k, v] + ([ids] if ids is not None else []), group):
+            mine = [torch.zeros(x.shape, dtype=torch.float32, device=x.device) for x in (k, v)]
             for qs, ks, off, causal in _slices(rank, kv_rank, n, c):
                 g = _pair_backward(impl, do[:, :, qs], q[:, :, qs], k_[:, :, ks], v_[:, :, ks], slopes, off, causal,
                                    scale, lse[:, :, qs].contiguous(), delta[:, :, qs].contiguous(),
                                    ids[:, qs] if ids_ else None, ids_[0][:, ks] if ids_ else None)
                 dq[:, :, qs] += g[0].float()
-                dk[:, :, ks] += g[1].float()
-                dv[:, :, ks] += g[2].float()
-            # the visiting keys' gradients follow them to the next rank once this step has added to them, so they
-            # arrive back at their owner after the last step
-            greqs, (dk, dv) = _exchange([dk, dv], group)
-            for w, _ in greqs:
-                w.wait()
+                mine[0][:, :, ks] += g[1].float()
+                mine[1][:, :, ks] += g[2].float()
+            if in_flight:  # kv_rank's accumulators, from the previous rank
+                for w, _ in in_flight[0]:
+                    w.wait()
+                mine = [a + b for a, b in zip(in_flight[1], mine)]
+            in_flight = _exchange(mine, group)
+        for w, _ in in_flight[0]:
+            w.wait()
+        dk, dv = in_flight[1]  # this rank's own keys', every rank's share in
         return dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype), None, None, None, None, None
 
 
