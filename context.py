@@ -109,13 +109,13 @@ def kernel_pair_forward(q, k, v, slopes, off_shift, causal, scale, sequence_id=N
 
 
 def kernel_pair_backward(do, q, k, v, slopes, off_shift, causal, scale, lse, delta, sequence_id=None):
-    """The kernel's backward for a pair, given the merged lse (natural) and delta: (dq, dk, dv) in q's dtype."""
+    """The kernel's backward for a pair, given the merged lse (natural) and delta: (dq fp32, dk, dv in q's dtype)."""
     B, H, Tq, _ = q.shape
     lse_k, delta_k = model._stats_empty(B, H, Tq, q), model._stats_empty(B, H, Tq, q)
     lse_k.copy_(_to_kernel_lse(lse, slopes))
     delta_k.copy_(delta)
     return model._attn_backward(do, q, k, v, None, lse_k, slopes, causal, scale, False, sequence_id,
-                                off_shift=off_shift, delta=delta_k)
+                                off_shift=off_shift, delta=delta_k, fp32_dq=True)
 
 
 def _frame(lse, slopes):

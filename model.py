@@ -1530,9 +1530,10 @@ def _attn_forward(q, k, v, slopes, causal, sm_scale, sequence_id=None, determini
 
 
 def _attn_backward(do, q, k, v, o, lse, slopes, causal, sm_scale, deterministic, sequence_id=None, off_shift=None,
-                   delta=None):
+                   delta=None, fp32_dq=False):
     """(dq, dk, dv). delta: rowsum(dO * O) with lse's strides, when the caller has it (context.py's pairs, whose
-    o is the merged output); else computed here from o."""
+    o is the merged output); else computed here from o. fp32_dq: dq as the fp32 atomics summed it (context.py
+    adds the pairs' in fp32), not in q's dtype."""
     B, H, Tq, D = q.shape
     H_kv, Tk = k.shape[1], k.shape[2]
     meta = _meta(D, causal, slopes, q.dtype, sequence_id, shifted=off_shift is not None)
@@ -1567,7 +1568,7 @@ def _attn_backward(do, q, k, v, o, lse, slopes, causal, sm_scale, deterministic,
             *tail, _lpt_group(q, 2 * Tq * D * (H // H_kv)), fixed=deterministic, FUSE_DQ=not deterministic,
             TMA=tma, DQ_TMA=dq_tma, **meta)
     if not deterministic:
-        return dq_acc.to(q.dtype), dk, dv  # keeps the (B, T, H, D) memory layout
+        return (dq_acc if fp32_dq else dq_acc.to(q.dtype)), dk, dv  # keeps the (B, T, H, D) memory layout
     dq = _empty_bhtd(B, H, Tq, D, q)
     grid = lambda META: (triton.cdiv(Tq, META["BLOCK_M"]) * B * H,)
     _launch(_attn_bwd_dq, grid, q, k, v, do, lse, delta, dq, *args, *dq.stride()[:3], *tail,
