@@ -195,9 +195,12 @@ def check_files(data_dir, meta, meta_path):
     def check():
         for name, (_, crcs) in sorted(recorded.items()):
             path = os.path.join(data_dir, name)
-            if crcs is not None and os.path.exists(path) and file_crc(path)[1] != crcs:
-                problem['line'] = (f"{path} does not match the CRC-32 {meta_path} records: its bytes changed after "
-                                   f"prepare.py wrote it; {redo}")
+            try:
+                if crcs is not None and os.path.exists(path) and file_crc(path)[1] != crcs:
+                    problem['line'] = (f"{path} does not match the CRC-32 {meta_path} records: its bytes changed "
+                                       f"after prepare.py wrote it; {redo}")
+                    return
+            except RuntimeError:  # the run is ending (fail() met something else first): file_crc's pool is closed
                 return
     thread = threading.Thread(target=check, daemon=True)
     thread.start()

@@ -665,14 +665,23 @@ def steps_once(out_dir):
 
 
 def test_two_runs_on_one_out_dir_the_second_is_refused(straight, shakespeare, tmp_path):
-    # started 0.2 s apart: one run holds out_dir to its end; the other is one line naming it, and every file
-    # left is the holder's (its losses are the straight run's: same settings)
+    # one run holds out_dir to its end; a second started meanwhile is one line naming it, and every file left is
+    # the holder's (its losses are the straight run's: same settings). The holder is paused (SIGSTOP) while the
+    # second tries, so that on a busy machine the first cannot have finished before the second starts
     out = tmp_path / 'out'
     args = [*TINY, f'--data_dir={shakespeare}', f'--out_dir={out}', '--max_iters=6']
     first = start(args)
-    time.sleep(0.2)
-    second = start(args)
-    results = {p.pid: finish(p, expect_ok=False) for p in (first, second)}
+    lock, deadline = out / 'train.lock', time.time() + 120
+    while not (lock.exists() and f'{first.pid}' in lock.read_text()):  # the first holds out_dir
+        assert first.poll() is None and time.time() < deadline
+        time.sleep(0.02)
+    os.kill(first.pid, signal.SIGSTOP)
+    try:
+        second = start(args)
+        results = {second.pid: finish(second, expect_ok=False)}
+    finally:
+        os.kill(first.pid, signal.SIGCONT)
+    results[first.pid] = finish(first, expect_ok=False)
     ok = [pid for pid, r in results.items() if r[0] == 0]
     refused = [r for r in results.values() if r[0] == 1]
     assert len(ok) == 1 and len(refused) == 1, results
