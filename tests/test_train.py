@@ -189,10 +189,12 @@ def test_hsdp_gives_the_losses_of_one_process_and_resumes_on_any_mesh(straight, 
 def test_context_parallel_gives_the_losses_and_weights_of_one_process(no_dropout, shakespeare, tmp_path):
     # each sequence split over 2 and over 4 processes (context.py's ring, zigzag chunks of 4 and 2 tokens): the
     # one-process losses (train and val) within 1e-5, and after 6 steps the same weights and Lion state; resumed
+    common = [*TINY, '--resid_pdrop=0.0', f'--data_dir={shakespeare}', '--max_iters=6', '--sampling_ckpt=False']
+    runs = [start([*common, f'--out_dir={tmp_path / f"cp{procs}"}', f'--context_parallel={procs}'], procs)
+            for procs in (2, 4)]  # both at once: their startups overlap
+    [finish(p) for p in runs]
     for procs in (2, 4):
         out = tmp_path / f'cp{procs}'
-        run([*TINY, '--resid_pdrop=0.0', f'--data_dir={shakespeare}', f'--out_dir={out}', '--max_iters=6',
-             f'--context_parallel={procs}', '--sampling_ckpt=False'], procs=procs)
         (one, one_val), (cp, cp_val) = metrics(no_dropout), metrics(out)
         assert sorted(cp) == sorted(one) and sorted(cp_val) == sorted(one_val) == [0, 3, 6]
         for it in one:
@@ -205,13 +207,14 @@ def test_context_parallel_gives_the_losses_and_weights_of_one_process(no_dropout
             for name, t in a[group].items():
                 assert torch.allclose(b[group][name], t, atol=1e-5), (procs, group, name)
     # a cp=2 run's checkpoint of step 3 (DCP: any layout) resumes on 1 process and with context_parallel=4
+    resumes = {}
     for name, procs in (('on1', 1), ('on4', 4)):
         shutil.copytree(tmp_path / 'cp2', tmp_path / name)
         shutil.rmtree(tmp_path / name / 'ckpt-000006')
-        _, stdout, _ = run([*TINY, '--resid_pdrop=0.0', f'--data_dir={shakespeare}', f'--out_dir={tmp_path / name}',
-                            '--max_iters=6', '--init_from=resume', f'--context_parallel={procs}', '--sampling_ckpt=False'],
-                           procs=procs)
-        assert 'step 3' in stdout
+        resumes[name] = start([*common, f'--out_dir={tmp_path / name}', '--init_from=resume',
+                               f'--context_parallel={procs}'], procs)
+    for name, proc in resumes.items():
+        assert 'step 3' in finish(proc)[1]
         resumed, resumed_val = metrics(tmp_path / name)
         for it in range(3, 6):
             assert resumed[it] == pytest.approx(one[it], rel=1e-5, abs=1e-5), (name, it)
